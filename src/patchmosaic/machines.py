@@ -1,0 +1,379 @@
+"""Training-free score machines (Kamb & Ganguli 2412.20292, Sec. 3).
+
+A :class:`ScoreMachine` holds a training set and returns the posterior mean
+``E[x0 | x_t]`` under the forward process
+``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` for one of four constrained
+denoisers:
+
+* ``"ideal"`` (IS): softmax over whole training images; it memorises.
+* ``"es"`` (ES): softmax over every training image at every circular shift.
+* ``"ls"`` (LS): each pixel p sees the k x k patch around p; candidates are
+  the training images' patches at the same location p.
+* ``"els"`` (ELS): candidates are (image i, centre q) for every admissible q
+  (see :mod:`patchmosaic.geometry`); the output pixel is the weighted centre
+  pixel of the training patch.
+
+All four run on :class:`patchmosaic.engine.SoftmaxMean`; LS and ELS differ only
+in their :class:`patchmosaic.geometry.Geometry`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patchmosaic.engine import (
+    SoftmaxMean,
+    augment_keys,
+    augment_queries,
+    augment_values,
+    logit_coefficients,
+    patch_sq_norms,
+    patch_windows,
+    select_blocks,
+)
+from patchmosaic.geometry import PADDINGS, Geometry, make_geometry
+from patchmosaic.schedules import CosineSchedule, PatchSchedule, check_patch_size
+
+__all__ = ["KINDS", "MachineDenoiser", "ScoreMachine"]
+
+KINDS = ("ideal", "es", "ls", "els")
+
+# Default bound on the elements of one chunk's logit block (and patch tensor):
+# 2**22 float32 values = 16 MiB, so the streaming pass stays in that budget.
+DEFAULT_CHUNK_ELEMENTS = 2**22
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+
+
+class ScoreMachine:
+    """Closed-form optimal denoiser under locality/equivariance constraints.
+
+    Args:
+        train_images: ``[N, C, H, W]`` floating training images (e.g. in [-1, 1]).
+        kind: ``"ideal"``, ``"es"``, ``"ls"`` or ``"els"``.
+        padding: ``"zeros"`` or ``"circular"`` (ES needs ``"circular"``).
+        labels: Optional ``[N]`` integer class labels, enabling ``label=`` conditioning.
+        wrap_training_patches: Circular ELS only. ``False`` keeps only training
+            patches that do not wrap around the border (as the paper's released code).
+        chunk_elements: Memory bound per streamed chunk (elements of the logit block).
+    """
+
+    def __init__(
+        self,
+        train_images: torch.Tensor | np.ndarray,
+        *,
+        kind: str,
+        padding: str = "zeros",
+        labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
+        wrap_training_patches: bool = True,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown machine kind {kind!r}; expected one of {KINDS}")
+        if padding not in PADDINGS:
+            raise ValueError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
+        if kind == "es" and padding != "circular":
+            raise ValueError(
+                "the equivariant score machine (kind='es') is defined for circular padding only"
+            )
+        images = torch.as_tensor(train_images)
+        if images.ndim != 4:
+            raise ValueError(
+                f"train_images must have shape [N, C, H, W], got {tuple(images.shape)}"
+            )
+        if images.shape[0] == 0:
+            raise ValueError("empty training set: train_images has N = 0 images")
+        if not images.is_floating_point():
+            raise ValueError(
+                f"train_images must be floating point (e.g. scaled to [-1, 1]), got {images.dtype}"
+            )
+        _check_finite(images, "train_images")
+        self.images = images  # [N, C, H, W]
+        self.kind = kind
+        self.padding = padding
+        self.wrap_training_patches = wrap_training_patches
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+        self.chunk_elements = int(chunk_elements)
+        self.labels: torch.Tensor | None = None
+        self._class_index: dict[int, torch.Tensor] = {}
+        if labels is not None:
+            lab = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
+            if lab.ndim != 1 or lab.shape[0] != images.shape[0]:
+                raise ValueError(
+                    f"labels must have shape [N] = [{images.shape[0]}], got {tuple(lab.shape)}"
+                )
+            if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+                raise ValueError(f"labels must be integers, got {lab.dtype}")
+            self.labels = lab.to(torch.long)
+            for c in torch.unique(self.labels).tolist():
+                self._class_index[int(c)] = torch.nonzero(self.labels == c).flatten()
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the training images."""
+        _, C, H, W = self.images.shape
+        return C, H, W
+
+    def __repr__(self) -> str:
+        N, C, H, W = self.images.shape
+        return (
+            f"ScoreMachine(kind={self.kind!r}, padding={self.padding!r}, N={N}, "
+            f"image=({C}, {H}, {W}), labels={'yes' if self.labels is not None else 'no'})"
+        )
+
+    # ------------------------------------------------------------------ inputs
+    def _check_query(self, x_t: torch.Tensor) -> None:
+        if not torch.is_tensor(x_t):
+            raise ValueError(f"x_t must be a torch tensor, got {type(x_t).__name__}")
+        C, H, W = self.image_shape
+        if x_t.ndim == 3:
+            raise ValueError(
+                f"x_t has shape {tuple(x_t.shape)}: missing batch dimension, expected "
+                f"[B, {C}, {H}, {W}] (use x_t[None] for one image)"
+            )
+        if x_t.ndim != 4:
+            raise ValueError(f"x_t must have shape [B, C, H, W], got {tuple(x_t.shape)}")
+        if x_t.shape[1] != C:
+            raise ValueError(f"x_t has {x_t.shape[1]} channels but the training images have {C}")
+        if tuple(x_t.shape[2:]) != (H, W):
+            raise ValueError(
+                f"x_t is {x_t.shape[2]}x{x_t.shape[3]} but the training images are {H}x{W}"
+            )
+        if not x_t.is_floating_point():
+            raise ValueError(f"x_t must be floating point, got {x_t.dtype}")
+        _check_finite(x_t, "x_t")
+
+    @staticmethod
+    def _alpha_bar_vector(alpha_bar: torch.Tensor | float, x_t: torch.Tensor) -> torch.Tensor:
+        ab = torch.as_tensor(alpha_bar, dtype=x_t.dtype, device=x_t.device)
+        B = x_t.shape[0]
+        if ab.ndim == 0:
+            ab = ab.expand(B)
+        if ab.shape != (B,):
+            raise ValueError(f"alpha_bar must be a float or a [B] = [{B}] tensor, got shape {tuple(ab.shape)}")
+        if not torch.isfinite(ab).all() or not ((ab > 0) & (ab < 1)).all():
+            raise ValueError(f"alpha_bar must lie strictly inside (0, 1), got {ab.tolist()}")
+        return ab.contiguous()
+
+    def _label_vector(self, label: int | torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        if label is None:
+            return None
+        if self.labels is None:
+            raise ValueError("label given but the machine was built without training labels")
+        lab = torch.as_tensor(label)
+        if lab.is_floating_point():
+            raise ValueError(f"label must be an integer or an integer [B] tensor, got {lab.dtype}")
+        lab = lab.to(torch.long).flatten() if lab.ndim else lab.to(torch.long).expand(batch)
+        if lab.shape != (batch,):
+            raise ValueError(f"label must be an int or a [B] = [{batch}] tensor, got {tuple(lab.shape)}")
+        missing = sorted(set(lab.tolist()) - set(self._class_index))
+        if missing:
+            raise ValueError(
+                f"label(s) {missing} not present in the training labels "
+                f"(classes: {sorted(self._class_index)})"
+            )
+        return lab
+
+    # --------------------------------------------------------------- denoise
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        alpha_bar: torch.Tensor | float,
+        *,
+        patch_size: int | None = None,
+        label: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Posterior mean ``E[x0 | x_t]`` of this machine.
+
+        Args:
+            x_t: ``[B, C, H, W]`` noisy images.
+            alpha_bar: Float or ``[B]`` tensor in (0, 1).
+            patch_size: Odd patch size k; required for ``"ls"``/``"els"``, must be
+                ``None`` for ``"ideal"``/``"es"``.
+            label: ``None``, an int, or a ``[B]`` tensor: restricts each sample's
+                training set to that class.
+
+        Returns:
+            ``[B, C, H, W]`` estimate of x0, in the dtype of ``x_t``.
+        """
+        self._check_query(x_t)
+        ab = self._alpha_bar_vector(alpha_bar, x_t)  # [B]
+        if self.kind in ("ls", "els"):
+            if patch_size is None:
+                raise ValueError(f"kind={self.kind!r} needs a patch_size (odd integer)")
+            k = check_patch_size(patch_size)
+            _, H, W = self.image_shape
+            geometry = make_geometry(
+                self.kind, self.padding, H, W, k, wrap=self.wrap_training_patches
+            )
+        elif patch_size is not None:
+            raise ValueError(f"patch_size does not apply to kind={self.kind!r}; pass None")
+        labels = self._label_vector(label, x_t.shape[0])
+        if labels is None:
+            return self._denoise_subset(x_t, ab, self.images, geometry if self.kind in ("ls", "els") else None)
+        out = torch.empty_like(x_t)
+        for c in torch.unique(labels).tolist():
+            rows = torch.nonzero(labels == c).flatten()
+            subset = self.images[self._class_index[c]]
+            out[rows] = self._denoise_subset(
+                x_t[rows], ab[rows], subset, geometry if self.kind in ("ls", "els") else None
+            )
+        return out
+
+    def score(self, x_t: torch.Tensor, alpha_bar: torch.Tensor | float, **kwargs: object) -> torch.Tensor:
+        """Score ``-(x_t - sqrt(abar) x0_hat) / (1 - abar)`` of the machine."""
+        ab = self._alpha_bar_vector(alpha_bar, x_t)[:, None, None, None]  # [B, 1, 1, 1]
+        x0 = self.denoise(x_t, alpha_bar, **kwargs)
+        return -(x_t - ab.sqrt() * x0) / (1.0 - ab)
+
+    def _denoise_subset(
+        self, x_t: torch.Tensor, ab: torch.Tensor, train: torch.Tensor, geometry: Geometry | None
+    ) -> torch.Tensor:
+        if geometry is not None:
+            return self._denoise_patches(x_t, ab, train, geometry)
+        return self._denoise_global(x_t, ab, train)
+
+    def _chunks(self, train: torch.Tensor, per_image: int, like: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Training images in chunks of at most ``chunk_elements / per_image``."""
+        n = max(1, self.chunk_elements // max(1, per_image))
+        for start in range(0, train.shape[0], n):
+            yield train[start : start + n].to(device=like.device, dtype=like.dtype)
+
+    def _denoise_global(self, x_t: torch.Tensor, ab: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+        """IS and ES: candidates are whole (shifted) training images."""
+        B, C, H, W = x_t.shape
+        scale, bias = logit_coefficients(ab)  # [B], [B]
+        queries = augment_queries(x_t.reshape(1, B, C * H * W), scale, bias)  # [1, B, CHW+1]
+        state = SoftmaxMean(1, B, C * H * W, dtype=x_t.dtype, device=x_t.device)
+        shifts = 1 if self.kind == "ideal" else H * W
+        if self.kind == "es":
+            # roll(X, (sy, sx))[y, x] = X[(y - sy) % H, (x - sx) % W]
+            ys = (torch.arange(H)[None, :] - torch.arange(H)[:, None]) % H  # [sy, y]
+            xs = (torch.arange(W)[None, :] - torch.arange(W)[:, None]) % W  # [sx, x]
+            ys, xs = ys.to(x_t.device), xs.to(x_t.device)
+        per_image = shifts * max(B, C * H * W)
+        for chunk in self._chunks(train, per_image, x_t):
+            n = chunk.shape[0]
+            if self.kind == "ideal":
+                cand = chunk.reshape(1, n, C * H * W)  # [1, n, CHW]
+            else:
+                rolled = chunk[:, :, ys[:, None, :, None], xs[None, :, None, :]]  # [n, C, sy, sx, y, x]
+                cand = rolled.permute(0, 2, 3, 1, 4, 5).reshape(1, n * H * W, C * H * W)
+            state.update(queries, augment_keys(cand.transpose(1, 2)), augment_values(cand))
+        return state.mean().reshape(B, C, H, W)
+
+    def _denoise_patches(
+        self, x_t: torch.Tensor, ab: torch.Tensor, train: torch.Tensor, geometry: Geometry
+    ) -> torch.Tensor:
+        """LS and ELS: per-pixel softmax over admissible training patches."""
+        B, C, H, W = x_t.shape
+        r, pad = geometry.radius, geometry.padding
+        k = 2 * r + 1
+        D = C * k * k
+        scale, bias = logit_coefficients(ab)  # [B], [B]
+        x_win = patch_windows(x_t, r, pad)  # [B, C, H, W, k, k]
+        plan = []  # (rows, cols, augmented queries, state) per group
+        per_image = (C + 1) * (H + 2 * r) * (W + 2 * r)  # padded copy of one training image
+        for rows, cols in geometry.groups():
+            nbr, npr = rows.P.shape
+            nbc, npc = cols.P.shape
+            q = select_blocks(x_win, rows, cols, "P")  # [B, C, nbr, npr, nbc, npc, k, k]
+            q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)
+            rep = npr * npc
+            queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
+            state = SoftmaxMean(nbr * nbc, B * rep, C, dtype=x_t.dtype, device=x_t.device)
+            plan.append((rows, cols, queries, state))
+            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(B * rep, D + 1))
+        for chunk in self._chunks(train, per_image, x_t):
+            n = chunk.shape[0]
+            t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
+            norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
+            for rows, cols, queries, state in plan:
+                nbr, nqr = rows.Q.shape
+                nbc, nqc = cols.Q.shape
+                G, M = nbr * nbc, n * nqr * nqc
+                keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
+                keys_t = chunk.new_empty(G, D + 1, M)  # [key; |key|^2], transposed
+                keys_t[:, :D].view(nbr, nbc, C, k, k, n, nqr, nqc).copy_(keys.permute(2, 4, 1, 6, 7, 0, 3, 5))
+                sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]
+                keys_t[:, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
+                centres = select_blocks(chunk, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc]
+                centres = centres.permute(2, 4, 0, 3, 5, 1).reshape(G, M, C)
+                state.update(queries, keys_t, augment_values(centres))
+        out = torch.empty_like(x_t)
+        out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
+        for rows, cols, _, state in plan:
+            nbr, npr = rows.P.shape
+            nbc, npc = cols.P.shape
+            res = state.mean().reshape(nbr, nbc, B, npr, npc, C)
+            P_r = rows.P.to(x_t.device)[:, :, None, None]  # [nbr, npr, 1, 1]
+            P_c = cols.P.to(x_t.device)[None, None]  # [1, 1, nbc, npc]
+            out_hwc[:, P_r, P_c] = res.permute(2, 0, 3, 1, 4, 5)  # [B, nbr, npr, nbc, npc, C]
+        return out
+
+    # ------------------------------------------------------ denoiser protocol
+    def bind(
+        self,
+        *,
+        patch_sizes: PatchSchedule | Sequence[int] | str | None = None,
+        label: int | torch.Tensor | None = None,
+        steps: int | None = None,
+        schedule: CosineSchedule = CosineSchedule(),
+    ) -> "MachineDenoiser":
+        """A ``D(x_t, t) -> x0_hat`` denoiser with a locality schedule k(t) and label bound."""
+        if self.kind in ("ls", "els") and patch_sizes is None:
+            raise ValueError(f"kind={self.kind!r} needs patch_sizes (a schedule k(t))")
+        if self.kind in ("ideal", "es") and patch_sizes is not None:
+            raise ValueError(f"patch_sizes do not apply to kind={self.kind!r}")
+        ps: PatchSchedule | None = None
+        if patch_sizes is not None:
+            if isinstance(patch_sizes, PatchSchedule):
+                ps = patch_sizes
+            elif isinstance(patch_sizes, str):
+                ps = PatchSchedule.parse(patch_sizes)
+            else:
+                ps = PatchSchedule(tuple(patch_sizes))
+            if steps is not None and ps.steps != steps:
+                raise ValueError(
+                    f"the patch-size schedule has {ps.steps} sizes but the sampler runs {steps} "
+                    f"steps; they must match (sizes[i-1] is used at t = i/steps)"
+                )
+        return MachineDenoiser(self, ps, label, schedule)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Denoiser protocol for ``"ideal"``/``"es"``; LS/ELS need :meth:`bind`."""
+        return self.bind()(x_t, t)
+
+
+@dataclass(frozen=True)
+class MachineDenoiser:
+    """A :class:`ScoreMachine` bound to a noise schedule, a k(t) and a label.
+
+    Calling it with ``(x_t, t)`` implements the denoiser protocol
+    ``D(x_t, t) -> x0_hat`` that :func:`patchmosaic.sample` drives.
+    """
+
+    machine: ScoreMachine
+    patch_sizes: PatchSchedule | None
+    label: int | torch.Tensor | None
+    schedule: CosineSchedule
+
+    def patch_size_at(self, t: float) -> int | None:
+        """k at time ``t``, or None for machines without patches."""
+        return None if self.patch_sizes is None else self.patch_sizes.at(t)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = float(t)
+        if not 0.0 < t <= 1.0 or math.isnan(t):
+            raise ValueError(f"t must lie in (0, 1], got {t}")
+        ab = float(self.schedule.alpha_bar(t))
+        return self.machine.denoise(x_t, ab, patch_size=self.patch_size_at(t), label=self.label)

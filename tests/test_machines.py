@@ -1,0 +1,126 @@
+"""Score machines against float64 brute force and closed forms."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from patchmosaic import ScoreMachine
+from reference import ref_machine
+
+CASES = [
+    ("ideal", "zeros", None, True),
+    ("ideal", "circular", None, True),
+    ("es", "circular", None, True),
+    ("ls", "zeros", 3, True),
+    ("ls", "circular", 3, True),
+    ("ls", "zeros", 5, True),
+    ("els", "zeros", 3, True),
+    ("els", "zeros", 5, True),
+    ("els", "circular", 3, True),
+    ("els", "circular", 5, True),
+    ("els", "circular", 3, False),
+    ("els", "circular", 5, False),
+]
+
+
+def _data(N=4, C=2, H=6, W=5, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    train = torch.rand(N, C, H, W, generator=g, dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([0, 1, 0, 2][:N])
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    return train, labels, x
+
+
+@pytest.mark.parametrize("kind,padding,k,wrap", CASES)
+@pytest.mark.parametrize("conditioned", [False, True])
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 22])
+def test_matches_float64_brute_force(kind, padding, k, wrap, conditioned, chunk_elements):
+    train, labels, x = _data()
+    alpha_bar = torch.tensor([0.3, 0.8], dtype=torch.float64)  # per-sample noise levels
+    machine = ScoreMachine(
+        train, kind=kind, padding=padding, labels=labels, wrap_training_patches=wrap,
+        chunk_elements=chunk_elements,
+    )
+    label = torch.tensor([0, 2]) if conditioned else None
+    got = machine.denoise(x, alpha_bar, patch_size=k, label=label)
+    assert got.dtype == torch.float64
+    for b in range(x.shape[0]):
+        subset = train[labels == label[b]] if conditioned else train
+        want = ref_machine(x[b].numpy(), subset.numpy(), float(alpha_bar[b]), kind, padding, k, wrap)
+        np.testing.assert_allclose(got[b].numpy(), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind,padding,k", [("els", "zeros", 3), ("els", "circular", 5), ("ls", "zeros", 3)])
+def test_float32_matches_float64(kind, padding, k):
+    train, _, x = _data(N=6, C=1, H=8, W=8)
+    m64 = ScoreMachine(train, kind=kind, padding=padding)
+    m32 = ScoreMachine(train.float(), kind=kind, padding=padding)
+    for ab in (0.05, 0.5, 0.9):
+        want = m64.denoise(x, ab, patch_size=k)
+        got = m32.denoise(x.float(), ab, patch_size=k)
+        assert got.dtype == torch.float32
+        np.testing.assert_allclose(got.double().numpy(), want.numpy(), atol=2e-4)
+
+
+def test_ideal_of_one_image_returns_it():
+    train, _, x = _data(N=1)
+    got = ScoreMachine(train, kind="ideal").denoise(x, 0.5)
+    torch.testing.assert_close(got, train.expand_as(got), rtol=0, atol=0)
+
+
+def test_els_with_whole_image_patch_is_es():
+    # On a 5x5 torus a 5x5 patch sees every pixel exactly once, so the ELS
+    # candidate (i, q) for pixel p is training image i shifted by q - p: ES.
+    g = torch.Generator().manual_seed(1)
+    train = torch.rand(3, 1, 5, 5, generator=g, dtype=torch.float64) * 2 - 1
+    x = torch.randn(2, 1, 5, 5, generator=g, dtype=torch.float64)
+    els = ScoreMachine(train, kind="els", padding="circular").denoise(x, 0.6, patch_size=5)
+    es = ScoreMachine(train, kind="es", padding="circular").denoise(x, 0.6)
+    torch.testing.assert_close(els, es, rtol=1e-10, atol=1e-10)
+
+
+def test_ls_equals_els_at_corners():
+    train, _, x = _data(N=5, C=1, H=9, W=9)
+    k, r = 5, 2
+    ls = ScoreMachine(train, kind="ls", padding="zeros").denoise(x, 0.4, patch_size=k)
+    els = ScoreMachine(train, kind="els", padding="zeros").denoise(x, 0.4, patch_size=k)
+    for ys, xs in itertools.product([slice(0, r), slice(9 - r, 9)], repeat=2):
+        torch.testing.assert_close(els[..., ys, xs], ls[..., ys, xs], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(els[..., r:-r, r:-r], ls[..., r:-r, r:-r])  # interior differs
+
+
+def test_els_is_translation_equivariant_on_the_torus():
+    train, _, x = _data(N=3, C=1, H=7, W=7)
+    m = ScoreMachine(train, kind="els", padding="circular")
+    shifted = m.denoise(torch.roll(x, (2, 3), dims=(2, 3)), 0.5, patch_size=3)
+    torch.testing.assert_close(shifted, torch.roll(m.denoise(x, 0.5, patch_size=3), (2, 3), dims=(2, 3)))
+
+
+def test_score_formula():
+    train, _, x = _data()
+    m = ScoreMachine(train, kind="els", padding="zeros")
+    x0 = m.denoise(x, 0.7, patch_size=3)
+    torch.testing.assert_close(m.score(x, 0.7, patch_size=3), -(x - 0.7**0.5 * x0) / 0.3)
+
+
+def test_conditioning_equals_machine_on_class_subset():
+    train, labels, x = _data()
+    got = ScoreMachine(train, kind="els", labels=labels).denoise(x, 0.5, patch_size=3, label=0)
+    want = ScoreMachine(train[labels == 0], kind="els").denoise(x, 0.5, patch_size=3)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind,padding,k", [("ideal", "zeros", None), ("es", "circular", None),
+                                            ("ls", "zeros", 3), ("els", "zeros", 15), ("els", "circular", 3)])
+@pytest.mark.parametrize("alpha_bar", [1e-6, 0.999999])
+def test_float32_finite_at_extreme_noise_levels(kind, padding, k, alpha_bar):
+    train = torch.rand(8, 1, 16, 16) * 2 - 1
+    x = (alpha_bar**0.5) * train[:2] + (1 - alpha_bar) ** 0.5 * torch.randn(2, 1, 16, 16)
+    got = ScoreMachine(train, kind=kind, padding=padding).denoise(x, alpha_bar, patch_size=k)
+    assert torch.isfinite(got).all()
+    if alpha_bar > 0.5:  # at vanishing noise the query's own training image wins
+        torch.testing.assert_close(got, train[:2], atol=1e-4, rtol=0)
