@@ -39,7 +39,7 @@ from patchmosaic.engine import (
 from patchmosaic.geometry import PADDINGS, Geometry, make_geometry
 from patchmosaic.schedules import CosineSchedule, PatchSchedule, check_patch_size
 
-__all__ = ["KINDS", "MachineDenoiser", "ScoreMachine"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "KINDS", "MachineDenoiser", "ScoreMachine"]
 
 KINDS = ("ideal", "es", "ls", "els")
 
@@ -83,6 +83,10 @@ class ScoreMachine:
         if kind == "es" and padding != "circular":
             raise ValueError(
                 "the equivariant score machine (kind='es') is defined for circular padding only"
+            )
+        if not wrap_training_patches and not (kind == "els" and padding == "circular"):
+            raise ValueError(
+                "wrap_training_patches=False applies to kind='els' with padding='circular' only"
             )
         images = torch.as_tensor(train_images)
         if images.ndim != 4:
@@ -150,6 +154,11 @@ class ScoreMachine:
             )
         if not x_t.is_floating_point():
             raise ValueError(f"x_t must be floating point, got {x_t.dtype}")
+        if x_t.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"x_t is {x_t.dtype}: score machines compute in float32 or float64 (lower "
+                "precision makes the 1/(1 - alpha_bar)-scaled logits wrong at low noise)"
+            )
         _check_finite(x_t, "x_t")
 
     @staticmethod
@@ -243,7 +252,11 @@ class ScoreMachine:
         return self._denoise_global(x_t, ab, train)
 
     def _chunks(self, train: torch.Tensor, per_image: int, like: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Training images in chunks of at most ``chunk_elements / per_image``."""
+        """Training images in chunks of at most ``chunk_elements / per_image``.
+
+        ``per_image`` must not depend on the query batch, so that every sample's
+        result is independent of which other samples share its batch.
+        """
         n = max(1, self.chunk_elements // max(1, per_image))
         for start in range(0, train.shape[0], n):
             yield train[start : start + n].to(device=like.device, dtype=like.dtype)
@@ -260,7 +273,7 @@ class ScoreMachine:
             ys = (torch.arange(H)[None, :] - torch.arange(H)[:, None]) % H  # [sy, y]
             xs = (torch.arange(W)[None, :] - torch.arange(W)[:, None]) % W  # [sx, x]
             ys, xs = ys.to(x_t.device), xs.to(x_t.device)
-        per_image = shifts * max(B, C * H * W)
+        per_image = shifts * C * H * W  # key elements of one training image
         for chunk in self._chunks(train, per_image, x_t):
             n = chunk.shape[0]
             if self.kind == "ideal":
@@ -292,7 +305,7 @@ class ScoreMachine:
             queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
             state = SoftmaxMean(nbr * nbc, B * rep, C, dtype=x_t.dtype, device=x_t.device)
             plan.append((rows, cols, queries, state))
-            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(B * rep, D + 1))
+            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(rep, D + 1))
         for chunk in self._chunks(train, per_image, x_t):
             n = chunk.shape[0]
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
@@ -347,6 +360,12 @@ class ScoreMachine:
                     f"the patch-size schedule has {ps.steps} sizes but the sampler runs {steps} "
                     f"steps; they must match (sizes[i-1] is used at t = i/steps)"
                 )
+            _, H, W = self.image_shape
+            for k in sorted(set(ps.sizes)):
+                make_geometry(self.kind, self.padding, H, W, k, wrap=self.wrap_training_patches)
+        if label is not None:
+            lab = torch.as_tensor(label)
+            self._label_vector(label, int(lab.numel()) if lab.ndim else 1)
         return MachineDenoiser(self, ps, label, schedule)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:

@@ -13,7 +13,9 @@ import torch
 
 from patchmosaic.schedules import CosineSchedule, PatchSchedule, time_grid
 
-__all__ = ["Denoiser", "sample", "noise_for_seed", "noise_for_seeds"]
+__all__ = ["NOISE_RULE", "Denoiser", "sample", "noise_for_seed", "noise_for_seeds"]
+
+NOISE_RULE = "x_1 = torch.randn((C, H, W), generator=torch.Generator('cpu').manual_seed(seed), dtype=torch.float32)"
 
 
 class Denoiser(Protocol):
