@@ -400,3 +400,13 @@ def _run_sample(
         f"wrote {len(seeds)} samples to {run_dir}/ ({GRID_FILE}, {SAMPLES_FILE}, {CONFIG_FILE}) "
         f"in {wall:.1f} s, {wall / len(seeds):.2f} s/sample"
     )
+
+
+def _register() -> None:
+    """Attach the commands that live in their own modules."""
+    from patchmosaic.cli_train import train
+
+    main.add_command(train)
+
+
+_register()

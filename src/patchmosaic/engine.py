@@ -10,8 +10,10 @@ whole noisy image), the posterior mean
 every candidate of a query and cancels in the softmax, so logits come from one
 matrix product of *augmented* vectors:
 
-    query'[b] = [(a / s2) x[b], -a^2 / (2 s2)],   key'[m] = [key[m], |key[m]|^2]
-    logit[b, m] = <query'[b], key'[m]>
+    query'[b] = [(a / s2) x[b], -a^2 / (2 s2), -ref[b]],   key'[m] = [key[m], |key[m]|^2, 1]
+    logit[b, m] - ref[b] = <query'[b], key'[m]>
+
+where ``ref`` is the running log-sum-exp of the row (see :class:`SoftmaxMean`).
 
 No per-candidate difference image is ever formed. Keys are streamed in chunks
 and combined with an online log-sum-exp (running max, rescaled weighted sum),
@@ -22,14 +24,16 @@ weighted sum also forms the softmax normaliser.
 
 Exponent floor: shifted logits below ``EXP_FLOOR`` (-80 in float32, -100 in
 float64) are raised to it before ``exp``. Vectorised ``exp`` falls back to a
-slow path for arguments that underflow (27x slower measured here), and a
-candidate that far below the running max carries relative weight at most
-``e^-80 = 1.8e-35``; with ``M`` candidates the normaliser and the weighted sum
-move by at most ``M * e^-80`` relative (below 1e-24 for M = 1e10), far under
-the dtype's rounding error.
+slow path for arguments that underflow (27x slower measured here). The shift
+is a running log-sum-exp, which never exceeds the final normaliser's log, so a
+floored candidate adds at most ``e^floor`` times the final normaliser; with
+``M`` candidates the normaliser and the weighted sum move by at most
+``M * e^-80`` relative (below 1e-24 for M = 1e10), far under float32 rounding.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +67,11 @@ def logit_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def augment_queries(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``[(a / s2) x, -a^2 / (2 s2)]`` for each query row.
+    """``[(a / s2) x, -a^2 / (2 s2), 0]`` for each query row.
+
+    The last column is the slot where :class:`SoftmaxMean` writes ``-reference``
+    so the matrix product returns logits already shifted by the running
+    reference (it pairs with the row of ones in :func:`augment_keys`).
 
     Args:
         x: ``[G, Bq, D]`` query vectors.
@@ -71,15 +79,17 @@ def augment_queries(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) ->
         bias: ``[Bq]`` per-row ``-a^2 / (2 s2)``.
 
     Returns:
-        ``[G, Bq, D + 1]``.
+        ``[G, Bq, D + 2]``.
     """
     G, Bq, _ = x.shape
-    return torch.cat([x * scale[None, :, None], bias[None, :, None].expand(G, Bq, 1)], dim=-1)
+    return torch.cat(
+        [x * scale[None, :, None], bias[None, :, None].expand(G, Bq, 1), x.new_zeros(G, Bq, 1)], dim=-1
+    )
 
 
 def augment_keys(keys_t: torch.Tensor) -> torch.Tensor:
-    """``[key; |key|^2]`` in transposed layout: ``[G, D, M]`` -> ``[G, D + 1, M]``."""
-    return torch.cat([keys_t, keys_t.square().sum(1, keepdim=True)], dim=1)
+    """``[key; |key|^2; 1]`` in transposed layout: ``[G, D, M]`` -> ``[G, D + 2, M]``."""
+    return torch.cat([keys_t, keys_t.square().sum(1, keepdim=True), torch.ones_like(keys_t[:, :1])], dim=1)
 
 
 def augment_values(values: torch.Tensor) -> torch.Tensor:
@@ -147,46 +157,109 @@ def select_blocks(t: torch.Tensor, rows: AxisBlocks, cols: AxisBlocks, which: st
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -100.0}
 
 
+EXP_CAP = {torch.float32: 60.0, torch.float64: 300.0}
+
+
 class SoftmaxMean:
     """Online softmax-weighted mean of values, streamed over chunks of keys.
 
-    The state is ``(max [G, Bq], acc [G, Bq, V + 1])`` with
-    ``acc = sum_m exp(logit_m - max) [value_m, 1]``; chunks can come in any
-    order and partial states from disjoint key sets merge exactly (:meth:`merge`).
+    The state is a per-row reference ``ref [G, Bq]`` and
+    ``acc [G, Bq, V + 1] = sum_m exp(logit_m - ref) [value_m, 1]``. After the
+    first chunk, ``ref`` is the running log-sum-exp (so ``acc[..., -1] = 1``)
+    and later chunks are shifted by it *inside* the matrix product (the query's
+    last column), leaving three passes over the logit block: clamp, exp and
+    the weighted sum. A chunk whose logits exceed ``ref`` by more than
+    ``EXP_CAP`` (60 in float32: e^60 * 2^31 stays finite) is detected from its
+    normaliser (a clamped logit contributes >= e^cap) and redone exactly with
+    its own maximum. Partial states of disjoint key sets merge exactly
+    (:meth:`merge`).
+
+    Args:
+        queries: ``[G, Bq, D + 2]`` augmented queries (:func:`augment_queries`);
+            the state owns them and writes the shift into their last column.
+        values: Value dimension V (without the normaliser column).
     """
 
-    def __init__(self, groups: int, rows: int, values: int, *, dtype: torch.dtype, device: torch.device):
-        self.max = torch.full((groups, rows), float("-inf"), dtype=dtype, device=device)
-        self.acc = torch.zeros((groups, rows, values + 1), dtype=dtype, device=device)
+    def __init__(self, queries: torch.Tensor, values: int, *, max_logits: int = 1 << 22):
+        dtype = queries.dtype
         if dtype not in EXP_FLOOR:
             raise ValueError(
                 f"score machines compute in float32 or float64, got {dtype}: lower precision "
                 "makes the 1/(1 - alpha_bar)-scaled logits wrong at low noise"
             )
-        self.floor = EXP_FLOOR[dtype]
+        G, Bq, _ = queries.shape
+        self.queries = queries
+        self.ref = torch.full((G, Bq), float("-inf"), dtype=dtype, device=queries.device)
+        self.acc = torch.zeros((G, Bq, values + 1), dtype=dtype, device=queries.device)
+        self.floor, self.cap = EXP_FLOOR[dtype], EXP_CAP[dtype]
+        self.max_logits = max_logits
+        self._workspace = torch.empty(0, dtype=dtype, device=queries.device)
 
-    def update(self, queries: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -> None:
+    def update(self, keys_t: torch.Tensor, values: torch.Tensor) -> None:
         """Fold one chunk of candidates into the running state.
 
-        Args:
-            queries: ``[G, Bq, D + 1]`` augmented queries.
-            keys_t: ``[G, D + 1, M]`` augmented keys, transposed.
-            values: ``[G, M, V + 1]`` augmented values.
-        """
-        logits = torch.bmm(queries, keys_t)  # [G, Bq, M]
-        new_max = torch.maximum(self.max, logits.amax(dim=-1))  # [G, Bq]
-        weights = logits.sub_(new_max[..., None]).clamp_(min=self.floor).exp_()  # [G, Bq, M]
-        self.acc.mul_(torch.exp(self.max - new_max)[..., None])
-        self.acc.baddbmm_(weights, values)  # [G, Bq, V + 1]
-        self.max = new_max
+        Query rows are processed in blocks so that one logit block holds at most
+        ``max_logits`` elements; each row's arithmetic does not depend on the
+        blocking.
 
-    def merge(self, max_: torch.Tensor, acc: torch.Tensor) -> None:
-        """Combine with the state of a disjoint set of keys (e.g. another shard)."""
-        new_max = torch.maximum(self.max, max_)
-        self.acc = self.acc * torch.exp(self.max - new_max)[..., None] + acc * torch.exp(
-            max_ - new_max
-        )[..., None]
-        self.max = new_max
+        Args:
+            keys_t: ``[G, D + 2, M]`` augmented keys, transposed (:func:`augment_keys`).
+            values: ``[G, M, V + 1]`` augmented values (:func:`augment_values`).
+        """
+        G, Bq, _ = self.queries.shape
+        M = keys_t.shape[-1]
+        rows = max(1, min(Bq, self.max_logits // max(1, G * M)))
+        if self._workspace.numel() < G * rows * M:
+            self._workspace = self.queries.new_empty(G * rows * M)
+        for start in range(0, Bq, rows):
+            sl = slice(start, min(Bq, start + rows))
+            self._update_rows(sl, keys_t, values)
+
+    def _logits(self, sl: slice, keys_t: torch.Tensor) -> torch.Tensor:
+        """``queries[:, sl] @ keys_t`` into the reusable workspace: ``[G, rows, M]``."""
+        G, M = keys_t.shape[0], keys_t.shape[-1]
+        rows = sl.stop - sl.start
+        out = self._workspace[: G * rows * M].view(G, rows, M)
+        return torch.bmm(self.queries[:, sl], keys_t, out=out)
+
+    def _update_rows(self, sl: slice, keys_t: torch.Tensor, values: torch.Tensor) -> None:
+        if torch.isinf(self.ref[:, sl]).any():  # first chunk: no reference yet
+            self._exact_update(sl, keys_t, values)
+            return
+        self.queries[:, sl, -1] = -self.ref[:, sl]
+        weights = self._logits(sl, keys_t)  # [G, rows, M], logits - ref
+        weights.clamp_(min=self.floor, max=self.cap).exp_()
+        contrib = torch.bmm(weights, values)  # [G, rows, V + 1]
+        if bool((contrib[..., -1] >= 0.999 * math.exp(self.cap)).any()):  # a logit was capped
+            self._exact_update(sl, keys_t, values)
+            return
+        self.acc[:, sl] += contrib
+        self._rebase(sl)
+
+    def _exact_update(self, sl: slice, keys_t: torch.Tensor, values: torch.Tensor) -> None:
+        """Update rows ``sl`` with the chunk's own maximum (four passes over the logits)."""
+        self.queries[:, sl, -1] = 0.0
+        logits = self._logits(sl, keys_t)  # [G, rows, M]
+        ref = self.ref[:, sl]
+        new_ref = torch.maximum(ref, logits.amax(dim=-1))  # [G, rows]
+        weights = logits.sub_(new_ref[..., None]).clamp_(min=self.floor).exp_()  # [G, rows, M]
+        acc = self.acc[:, sl]
+        acc.mul_(torch.exp(ref - new_ref)[..., None])
+        acc.baddbmm_(weights, values)  # [G, rows, V + 1]
+        self.ref[:, sl] = new_ref
+        self._rebase(sl)
+
+    def _rebase(self, sl: slice) -> None:
+        """Move the reference of rows ``sl`` to their running log-sum-exp (``acc[..., -1] = 1``)."""
+        norm = self.acc[:, sl, -1].clone()  # [G, rows], >= 1 after any chunk (a copy: acc changes below)
+        self.acc[:, sl] /= norm[..., None]
+        self.ref[:, sl] += torch.log(norm)
+
+    def merge(self, ref: torch.Tensor, acc: torch.Tensor) -> None:
+        """Combine with the state ``(ref, acc)`` of a disjoint set of keys (e.g. another shard)."""
+        new_ref = torch.maximum(self.ref, ref)
+        self.acc = self.acc * torch.exp(self.ref - new_ref)[..., None] + acc * torch.exp(ref - new_ref)[..., None]
+        self.ref = new_ref
 
     def mean(self) -> torch.Tensor:
         """The softmax-weighted mean ``[G, Bq, V]``."""

@@ -265,8 +265,8 @@ class ScoreMachine:
         """IS and ES: candidates are whole (shifted) training images."""
         B, C, H, W = x_t.shape
         scale, bias = logit_coefficients(ab)  # [B], [B]
-        queries = augment_queries(x_t.reshape(1, B, C * H * W), scale, bias)  # [1, B, CHW+1]
-        state = SoftmaxMean(1, B, C * H * W, dtype=x_t.dtype, device=x_t.device)
+        queries = augment_queries(x_t.reshape(1, B, C * H * W), scale, bias)  # [1, B, CHW+2]
+        state = SoftmaxMean(queries, C * H * W, max_logits=self.chunk_elements)
         shifts = 1 if self.kind == "ideal" else H * W
         if self.kind == "es":
             # roll(X, (sy, sx))[y, x] = X[(y - sy) % H, (x - sx) % W]
@@ -281,7 +281,7 @@ class ScoreMachine:
             else:
                 rolled = chunk[:, :, ys[:, None, :, None], xs[None, :, None, :]]  # [n, C, sy, sx, y, x]
                 cand = rolled.permute(0, 2, 3, 1, 4, 5).reshape(1, n * H * W, C * H * W)
-            state.update(queries, augment_keys(cand.transpose(1, 2)), augment_values(cand))
+            state.update(augment_keys(cand.transpose(1, 2)), augment_values(cand))
         return state.mean().reshape(B, C, H, W)
 
     def _denoise_patches(
@@ -303,28 +303,27 @@ class ScoreMachine:
             q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)
             rep = npr * npc
             queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
-            state = SoftmaxMean(nbr * nbc, B * rep, C, dtype=x_t.dtype, device=x_t.device)
-            plan.append((rows, cols, queries, state))
-            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(rep, D + 1))
+            plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements)))
+            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(rep, D + 2))
         for chunk in self._chunks(train, per_image, x_t):
             n = chunk.shape[0]
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
             norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
-            for rows, cols, queries, state in plan:
+            for rows, cols, state in plan:
                 nbr, nqr = rows.Q.shape
                 nbc, nqc = cols.Q.shape
                 G, M = nbr * nbc, n * nqr * nqc
                 keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
-                keys_t = chunk.new_empty(G, D + 1, M)  # [key; |key|^2], transposed
+                keys_t = chunk.new_ones(G, D + 2, M)  # [key; |key|^2; 1], transposed
                 keys_t[:, :D].view(nbr, nbc, C, k, k, n, nqr, nqc).copy_(keys.permute(2, 4, 1, 6, 7, 0, 3, 5))
                 sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]
                 keys_t[:, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
                 centres = select_blocks(chunk, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc]
                 centres = centres.permute(2, 4, 0, 3, 5, 1).reshape(G, M, C)
-                state.update(queries, keys_t, augment_values(centres))
+                state.update(keys_t, augment_values(centres))
         out = torch.empty_like(x_t)
         out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
-        for rows, cols, _, state in plan:
+        for rows, cols, state in plan:
             nbr, npr = rows.P.shape
             nbc, npc = cols.P.shape
             res = state.mean().reshape(nbr, nbc, B, npr, npc, C)

@@ -1,0 +1,175 @@
+"""``patchmosaic train``: train a minimal ResNet/UNet eps-prediction network.
+
+The command resolves its flags into a :class:`~patchmosaic.training.TrainConfig`
+and calls :func:`~patchmosaic.training.train`. It is registered into the main
+group by :mod:`patchmosaic.cli` (``main.add_command(train)``). Library errors
+(``ValueError``, ``OSError`` such as ``FileExistsError``, ``ImportError``)
+become ``Error: ...`` messages without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from patchmosaic.checkpoints import CHECKPOINT_FILE
+from patchmosaic.models import ARCHS, PADDING_MODES, ModelConfig, ResNetConfig, UNetConfig
+from patchmosaic.training import LOG_FILE, SUMMARY_FILE, TrainConfig, train as train_run
+
+__all__ = ["train"]
+
+_TRAIN_DEFAULTS = TrainConfig()
+_RESNET_DEFAULTS = ResNetConfig()
+_UNET_DEFAULTS = UNetConfig()
+
+
+def _parse_mults(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        mults = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of integers", param_hint="'--channel-mults'"
+        ) from None
+    return mults
+
+
+def _model_config(
+    arch: str, padding: str, width: int | None, depth: int | None, mults: str | None, blocks: int | None, norm: int
+) -> ModelConfig:
+    """The architecture from the flags, refusing flags of the other arch."""
+    if arch == "resnet":
+        for flag, value in (("--channel-mults", mults), ("--blocks-per-level", blocks)):
+            if value is not None:
+                raise click.BadParameter(f"{flag} applies to --arch unet only", param_hint=f"'{flag}'")
+        return ResNetConfig(
+            width=_RESNET_DEFAULTS.width if width is None else width,
+            depth=_RESNET_DEFAULTS.depth if depth is None else depth,
+            padding_mode=padding,
+            norm_groups=norm,
+        )
+    if depth is not None:
+        raise click.BadParameter(
+            "--depth applies to --arch resnet only (use --blocks-per-level)", param_hint="'--depth'"
+        )
+    return UNetConfig(
+        base_width=_UNET_DEFAULTS.base_width if width is None else width,
+        channel_mults=_UNET_DEFAULTS.channel_mults if mults is None else _parse_mults(mults),
+        blocks_per_level=_UNET_DEFAULTS.blocks_per_level if blocks is None else blocks,
+        padding_mode=padding,
+        norm_groups=norm,
+    )
+
+
+@click.command("train")
+@click.option("--dataset", default=_TRAIN_DEFAULTS.dataset, show_default=True,
+              help="Training set: bundled name (mnist, fashion-mnist), 'torchvision:<name>' or a path (.npz, ...).")
+@click.option("--n-train", type=click.IntRange(min=1), default=_TRAIN_DEFAULTS.n_train, show_default=True,
+              help="Train on the first N images (bundled sets are class balanced in every prefix).")
+@click.option("--size", type=click.IntRange(min=1), default=_TRAIN_DEFAULTS.image_size, show_default=True,
+              help="Resize images to SIZE x SIZE (bilinear; MNIST 28 -> 32 as in the paper).")
+@click.option("--arch", type=click.Choice(tuple(ARCHS)), default="resnet", show_default=True,
+              help="Network: resnet (full resolution, local) or unet (pooling pyramid).")
+@click.option("--padding", type=click.Choice(PADDING_MODES), default="zeros", show_default=True,
+              help="Padding mode of every convolution.")
+@click.option("--conditional", is_flag=True, default=False,
+              help="Train a class-conditional model (needs labels).  [default: unconditional]")
+@click.option("--width", type=click.IntRange(min=1), default=None,
+              help=f"Channels (resnet) or base channels (unet).  "
+              f"[default: {_RESNET_DEFAULTS.width} resnet, {_UNET_DEFAULTS.base_width} unet]")
+@click.option("--depth", type=click.IntRange(min=1), default=None,
+              help="Residual blocks of the resnet (receptive field 4 * depth + 5).  "
+              f"[default: {_RESNET_DEFAULTS.depth}]")
+@click.option("--channel-mults", default=None,
+              help="UNet channel multiplier per level, e.g. '1,2,2'.  "
+              f"[default: {','.join(map(str, _UNET_DEFAULTS.channel_mults))}]")
+@click.option("--blocks-per-level", type=click.IntRange(min=1), default=None,
+              help=f"UNet residual blocks per level.  [default: {_UNET_DEFAULTS.blocks_per_level}]")
+@click.option("--norm-groups", type=click.IntRange(min=0), default=_RESNET_DEFAULTS.norm_groups, show_default=True,
+              help="GroupNorm groups (must divide the widths); 0 = no normalisation (strictly local resnet).")
+@click.option("--steps", type=click.IntRange(min=1), default=_TRAIN_DEFAULTS.steps, show_default=True,
+              help="Training iterations (optimizer steps).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_TRAIN_DEFAULTS.batch_size, show_default=True,
+              help="Images per iteration.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_TRAIN_DEFAULTS.lr, show_default=True,
+              help="AdamW learning rate (constant).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=_TRAIN_DEFAULTS.weight_decay,
+              show_default=True, help="AdamW weight decay.")
+@click.option("--ema", type=click.FloatRange(min=0, max=1, max_open=True), default=_TRAIN_DEFAULTS.ema,
+              show_default=True, help="EMA decay of the sampling weights (0 disables EMA).")
+@click.option("--seed", type=click.IntRange(min=0), default=_TRAIN_DEFAULTS.seed, show_default=True,
+              help="Seed of the initial weights, data order, times and noise.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help=f"Run directory for {CHECKPOINT_FILE}, config.json, {LOG_FILE} and {SUMMARY_FILE}.")
+@click.option("--resume", is_flag=True, default=False,
+              help=f"Continue the run in --out from its {CHECKPOINT_FILE} (same flags; --steps may grow).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=_TRAIN_DEFAULTS.checkpoint_every,
+              show_default=True, help=f"Write {CHECKPOINT_FILE} every N iterations (0: only at the end).")
+@click.option("--log-every", type=click.IntRange(min=1), default=_TRAIN_DEFAULTS.log_every, show_default=True,
+              help=f"Append the mean loss to {LOG_FILE} every N iterations.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch.set_num_threads during training.  [default: torch's choice]")
+@click.option("--device", default=_TRAIN_DEFAULTS.device, show_default=True, help="Torch device, e.g. cpu or cuda.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
+def train(
+    dataset: str,
+    n_train: int,
+    size: int,
+    arch: str,
+    padding: str,
+    conditional: bool,
+    width: int | None,
+    depth: int | None,
+    channel_mults: str | None,
+    blocks_per_level: int | None,
+    norm_groups: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    ema: float,
+    seed: int,
+    out: Path,
+    resume: bool,
+    checkpoint_every: int,
+    log_every: int,
+    threads: int | None,
+    device: str,
+    progress: bool,
+) -> None:
+    """Train an eps-prediction ResNet/UNet (Kamb & Ganguli App. B) on a training set.
+
+    \b
+    Example:
+      patchmosaic train --dataset mnist --n-train 1000 --arch resnet --padding zeros \\
+        --steps 20000 --out runs/resnet-mnist
+    """
+    try:
+        model = _model_config(arch, padding, width, depth, channel_mults, blocks_per_level, norm_groups)
+        config = TrainConfig(
+            dataset=dataset,
+            n_train=n_train,
+            image_size=size,
+            conditional=conditional,
+            model=model,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            ema=ema,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            threads=threads,
+            device=device,
+        )
+        summary = train_run(config, out, resume=resume, progress=progress)
+    except (ValueError, OSError, ImportError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(
+        f"trained {summary['steps']} steps in {summary['wall_seconds']:.1f} s "
+        f"({summary['iterations_per_second']:.2f} it/s), final loss {summary['final_loss'] or float('nan'):.4f}; "
+        f"wrote {summary['checkpoint']} ({summary['checkpoint_mb']:.2f} MB)"
+    )

@@ -1,0 +1,72 @@
+"""The streaming softmax engine against a direct softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchmosaic.engine import SoftmaxMean, augment_keys, augment_queries, augment_values
+
+
+def _direct(x, keys, values, ab):
+    """Softmax over -|x - a key|^2 / (2 s2), weighted mean of values; [G, Bq, V]."""
+    d2 = ((x[:, :, None, :] - ab**0.5 * keys[:, None, :, :]) ** 2).sum(-1)  # [G, Bq, M]
+    w = torch.softmax(-d2 / (2 * (1 - ab)), dim=-1)
+    return w @ values
+
+
+def _stream(x, keys, values, ab, chunk, order=None):
+    G, Bq, _ = x.shape
+    coef = torch.tensor(ab, dtype=x.dtype)
+    scale, bias = coef.sqrt() / (1 - coef), -coef / (2 * (1 - coef))
+    state = SoftmaxMean(augment_queries(x, scale.expand(Bq), bias.expand(Bq)), values.shape[-1])
+    M = keys.shape[1]
+    idx = torch.arange(M) if order is None else order
+    for s in range(0, M, chunk):
+        sel = idx[s : s + chunk]
+        state.update(augment_keys(keys[:, sel].transpose(1, 2)), augment_values(values[:, sel]))
+    return state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1, 3, 50])
+def test_streaming_equals_direct_softmax(dtype, chunk):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    keys = torch.randn(2, 50, 4, generator=g, dtype=torch.float64)
+    values = torch.randn(2, 50, 3, generator=g, dtype=torch.float64)
+    for ab in (0.01, 0.5, 0.99):
+        want = _direct(x, keys, values, ab)
+        got = _stream(x.to(dtype), keys.to(dtype), values.to(dtype), ab, chunk).mean()
+        tol = 1e-12 if dtype == torch.float64 else 2e-4
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,jump", [(torch.float32, 1000.0), (torch.float64, 5000.0)])
+def test_a_much_better_later_chunk_is_redone_exactly(dtype, jump):
+    # keys far from the query first, then one that matches it: the logit jumps
+    # by far more than EXP_CAP above the running reference.
+    x = torch.zeros(1, 1, 2, dtype=torch.float64)
+    keys = torch.tensor([[[30.0, 0.0], [0.0, 30.0], [0.0, 0.0], [0.1, 0.0]]], dtype=torch.float64)
+    values = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]], dtype=torch.float64)
+    ab = 1 - 1 / jump
+    want = _direct(x, keys, values, ab)
+    got = _stream(x.to(dtype), keys.to(dtype), values.to(dtype), ab, chunk=1).mean()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_states_of_disjoint_shards_merge_exactly():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 4, generator=g, dtype=torch.float64)
+    keys = torch.randn(1, 40, 4, generator=g, dtype=torch.float64)
+    values = torch.randn(1, 40, 2, generator=g, dtype=torch.float64)
+    a = _stream(x, keys[:, :25], values[:, :25], 0.7, chunk=7)
+    b = _stream(x, keys[:, 25:], values[:, 25:], 0.7, chunk=7)
+    a.merge(b.ref, b.acc)
+    torch.testing.assert_close(a.mean(), _direct(x, keys, values, 0.7), rtol=1e-12, atol=1e-12)
+
+
+def test_half_precision_is_refused():
+    with pytest.raises(ValueError, match="float32 or float64"):
+        SoftmaxMean(torch.zeros(1, 1, 3, dtype=torch.bfloat16), 1)
