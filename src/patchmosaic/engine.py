@@ -261,6 +261,22 @@ class SoftmaxMean:
         self.acc = self.acc * torch.exp(self.ref - new_ref)[..., None] + acc * torch.exp(ref - new_ref)[..., None]
         self.ref = new_ref
 
+    def all_reduce(self, group: object = None) -> None:
+        """Merge the states of all ranks in ``group`` (each streamed a disjoint shard).
+
+        ``ref`` becomes the maximum over ranks (MAX all-reduce), each rank rescales
+        its ``acc`` to it and the results are summed (SUM all-reduce): exactly the
+        state of one pass over the union of the shards. A rank whose shard held no
+        candidate (``ref = -inf``) contributes zero.
+        """
+        import torch.distributed as dist
+
+        ref = self.ref.clone()
+        dist.all_reduce(ref, op=dist.ReduceOp.MAX, group=group)
+        acc = self.acc * torch.exp(self.ref - ref)[..., None]
+        dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=group)
+        self.ref, self.acc = ref, acc
+
     def mean(self) -> torch.Tensor:
         """The softmax-weighted mean ``[G, Bq, V]``."""
         return self.acc[..., :-1] / self.acc[..., -1:]

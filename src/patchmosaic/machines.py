@@ -64,6 +64,12 @@ class ScoreMachine:
         wrap_training_patches: Circular ELS only. ``False`` keeps only training
             patches that do not wrap around the border (as the paper's released code).
         chunk_elements: Memory bound per streamed chunk (elements of the logit block).
+        distributed: Shard the training set across the processes of the default
+            ``torch.distributed`` group (gloo on CPU, NCCL on GPU): each rank keeps
+            and streams a contiguous 1/world of the images, and the per-pixel
+            (log-sum-exp reference, weighted sum) partials are merged with two
+            all-reduces, giving the single-process result. Every rank must call
+            ``denoise`` with the same inputs.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class ScoreMachine:
         labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
         wrap_training_patches: bool = True,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        distributed: bool = False,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown machine kind {kind!r}; expected one of {KINDS}")
@@ -100,7 +107,20 @@ class ScoreMachine:
                 f"train_images must be floating point (e.g. scaled to [-1, 1]), got {images.dtype}"
             )
         _check_finite(images, "train_images")
-        self.images = images  # [N, C, H, W]
+        self.rank, self.world = 0, 1
+        if distributed:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError(
+                    "distributed=True needs torch.distributed.init_process_group() first "
+                    "(run under torchrun)"
+                )
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        N = images.shape[0]
+        lo, hi = self.rank * N // self.world, (self.rank + 1) * N // self.world
+        self.num_train = N  # the whole training set, over all shards
+        self.images = images[lo:hi]  # [N_shard, C, H, W], this process's shard
         self.kind = kind
         self.padding = padding
         self.wrap_training_patches = wrap_training_patches
@@ -108,7 +128,8 @@ class ScoreMachine:
             raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
         self.chunk_elements = int(chunk_elements)
         self.labels: torch.Tensor | None = None
-        self._class_index: dict[int, torch.Tensor] = {}
+        self._classes: list[int] = []  # over the whole training set
+        self._class_index: dict[int, torch.Tensor] = {}  # positions in this shard
         if labels is not None:
             lab = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
             if lab.ndim != 1 or lab.shape[0] != images.shape[0]:
@@ -117,9 +138,10 @@ class ScoreMachine:
                 )
             if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
                 raise ValueError(f"labels must be integers, got {lab.dtype}")
-            self.labels = lab.to(torch.long)
-            for c in torch.unique(self.labels).tolist():
-                self._class_index[int(c)] = torch.nonzero(self.labels == c).flatten()
+            self._classes = [int(c) for c in torch.unique(lab).tolist()]
+            self.labels = lab.to(torch.long)[lo:hi]
+            for c in self._classes:
+                self._class_index[c] = torch.nonzero(self.labels == c).flatten()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -128,9 +150,10 @@ class ScoreMachine:
         return C, H, W
 
     def __repr__(self) -> str:
-        N, C, H, W = self.images.shape
+        _, C, H, W = self.images.shape
+        shard = f", shard {self.rank}/{self.world}" if self.world > 1 else ""
         return (
-            f"ScoreMachine(kind={self.kind!r}, padding={self.padding!r}, N={N}, "
+            f"ScoreMachine(kind={self.kind!r}, padding={self.padding!r}, N={self.num_train}{shard}, "
             f"image=({C}, {H}, {W}), labels={'yes' if self.labels is not None else 'no'})"
         )
 
@@ -184,11 +207,10 @@ class ScoreMachine:
         lab = lab.to(torch.long).flatten() if lab.ndim else lab.to(torch.long).expand(batch)
         if lab.shape != (batch,):
             raise ValueError(f"label must be an int or a [B] = [{batch}] tensor, got {tuple(lab.shape)}")
-        missing = sorted(set(lab.tolist()) - set(self._class_index))
+        missing = sorted(set(lab.tolist()) - set(self._classes))
         if missing:
             raise ValueError(
-                f"label(s) {missing} not present in the training labels "
-                f"(classes: {sorted(self._class_index)})"
+                f"label(s) {missing} not present in the training labels (classes: {self._classes})"
             )
         return lab
 
@@ -251,6 +273,12 @@ class ScoreMachine:
             return self._denoise_patches(x_t, ab, train, geometry)
         return self._denoise_global(x_t, ab, train)
 
+    def _reduce(self, states: list[SoftmaxMean]) -> None:
+        """Merge the partial states of all shards (no-op in a single process)."""
+        if self.world > 1:
+            for state in states:
+                state.all_reduce()
+
     def _chunks(self, train: torch.Tensor, per_image: int, like: torch.Tensor) -> Iterator[torch.Tensor]:
         """Training images in chunks of at most ``chunk_elements / per_image``.
 
@@ -282,6 +310,7 @@ class ScoreMachine:
                 rolled = chunk[:, :, ys[:, None, :, None], xs[None, :, None, :]]  # [n, C, sy, sx, y, x]
                 cand = rolled.permute(0, 2, 3, 1, 4, 5).reshape(1, n * H * W, C * H * W)
             state.update(augment_keys(cand.transpose(1, 2)), augment_values(cand))
+        self._reduce([state])
         return state.mean().reshape(B, C, H, W)
 
     def _denoise_patches(
@@ -321,6 +350,7 @@ class ScoreMachine:
                 centres = select_blocks(chunk, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc]
                 centres = centres.permute(2, 4, 0, 3, 5, 1).reshape(G, M, C)
                 state.update(keys_t, augment_values(centres))
+        self._reduce([state for _, _, state in plan])
         out = torch.empty_like(x_t)
         out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
         for rows, cols, state in plan:

@@ -1,0 +1,64 @@
+"""Sharding the training set over 2 gloo processes on localhost gives the single-process result."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from patchmosaic import ScoreMachine
+
+CASES = [("ideal", "zeros", None, None), ("es", "circular", None, None), ("ls", "zeros", 3, None),
+         ("els", "zeros", 5, None), ("els", "circular", 3, None), ("els", "zeros", 3, "labels")]
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(7, 1, 7, 6, generator=g, dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])  # class 2 lives on one shard only
+    x = torch.randn(3, 1, 7, 6, generator=g, dtype=torch.float64)
+    return train, labels, x
+
+
+def _results(distributed: bool) -> list[torch.Tensor]:
+    train, labels, x = _inputs()
+    out = []
+    for kind, padding, k, cond in CASES:
+        m = ScoreMachine(train, kind=kind, padding=padding, labels=labels, distributed=distributed,
+                         chunk_elements=64)
+        label = torch.tensor([2, 0, 1]) if cond else None
+        out.append(m.denoise(x, torch.tensor([0.2, 0.6, 0.95], dtype=torch.float64), patch_size=k, label=label))
+    return out
+
+
+def _worker(rank: int, world: int, port: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = _results(distributed=True)
+        if rank == 0:
+            torch.save(results, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_shards_equal_single_process(tmp_path):
+    path = str(tmp_path / "sharded.pt")
+    mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    sharded = torch.load(path, weights_only=True)
+    for (kind, padding, k, cond), got, want in zip(CASES, sharded, _results(distributed=False)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{kind} {padding} k={k} {cond}")
+
+
+def test_distributed_needs_an_initialised_group():
+    with pytest.raises(ValueError, match="init_process_group"):
+        ScoreMachine(torch.rand(2, 1, 4, 4), kind="els", distributed=True)
