@@ -70,3 +70,36 @@ def test_partial_states_of_disjoint_shards_merge_exactly():
 def test_half_precision_is_refused():
     with pytest.raises(ValueError, match="float32 or float64"):
         SoftmaxMean(torch.zeros(1, 1, 3, dtype=torch.bfloat16), 1)
+
+
+def test_bf16_logits_pick_the_wrong_patch_at_low_noise():
+    # Why half precision is refused: two candidates 0.01 apart in squared
+    # distance; at abar = 0.9999 the logit gap is ~50, but bf16 rounding of
+    # <x, key> (~8 bits of mantissa) erases it.
+    ab = 0.9999
+    scale = ab**0.5 / (1 - ab)
+    x = torch.full((64,), 0.5, dtype=torch.float64)
+    keys = torch.stack([torch.full((64,), 0.5), torch.full((64,), 0.5)]).double() / ab**0.5
+    keys[1, 0] += 0.1  # |d|^2 larger by 0.01
+    exact = scale * keys @ x - ab / (2 * (1 - ab)) * (keys**2).sum(1)
+    rounded = (scale * keys.bfloat16() @ x.bfloat16()).double() - ab / (2 * (1 - ab)) * (
+        keys.bfloat16().double() ** 2).sum(1)
+    assert exact[0] - exact[1] > 40  # candidate 0 wins decisively
+    assert abs((rounded[0] - rounded[1]) - (exact[0] - exact[1])) > 10  # bf16 gets the gap wrong
+
+
+def test_engine_pins_full_precision_float32_matmuls():
+    from patchmosaic import ScoreMachine
+
+    train = torch.rand(6, 1, 8, 8) * 2 - 1
+    x = 0.999**0.5 * train[:2] + 0.001**0.5 * torch.randn(2, 1, 8, 8)
+    m = ScoreMachine(train, kind="els")
+    want = m.denoise(x, 0.999, patch_size=3)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got = m.denoise(x, 0.999, patch_size=3)
+        assert torch.get_float32_matmul_precision() == "medium"  # the caller's setting is restored
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

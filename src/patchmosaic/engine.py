@@ -34,6 +34,8 @@ floored candidate adds at most ``e^floor`` times the final normaliser; with
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +47,32 @@ __all__ = [
     "augment_keys",
     "augment_queries",
     "augment_values",
+    "exact_float32_matmul",
     "logit_coefficients",
     "pad_images",
     "patch_sq_norms",
     "patch_windows",
     "select_blocks",
 ]
+
+
+@contextmanager
+def exact_float32_matmul() -> Iterator[None]:
+    """Run float32 matrix products at full precision inside the block.
+
+    ``torch.set_float32_matmul_precision("high"/"medium")`` lets float32 GEMMs
+    use TF32 or bf16 internally (on CUDA, and on CPUs with bf16 units). The
+    logits carry a ``1 / (1 - alpha_bar)`` factor, so at low noise a relative
+    error of 1e-3 in ``<x, key>`` shifts logits by far more than 1 and picks
+    the wrong patch; the engine therefore pins "highest" for its own products
+    and restores the caller's setting afterwards.
+    """
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def logit_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

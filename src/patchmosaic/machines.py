@@ -31,6 +31,7 @@ from patchmosaic.engine import (
     augment_keys,
     augment_queries,
     augment_values,
+    exact_float32_matmul,
     logit_coefficients,
     patch_sq_norms,
     patch_windows,
@@ -269,9 +270,10 @@ class ScoreMachine:
     def _denoise_subset(
         self, x_t: torch.Tensor, ab: torch.Tensor, train: torch.Tensor, geometry: Geometry | None
     ) -> torch.Tensor:
-        if geometry is not None:
-            return self._denoise_patches(x_t, ab, train, geometry)
-        return self._denoise_global(x_t, ab, train)
+        with exact_float32_matmul():
+            if geometry is not None:
+                return self._denoise_patches(x_t, ab, train, geometry)
+            return self._denoise_global(x_t, ab, train)
 
     def _reduce(self, states: list[SoftmaxMean]) -> None:
         """Merge the partial states of all shards (no-op in a single process)."""
