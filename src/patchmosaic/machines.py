@@ -345,7 +345,8 @@ class ScoreMachine:
                 nbc, nqc = cols.Q.shape
                 G, M = nbr * nbc, n * nqr * nqc
                 keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
-                keys_t = chunk.new_ones(G, D + 2, M)  # [key; |key|^2; 1], transposed
+                keys_t = chunk.new_empty(G, D + 2, M)  # [key; |key|^2; 1], transposed
+                keys_t[:, D + 1] = 1.0
                 keys_t[:, :D].view(nbr, nbc, C, k, k, n, nqr, nqc).copy_(keys.permute(2, 4, 1, 6, 7, 0, 3, 5))
                 sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]
                 keys_t[:, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
