@@ -19,13 +19,6 @@ CFG = ResNetConfig(image_size=8, width=8, depth=2, num_classes=3, padding_mode="
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions on a shared machine are far faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_checkpoint(path, *, ema=True, config=CFG):

@@ -20,13 +20,6 @@ from patchmosaic.models import (
 from patchmosaic.schedules import CosineSchedule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions on a shared machine are far faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(arch, *, padding="zeros", num_classes=0, size=8, **kw):

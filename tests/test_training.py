@@ -15,13 +15,6 @@ from patchmosaic.training import LOG_FILE, SUMMARY_FILE, EpochSampler, TrainConf
 TINY_RESNET = ResNetConfig(width=8, depth=2, norm_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions on a shared machine are far faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
