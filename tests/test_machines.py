@@ -124,3 +124,30 @@ def test_float32_finite_at_extreme_noise_levels(kind, padding, k, alpha_bar):
     assert torch.isfinite(got).all()
     if alpha_bar > 0.5:  # at vanishing noise the query's own training image wins
         torch.testing.assert_close(got, train[:2], atol=1e-4, rtol=0)
+
+
+def _mostly_background(N=5, C=1, H=9, W=8, seed=3):
+    """MNIST-like images: a constant -1 background with a random blob (many constant patches)."""
+    g = torch.Generator().manual_seed(seed)
+    train = torch.full((N, C, H, W), -1.0, dtype=torch.float64)
+    train[:, :, 3:6, 2:5] = torch.rand(N, C, 3, 3, generator=g, dtype=torch.float64) * 2 - 1
+    train[0] = 0.25  # a second constant value
+    x = torch.randn(2, C, H, W, generator=g, dtype=torch.float64)
+    return train, x
+
+
+@pytest.mark.parametrize("padding,wrap", [("zeros", True), ("circular", True), ("circular", False)])
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("C", [1, 2])
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 22])
+def test_constant_patch_compaction_matches_brute_force(padding, wrap, k, C, chunk_elements, monkeypatch):
+    train, x = _mostly_background(C=C)
+    calls = []
+    original = ScoreMachine._update_flat
+    monkeypatch.setattr(ScoreMachine, "_update_flat", staticmethod(lambda *a: (calls.append(1), original(*a))))
+    m = ScoreMachine(train, kind="els", padding=padding, wrap_training_patches=wrap, chunk_elements=chunk_elements)
+    got = m.denoise(x, torch.tensor([0.3, 0.97], dtype=torch.float64), patch_size=k)
+    assert calls, "constant patches were not compacted"
+    for b, ab in enumerate((0.3, 0.97)):
+        want = ref_machine(x[b].numpy(), train.numpy(), ab, "els", padding, k, wrap)
+        np.testing.assert_allclose(got[b].numpy(), want, rtol=1e-10, atol=1e-10)

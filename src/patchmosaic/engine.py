@@ -48,6 +48,7 @@ __all__ = [
     "augment_queries",
     "augment_values",
     "exact_float32_matmul",
+    "flat_patches",
     "logit_coefficients",
     "pad_images",
     "patch_sq_norms",
@@ -154,6 +155,19 @@ def patch_sq_norms(images: torch.Tensor, radius: int, padding: str) -> torch.Ten
     return F.avg_pool2d(sq, k, stride=1, divisor_override=1)[:, 0]  # [n, H, W]
 
 
+def flat_patches(images: torch.Tensor, radius: int, padding: str) -> torch.Tensor:
+    """Which k x k patches are constant (every pixel and channel equal).
+
+    Returns:
+        ``[n, H, W]`` bool; exact comparisons (max pool == min pool).
+    """
+    k = 2 * radius + 1
+    padded = pad_images(images, radius, padding)  # [n, C, H+2r, W+2r]
+    hi = F.max_pool2d(padded, k, stride=1).amax(1)  # [n, H, W]
+    lo = -F.max_pool2d(-padded, k, stride=1).amax(1)  # [n, H, W], min over the patch and channels
+    return hi == lo
+
+
 def select_blocks(t: torch.Tensor, rows: AxisBlocks, cols: AxisBlocks, which: str) -> torch.Tensor:
     """Positions of one (row stack, column stack) group from a per-pixel tensor.
 
@@ -230,6 +244,8 @@ class SoftmaxMean:
         """
         G, Bq, _ = self.queries.shape
         M = keys_t.shape[-1]
+        if M == 0:  # e.g. a chunk whose patches were all compacted away
+            return
         rows = max(1, min(Bq, self.max_logits // max(1, G * M)))
         if self._workspace.numel() < G * rows * M:
             self._workspace = self.queries.new_empty(G * rows * M)

@@ -32,12 +32,13 @@ from patchmosaic.engine import (
     augment_queries,
     augment_values,
     exact_float32_matmul,
+    flat_patches,
     logit_coefficients,
     patch_sq_norms,
     patch_windows,
     select_blocks,
 )
-from patchmosaic.geometry import PADDINGS, Geometry, make_geometry
+from patchmosaic.geometry import PADDINGS, AxisBlocks, Geometry, make_geometry
 from patchmosaic.schedules import CosineSchedule, PatchSchedule, check_patch_size
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "KINDS", "MachineDenoiser", "ScoreMachine"]
@@ -47,6 +48,11 @@ KINDS = ("ideal", "es", "ls", "els")
 # Default bound on the elements of one chunk's logit block (and patch tensor):
 # 2**22 float32 values = 16 MiB, so the streaming pass stays in that budget.
 DEFAULT_CHUNK_ELEMENTS = 2**22
+
+# A shared-candidate chunk whose constant patches make up at least this
+# fraction is compacted: its constant patches are collapsed into one candidate
+# per value with a multiplicity (MNIST at k=3: 59% of the patches are constant).
+FLAT_COMPACTION_MIN_FRACTION = 0.125
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -275,6 +281,55 @@ class ScoreMachine:
                 return self._denoise_patches(x_t, ab, train, geometry)
             return self._denoise_global(x_t, ab, train)
 
+    @staticmethod
+    def _update_compacted(
+        state: SoftmaxMean,
+        rows: AxisBlocks,
+        cols: AxisBlocks,
+        chunk: torch.Tensor,
+        t_win: torch.Tensor,
+        norms: torch.Tensor,
+        flat: torch.Tensor,
+        found: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> bool:
+        """Stream a shared-candidate group's chunk without its constant patches.
+
+        Constant patches are only tallied (value, count) into ``found``; they
+        enter the softmax once per value with their multiplicity at the end
+        (:meth:`_update_flat`), which is exact: ``m * exp(l) = exp(l + log m)``.
+
+        Returns:
+            False (and does nothing) when too few patches are constant to pay.
+        """
+        is_flat = select_blocks(flat, rows, cols, "Q")[:, 0, 0, :, 0, :]  # [n, nqr, nqc]
+        if float(is_flat.float().mean()) < FLAT_COMPACTION_MIN_FRACTION:
+            return False
+        C, k = t_win.shape[1], t_win.shape[-1]
+        D = C * k * k
+        img, a, b = torch.nonzero(~is_flat, as_tuple=True)  # [M'] each
+        y, x = rows.Q[0].to(a.device)[a], cols.Q[0].to(b.device)[b]  # [M'] pixel positions
+        M = img.shape[0]
+        keys_t = chunk.new_empty(1, D + 2, M)  # [key; |key|^2; 1], transposed
+        keys_t[0, :D] = t_win[img, :, y, x].reshape(M, D).T
+        keys_t[0, D] = norms[img, 0, y, x]
+        keys_t[0, D + 1] = 1.0
+        state.update(keys_t, augment_values(chunk[img, :, y, x][None]))  # values [1, M', C + 1]
+        img, a, b = torch.nonzero(is_flat, as_tuple=True)
+        y, x = rows.Q[0].to(a.device)[a], cols.Q[0].to(b.device)[b]
+        found.append(torch.unique(chunk[img, 0, y, x], return_counts=True))  # (values [U], counts [U])
+        return True
+
+    @staticmethod
+    def _update_flat(
+        state: SoftmaxMean, found: list[tuple[torch.Tensor, torch.Tensor]], C: int, D: int
+    ) -> None:
+        """Add the constant patches tallied by :meth:`_update_compacted`, one per value."""
+        values, inverse = torch.unique(torch.cat([v for v, _ in found]), return_inverse=True)  # [U]
+        counts = torch.zeros_like(values).index_add_(0, inverse, torch.cat([c for _, c in found]).to(values.dtype))
+        keys_t = torch.stack([values] * D + [D * values.square(), torch.ones_like(values)])[None]  # [1, D+2, U]
+        weighted = torch.stack([values] * C + [torch.ones_like(values)], dim=-1) * counts[:, None]  # [U, C+1]
+        state.update(keys_t, weighted[None])
+
     def _reduce(self, states: list[SoftmaxMean]) -> None:
         """Merge the partial states of all shards (no-op in a single process)."""
         if self.world > 1:
@@ -336,11 +391,16 @@ class ScoreMachine:
             queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
             plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements)))
             per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(rep, D + 2))
+        shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
+        flat_values: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in shared}
         for chunk in self._chunks(train, per_image, x_t):
             n = chunk.shape[0]
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
             norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
-            for rows, cols, state in plan:
+            flat = flat_patches(chunk, r, pad)[:, None] if shared else None  # [n, 1, H, W]
+            for i, (rows, cols, state) in enumerate(plan):
+                if i in flat_values and self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, flat_values[i]):
+                    continue
                 nbr, nqr = rows.Q.shape
                 nbc, nqc = cols.Q.shape
                 G, M = nbr * nbc, n * nqr * nqc
@@ -353,6 +413,9 @@ class ScoreMachine:
                 centres = select_blocks(chunk, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc]
                 centres = centres.permute(2, 4, 0, 3, 5, 1).reshape(G, M, C)
                 state.update(keys_t, augment_values(centres))
+        for i, found in flat_values.items():
+            if found:
+                self._update_flat(plan[i][2], found, C, D)
         self._reduce([state for _, _, state in plan])
         out = torch.empty_like(x_t)
         out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
