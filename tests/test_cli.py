@@ -236,3 +236,112 @@ def test_bundled_mnist(tmp_path):
     assert data["images"].shape == (2, 1, 32, 32)
     config = json.loads((out / "config.json").read_text())
     assert config["n_train"] == 20 and config["image_shape"] == [1, 32, 32] and config["label_name"] == "3"
+
+
+# ---------------------------------------------------------------- --model and --like
+
+
+def _tiny_checkpoint(tmp_path, dataset, *, conditional):
+    """An untrained tiny ResNet trained (per its config) on the 6-image ``dataset``, with a schedule.json."""
+    from patchmosaic.checkpoints import save_checkpoint
+    from patchmosaic.models import ResNetConfig, build_model
+    from patchmosaic.training import TrainConfig
+
+    config = ResNetConfig(in_channels=1, image_size=H, width=4, depth=1, norm_groups=0,
+                          num_classes=3 if conditional else 0)
+    torch.manual_seed(0)
+    run = tmp_path / ("cond-run" if conditional else "run-model")
+    run.mkdir()
+    train = TrainConfig(dataset=str(dataset), n_train=5, image_size=None, conditional=conditional, model=config,
+                        steps=1)
+    save_checkpoint(run / "model.pt", build_model(config), config, step=1, train_config=train.to_dict())
+    patchmosaic.PatchSchedule((3, 5, 3)).save(run / "schedule.json")
+    return run
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_sample_model_equals_library(tiny, tmp_path, conditional):
+    from patchmosaic.checkpoints import load_denoiser
+
+    run = _tiny_checkpoint(tmp_path, tiny, conditional=conditional)
+    out = tmp_path / "net"
+    result = ok("--model", run, "--steps", 3, "--seeds", "4,0,2", "--out", out)
+    assert "network samples" in result.output
+    data = load_samples(out)
+    labels = [4 % 3, 0, 2] if conditional else None
+    noise = patchmosaic.noise_for_seeds([4, 0, 2], (1, H, W))
+    expected = patchmosaic.sample(load_denoiser(run / "model.pt"), noise, steps=3,
+                                  label=None if labels is None else torch.tensor(labels))
+    np.testing.assert_array_equal(data["images"], expected.numpy())
+    assert data["seeds"].tolist() == [4, 0, 2]
+    assert (data.get("labels") is None and labels is None) or data["labels"].tolist() == labels
+    config = json.loads((out / "config.json").read_text())
+    assert config["denoiser"] == "network" and config["model_checkpoint"] == str(run / "model.pt")
+    assert config["labels"] == labels and config["steps"] == 3
+    assert (out / "grid.png").is_file()
+
+
+def test_sample_model_label_override_and_errors(tiny, tmp_path):
+    cond = _tiny_checkpoint(tmp_path, tiny, conditional=True)
+    uncond = _tiny_checkpoint(tmp_path, tiny, conditional=False)
+    ok("--model", cond, "--steps", 1, "--seeds", "0-2", "--label", 1, "--out", tmp_path / "a")
+    assert load_samples(tmp_path / "a")["labels"].tolist() == [1, 1, 1]
+    assert_clean_error(run("--model", uncond, "--label", 1, "--out", tmp_path / "b"), "unconditional")
+    assert_clean_error(run("--model", cond, "--label", 3, "--out", tmp_path / "b"), "out of range")
+    assert_clean_error(run("--model", uncond, "--dataset", tiny, "--out", tmp_path / "b"), "--dataset", "do not apply")
+    assert_clean_error(run("--model", uncond, "--patch-sizes", "3", "--out", tmp_path / "b"), "--patch-sizes")
+    assert_clean_error(run("--model", uncond, "--like", uncond, "--out", tmp_path / "b"), "exclude each other")
+    assert_clean_error(run("--model", tmp_path / "nope", "--out", tmp_path / "b"), "neither a checkpoint")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_like_takes_the_models_setting(tiny, tmp_path, conditional):
+    from patchmosaic.data import load_dataset
+
+    run_dir = _tiny_checkpoint(tmp_path, tiny, conditional=conditional)
+    out = tmp_path / "like"
+    ok("--like", run_dir, "--seeds", "0-3", "--out", out, "--batch-size", 3)
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_train"] == 5 and config["padding"] == "zeros" and config["size"] == "native"
+    assert config["patch_sizes"] == [3, 5, 3] and config["steps"] == 3 and config["machine"] == "els"
+    assert config["like"] == str(run_dir / "model.pt")
+    labels = [0, 1, 2, 0] if conditional else None
+    assert config.get("labels") == labels
+    data = load_dataset(str(tiny), n_train=5, size=None)
+    machine = patchmosaic.ScoreMachine(data.images, kind="els", padding="zeros", labels=data.labels)
+    noise = patchmosaic.noise_for_seeds(range(4), (1, H, W))
+    expected = patchmosaic.sample(machine, noise, steps=3, patch_sizes=[3, 5, 3],
+                                  label=None if labels is None else torch.tensor(labels))
+    np.testing.assert_allclose(load_samples(out)["images"], expected.numpy(), atol=1e-6)
+    # --patch-sizes overrides the model's schedule
+    ok("--like", run_dir, "--patch-sizes", "3,3", "--seeds", "0", "--out", tmp_path / "like2")
+    assert json.loads((tmp_path / "like2" / "config.json").read_text())["patch_sizes"] == [3, 3]
+
+
+def test_like_errors(tiny, tmp_path):
+    run_dir = _tiny_checkpoint(tmp_path, tiny, conditional=False)
+    assert_clean_error(run("--like", run_dir, "--machine", "ideal", "--out", tmp_path / "x"), "--like", "ideal")
+    assert_clean_error(run("--like", run_dir, "--dataset", tiny, "--out", tmp_path / "x"), "drop --dataset")
+    assert_clean_error(run("--like", run_dir, "--n-train", 3, "--out", tmp_path / "x"), "--n-train")
+    assert_clean_error(run("--like", run_dir, "--label", 1, "--out", tmp_path / "x"), "unconditional", "--label")
+    (run_dir / "schedule.json").unlink()
+    assert_clean_error(run("--like", run_dir, "--out", tmp_path / "x"), "has no schedule.json", "--patch-sizes")
+    assert_clean_error(run("--like", "pretrained:no-such-model", "--out", tmp_path / "x"), "unknown pretrained model")
+    assert not (tmp_path / "x").exists()
+
+
+def test_patch_sizes_pretrained_prefix(tiny, tmp_path, monkeypatch):
+    root = tmp_path / "pre"
+    (root / "m").mkdir(parents=True)
+    run_dir = _tiny_checkpoint(tmp_path, tiny, conditional=False)
+    for name in ("model.pt", "schedule.json"):
+        (root / "m" / name).write_bytes((run_dir / name).read_bytes())
+    monkeypatch.setenv("PATCHMOSAIC_PRETRAINED_DIR", str(root))
+    ok("--dataset", tiny, "--size", "native", "--patch-sizes", "pretrained:m", "--steps", 3, "--seeds", "0",
+       "--out", tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["patch_sizes"] == [3, 5, 3]
+    ok("--model", "m", "--steps", 1, "--seeds", "0", "--out", tmp_path / "q")  # bare pretrained name
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["model"] == "pretrained:m"
+    assert_clean_error(run("--dataset", tiny, "--patch-sizes", "pretrained:zz", "--out", tmp_path / "r"),
+                       "unknown pretrained model 'zz'", "available: m")

@@ -62,3 +62,41 @@ def test_two_process_shards_equal_single_process(tmp_path):
 def test_distributed_needs_an_initialised_group():
     with pytest.raises(ValueError, match="init_process_group"):
         ScoreMachine(torch.rand(2, 1, 4, 4), kind="els", distributed=True)
+
+
+def test_cli_under_torchrun_matches_single_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    g = torch.Generator().manual_seed(2)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, images=(torch.rand(9, 1, 8, 8, generator=g) * 2 - 1).numpy(), labels=np.arange(9) % 3)
+    args = ["sample", "--dataset", str(data), "--size", "native", "--machine", "els", "--patch-sizes", "3,5",
+            "--steps", "2", "--seeds", "0-2", "--chunk-elements", "64"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "patchmosaic", *args,
+                    "--out", str(tmp_path / "sharded"), "--distributed"], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "patchmosaic", *args, "--out", str(tmp_path / "single")],
+                   check=True, env=env, capture_output=True)
+    sharded = np.load(tmp_path / "sharded" / "samples.npz")["images"]
+    single = np.load(tmp_path / "single" / "samples.npz")["images"]
+    np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5)
+    import json
+
+    assert json.loads((tmp_path / "sharded" / "config.json").read_text())["distributed"]["world_size"] == 2
+
+
+def test_cli_distributed_outside_torchrun_is_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from patchmosaic.cli import main
+
+    result = CliRunner().invoke(main, ["sample", "--dataset", "mnist", "--n-train", "5", "--patch-sizes", "3",
+                                       "--steps", "1", "--seeds", "0", "--out", str(tmp_path / "o"), "--distributed"])
+    assert result.exit_code != 0 and "torchrun" in result.output
+    assert not (tmp_path / "o").exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 from tqdm import tqdm
 
 from patchmosaic import __version__
@@ -25,6 +26,7 @@ from patchmosaic.data import BUNDLED, ImageDataset, load_dataset
 from patchmosaic.geometry import PADDINGS, make_geometry
 from patchmosaic.sampler import NOISE_RULE
 from patchmosaic.machines import DEFAULT_CHUNK_ELEMENTS, KINDS, MachineDenoiser, ScoreMachine
+from patchmosaic.pretrained import LABEL_RULE, labels_for_seeds, resolve_schedule_spec
 from patchmosaic.runs import (
     CONFIG_FILE,
     GRID_FILE,
@@ -78,6 +80,20 @@ def main() -> None:
 
 @main.command("sample")
 @click.option(
+    "--model",
+    default=None,
+    help="Sample a trained network instead of a machine: a checkpoint file, a run directory holding model.pt, "
+    "'pretrained:<name>' or a bare pretrained name. Same seeds, noise and files as the machines; conditional "
+    "models use label = seed % num_classes unless --label.  [default: none]",
+)
+@click.option(
+    "--like",
+    default=None,
+    help="Run --machine els on a network's setting: the dataset, exact training subset, size and padding of "
+    "MODEL (same forms as --model), its classes (label = seed % num_classes) and its calibrated schedule.json "
+    "(unless --patch-sizes).  [default: none]",
+)
+@click.option(
     "--dataset",
     default="mnist",
     show_default=True,
@@ -118,7 +134,8 @@ def main() -> None:
     default=None,
     help="Locality schedule k(t), required for ls/els and refused for ideal/es: a preset "
     f"({', '.join(PRESETS)}), odd sizes lowest noise first ('3,3,5,...': entry i-1 is used at "
-    "t = i/steps), or a schedule JSON file.  [default: none]",
+    "t = i/steps), a schedule JSON file (or a directory holding schedule.json), or 'pretrained:<name>' "
+    "(that model's calibrated schedule).  [default: none; with --like: the model's schedule.json]",
 )
 @click.option(
     "--steps",
@@ -181,7 +198,16 @@ def main() -> None:
     show_default=True,
     help="Memory bound: elements of one streamed logit block (2**22 float32 = 16 MiB).",
 )
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="Shard the training set over the processes started by torchrun (gloo on CPU): "
+    "each rank streams 1/world of the images and the partials are all-reduced; rank 0 "
+    "writes the outputs. Example: torchrun --nproc_per_node 2 -m patchmosaic sample ... --distributed",
+)
 def sample_command(
+    model: str | None,
+    like: str | None,
     dataset: str,
     n_train: int | None,
     size: int | None,
@@ -197,6 +223,7 @@ def sample_command(
     dtype: str,
     wrap_training_patches: bool,
     chunk_elements: int,
+    distributed: bool,
 ) -> None:
     """Sample images from a score machine with deterministic DDIM.
 
@@ -213,7 +240,36 @@ def sample_command(
       patchmosaic sample --dataset mnist --n-train 1000 --machine els \\
         --padding zeros --patch-sizes mnist-resnet-zeros --seeds 0-7 --out runs/els-mnist
     """
+    ctx = click.get_current_context()
+    explicit = {
+        p.name for p in ctx.command.params
+        if p.name and ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    label_classes = 0
+    extra_config: dict = {}
     try:
+        if model is not None and like is not None:
+            raise click.BadParameter("--model and --like exclude each other", param_hint="'--model'")
+        if model is not None and distributed:
+            raise click.BadParameter("--distributed shards a machine's training set; it does not apply to --model",
+                                     param_hint="'--distributed'")
+        if model is not None:
+            from patchmosaic.cli_eval import run_network_sample
+
+            run_network_sample(spec=model, explicit=explicit, steps=steps, seed_spec=seeds, label=label, out=out,
+                               overwrite=overwrite, batch_size=batch_size, dtype=dtype)
+            return
+        if like is not None:
+            from patchmosaic.cli_eval import resolve_like
+
+            resolved = resolve_like(like, machine=machine, explicit=explicit, patch_sizes=patch_sizes, label=label)
+            dataset, n_train, size, padding = (resolved[k] for k in ("dataset", "n_train", "size", "padding"))
+            patch_sizes = resolved["patch_sizes"]
+            if "steps" not in explicit:
+                steps = resolved["steps"]
+            if label is None:
+                label_classes = resolved["num_classes"]
+            extra_config = resolved["record"]
         _run_sample(
             dataset=dataset,
             n_train=n_train,
@@ -230,6 +286,9 @@ def sample_command(
             dtype=dtype,
             wrap=wrap_training_patches,
             chunk_elements=chunk_elements,
+            label_classes=label_classes,
+            extra_config=extra_config,
+            distributed=distributed,
         )
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
@@ -261,7 +320,7 @@ def _resolve_schedule(kind: str, padding: str, spec: str | None, steps: int, wra
             param_hint="'--patch-sizes'",
         )
     try:
-        schedule = PatchSchedule.parse(spec)
+        schedule = PatchSchedule.parse(resolve_schedule_spec(spec))
     except (ValueError, FileNotFoundError) as err:
         raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
     if schedule.steps != steps:
@@ -292,6 +351,23 @@ def _check_label(data: ImageDataset, label: int | None) -> str | None:
     return None if data.classes is None else data.classes[label]
 
 
+def _init_distributed() -> int:
+    """Join the torchrun process group (gloo); returns this process's rank."""
+    import os
+
+    import torch.distributed as dist
+
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise click.UsageError(
+            f"--distributed needs the environment torchrun sets ({', '.join(missing)} missing): "
+            "torchrun --nproc_per_node N -m patchmosaic sample ... --distributed"
+        )
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank()
+
+
 def _progress_callback(bar: tqdm, denoiser: MachineDenoiser) -> Callable[[int, float, torch.Tensor, torch.Tensor], None]:
     """A sampler callback that advances ``bar`` by one denoiser call and shows t and k."""
 
@@ -320,8 +396,15 @@ def _run_sample(
     dtype: str,
     wrap: bool,
     chunk_elements: int,
+    label_classes: int = 0,
+    extra_config: dict | None = None,
+    distributed: bool = False,
 ) -> None:
-    """Body of ``patchmosaic sample``; flags are as documented on the command."""
+    """Body of ``patchmosaic sample``; flags are as documented on the command.
+
+    ``label_classes > 0`` (``--like`` a conditional model) labels each seed with
+    :func:`~patchmosaic.pretrained.label_for_seed` instead of one ``label``.
+    """
     # 1. Cheap validation of the flags, then the output directory: no work yet.
     try:
         seeds = parse_seeds(seed_spec)
@@ -329,10 +412,14 @@ def _run_sample(
         raise click.BadParameter(str(err), param_hint="'--seeds'") from err
     schedule = _resolve_schedule(kind, padding, patch_sizes, steps, wrap)
     check_run_dir(out, overwrite=overwrite)
+    rank = _init_distributed() if distributed else 0
 
     # 2. Data, machine and the geometry of every patch size (fails before sampling).
     data = load_dataset(dataset, n_train=n_train, size=size)
     label_name = _check_label(data, label)
+    seed_labels = labels_for_seeds(seeds, label_classes) if label_classes else None
+    for c in sorted(set(seed_labels or [])):
+        _check_label(data, c)
     torch_dtype = DTYPES[dtype]
     C, H, W = data.images.shape[1:]
     if schedule is not None:
@@ -345,25 +432,39 @@ def _run_sample(
         labels=data.labels,
         wrap_training_patches=wrap,
         chunk_elements=chunk_elements,
+        distributed=distributed,
     )
     noise_schedule = CosineSchedule()
     denoiser = score_machine.bind(patch_sizes=schedule, label=label, steps=steps, schedule=noise_schedule)
-    run_dir = prepare_run_dir(out, overwrite=overwrite)
+    run_dir = prepare_run_dir(out, overwrite=overwrite) if rank == 0 else out
 
     # 3. Sample the seeds in batches; each seed's noise depends on the seed only.
     batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
     results = []
     start = time.perf_counter()
-    with tqdm(total=steps * len(batches), desc="sampling", unit="call", file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=steps * len(batches), desc="sampling", unit="call", file=sys.stderr, dynamic_ncols=True,
+              disable=rank != 0) as bar:
         callback = _progress_callback(bar, denoiser)
-        for batch in batches:
+        for b, batch in enumerate(batches):
             noise = noise_for_seeds(batch, (C, H, W), dtype=torch_dtype)  # [b, C, H, W]
-            results.append(sample(denoiser, noise, steps=steps, schedule=noise_schedule, callback=callback))
+            bound = denoiser
+            if seed_labels is not None:  # one class per seed: bind this batch's [b] labels
+                batch_labels = torch.tensor(seed_labels[b * batch_size : b * batch_size + len(batch)])  # [b]
+                bound = score_machine.bind(patch_sizes=schedule, label=batch_labels, steps=steps, schedule=noise_schedule)
+            results.append(sample(bound, noise, steps=steps, schedule=noise_schedule, callback=callback))
     wall = time.perf_counter() - start
     images = torch.cat(results)  # [B, C, H, W]
+    if distributed:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        dist.destroy_process_group()
+        if rank != 0:  # every rank holds the merged result; rank 0 writes it
+            return
+        extra_config = {**(extra_config or {}), "distributed": {"backend": "gloo", "world_size": world}}
 
     # 4. Outputs.
-    labels = None if label is None else [label] * len(seeds)
+    labels = seed_labels if seed_labels is not None else (None if label is None else [label] * len(seeds))
     save_grid(images, run_dir / GRID_FILE)
     save_samples(run_dir / SAMPLES_FILE, images, seeds, labels)
     write_config(
@@ -394,6 +495,8 @@ def _run_sample(
             "wall_time_s": round(wall, 3),
             "seconds_per_sample": round(wall / len(seeds), 4),
             "files": {"grid": GRID_FILE, "samples": SAMPLES_FILE, "config": CONFIG_FILE},
+            **({"labels": seed_labels, "label_rule": LABEL_RULE} if seed_labels is not None else {}),
+            **(extra_config or {}),
         },
     )
     click.echo(
@@ -404,9 +507,13 @@ def _run_sample(
 
 def _register() -> None:
     """Attach the commands that live in their own modules."""
+    from patchmosaic.cli_eval import calibrate_command, evaluate_command, pretrained_group
     from patchmosaic.cli_train import train
 
     main.add_command(train)
+    main.add_command(calibrate_command)
+    main.add_command(evaluate_command)
+    main.add_command(pretrained_group)
 
 
 _register()

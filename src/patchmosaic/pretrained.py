@@ -1,0 +1,314 @@
+"""Pretrained networks shipped with the package, and how a model names its training set.
+
+A pretrained model is a directory ``<root>/<name>/`` holding
+
+* ``model.pt``: a sampling-only checkpoint (:func:`export_sampling_checkpoint`;
+  loads with :func:`patchmosaic.checkpoints.load_denoiser`);
+* ``config.json``: the training run's resolved configuration;
+* ``schedule.json``: the locality schedule k(t) calibrated against the network
+  (:mod:`patchmosaic.calibration`, readable by :meth:`PatchSchedule.load`);
+* ``metrics.json``: its evaluation against the machines (:mod:`patchmosaic.evaluation`).
+
+The root is ``src/patchmosaic/pretrained/`` (package data; the repository root
+has a ``pretrained`` symlink to it), or the directory named by the environment
+variable :data:`PRETRAINED_ENV` when it is set.
+
+Model specs (``--model``, ``--like``) resolve, first match wins, as
+``pretrained:<name>``; an existing checkpoint file or run directory; a bare
+pretrained name. Schedule specs accept ``pretrained:<name>`` (that model's
+``schedule.json``) and a directory holding ``schedule.json``, on top of what
+:meth:`PatchSchedule.parse` accepts (a bare name there is one of the paper's presets).
+
+Class-conditional runs label seed ``s`` with :func:`label_for_seed`
+(``s % num_classes``), for networks and machines alike, so the same seed gets
+the same class everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patchmosaic.checkpoints import (
+    CHECKPOINT_FILE,
+    load_checkpoint,
+    resolve_checkpoint_path,
+    save_checkpoint,
+)
+from patchmosaic.data import ImageDataset, load_dataset
+from patchmosaic.models import ModelConfig
+
+__all__ = [
+    "LABEL_RULE",
+    "METRICS_FILE",
+    "PREFIX",
+    "PRETRAINED_ENV",
+    "SCHEDULE_FILE",
+    "ModelSource",
+    "TrainingSet",
+    "available_pretrained",
+    "export_sampling_checkpoint",
+    "label_for_seed",
+    "labels_for_seeds",
+    "pretrained_dir",
+    "pretrained_root",
+    "publish_pretrained",
+    "resolve_model",
+    "resolve_schedule_spec",
+    "training_set",
+]
+
+PRETRAINED_ENV = "PATCHMOSAIC_PRETRAINED_DIR"  # overrides the package's pretrained/ directory
+PREFIX = "pretrained:"
+SCHEDULE_FILE = "schedule.json"
+METRICS_FILE = "metrics.json"
+TRAIN_CONFIG_FILE = "config.json"
+LABEL_RULE = "label = seed % num_classes"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+# ------------------------------------------------------------------ labels
+
+
+def label_for_seed(seed: int, num_classes: int) -> int | None:
+    """The class a conditional run gives seed ``seed``: ``seed % num_classes``.
+
+    Networks, machines, calibration and evaluation all use this rule, so a
+    seed's sample is conditioned on the same class everywhere.
+
+    Args:
+        seed: Non-negative seed.
+        num_classes: Classes of the model; 0 means unconditional.
+
+    Returns:
+        The class index, or ``None`` for an unconditional model.
+    """
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise ValueError(f"seeds must be non-negative integers, got {seed!r}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    return None if num_classes == 0 else int(seed) % int(num_classes)
+
+
+def labels_for_seeds(seeds: Sequence[int], num_classes: int) -> list[int] | None:
+    """:func:`label_for_seed` for every seed; ``None`` for an unconditional model."""
+    if num_classes == 0:
+        return None
+    return [label_for_seed(s, num_classes) for s in seeds]  # type: ignore[misc]
+
+
+# ------------------------------------------------------------ name lookup
+
+
+def pretrained_root() -> Path:
+    """``$PATCHMOSAIC_PRETRAINED_DIR`` if set, else the package's ``pretrained/`` directory."""
+    override = os.environ.get(PRETRAINED_ENV)
+    return Path(override) if override else Path(__file__).resolve().parent / "pretrained"
+
+
+def available_pretrained(root: str | Path | None = None) -> list[str]:
+    """Names of the pretrained models under ``root`` (those with a ``model.pt``), sorted."""
+    root = pretrained_root() if root is None else Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / CHECKPOINT_FILE).is_file())
+
+
+def pretrained_dir(name: str, root: str | Path | None = None) -> Path:
+    """The directory of pretrained model ``name``.
+
+    Raises:
+        FileNotFoundError: Naming the available models if ``name`` is not one.
+    """
+    root = pretrained_root() if root is None else Path(root)
+    path = root / name
+    if not _NAME.match(name) or not (path / CHECKPOINT_FILE).is_file():
+        names = available_pretrained(root)
+        listed = ", ".join(names) if names else "none"
+        raise FileNotFoundError(f"unknown pretrained model {name!r} in {root}; available: {listed}")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a ``--model`` spec points."""
+
+    spec: str  # as given
+    checkpoint: Path  # the model.pt file
+    directory: Path  # the folder holding it (pretrained or run directory)
+    name: str | None  # the pretrained name, or None for a path
+
+    @property
+    def schedule_path(self) -> Path:
+        """``schedule.json`` next to the checkpoint (may not exist)."""
+        return self.directory / SCHEDULE_FILE
+
+    def describe(self) -> str:
+        return f"{PREFIX}{self.name}" if self.name else str(self.checkpoint)
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Resolve ``pretrained:<name>``, a checkpoint file, a run directory or a bare pretrained name.
+
+    Raises:
+        FileNotFoundError: If the spec is none of these (lists the pretrained names).
+    """
+    spec = str(spec).strip()
+    if spec.startswith(PREFIX):
+        name = spec.removeprefix(PREFIX)
+        directory = pretrained_dir(name)
+        return ModelSource(spec, directory / CHECKPOINT_FILE, directory, name)
+    path = Path(spec).expanduser()
+    if path.exists():
+        ckpt = resolve_checkpoint_path(path)
+        return ModelSource(spec, ckpt, ckpt.parent, None)
+    if _NAME.match(spec) and spec in available_pretrained():
+        directory = pretrained_dir(spec)
+        return ModelSource(spec, directory / CHECKPOINT_FILE, directory, spec)
+    names = available_pretrained()
+    raise FileNotFoundError(
+        f"model {spec!r} is neither a checkpoint file, a run directory holding {CHECKPOINT_FILE}, nor a "
+        f"pretrained name (available in {pretrained_root()}: {', '.join(names) if names else 'none'})"
+    )
+
+
+def resolve_schedule_spec(spec: str) -> str:
+    """Map ``pretrained:<name>`` and directories to their ``schedule.json``; pass other specs through.
+
+    Raises:
+        FileNotFoundError: For an unknown pretrained name, or a model without ``schedule.json``.
+    """
+    spec = str(spec).strip()
+    if spec.startswith(PREFIX):
+        directory = pretrained_dir(spec.removeprefix(PREFIX))
+        path = directory / SCHEDULE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"pretrained model {spec.removeprefix(PREFIX)!r} has no {SCHEDULE_FILE} in {directory} "
+                "(calibrate it with `patchmosaic calibrate`)"
+            )
+        return str(path)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / SCHEDULE_FILE).is_file():
+            raise FileNotFoundError(f"directory {path} has no {SCHEDULE_FILE}")
+        return str(path / SCHEDULE_FILE)
+    return spec
+
+
+# ----------------------------------------------------------- training sets
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """The exact training subset and geometry a network was trained with."""
+
+    dataset: str  # load_dataset spec of the training run
+    n_train: int | None  # first n_train images (None: all)
+    image_size: int | None  # side the images were resized to (None: stored size)
+    padding: str  # the network's convolution padding: the machine's padding
+    num_classes: int  # > 0: class-conditional (labels via label_for_seed)
+
+    def load(self) -> ImageDataset:
+        """The training images ``[N, C, H, W]`` in [-1, 1] (and labels), as the network saw them."""
+        return load_dataset(self.dataset, n_train=self.n_train, size=self.image_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "n_train": self.n_train,
+            "image_size": self.image_size,
+            "padding": self.padding,
+            "num_classes": self.num_classes,
+        }
+
+
+def training_set(config: ModelConfig, train_config: dict[str, Any] | None, where: str = "checkpoint") -> TrainingSet:
+    """The :class:`TrainingSet` of a network from its model and training configs.
+
+    Raises:
+        ValueError: If the checkpoint has no training config (the machine's data would be unknown).
+    """
+    if not train_config:
+        raise ValueError(
+            f"{where} has no train_config, so its training set (dataset, n_train) is unknown; "
+            "machines must use the network's training subset"
+        )
+    return TrainingSet(
+        dataset=str(train_config["dataset"]),
+        n_train=train_config.get("n_train"),
+        image_size=train_config.get("image_size"),
+        padding=config.padding_mode,
+        num_classes=int(config.num_classes),
+    )
+
+
+# ------------------------------------------------------------------ export
+
+
+def export_sampling_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Write a sampling-only copy of a checkpoint (no optimizer, no raw weights).
+
+    The sampling weights (the EMA weights of a training run) become the
+    ``state_dict``; ``step`` and ``train_config`` are kept, so the copy loads
+    with :func:`~patchmosaic.checkpoints.load_denoiser` and still names its
+    training set. Written atomically.
+
+    Args:
+        src: A checkpoint file or a run directory holding ``model.pt``.
+        dst: The file to write.
+    """
+    model, config, meta = load_checkpoint(src)
+    extra = {"exported_from": str(meta["path"])}
+    if "train_seconds" in meta["extra"]:
+        extra["train_seconds"] = meta["extra"]["train_seconds"]
+    save_checkpoint(dst, model, config, step=int(meta["step"]), train_config=meta["train_config"], extra=extra)
+    return Path(dst)
+
+
+def publish_pretrained(
+    name: str,
+    run_dir: str | Path,
+    *,
+    schedule: str | Path,
+    metrics: str | Path | None = None,
+    root: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Assemble ``<root>/<name>/`` from a training run, a schedule file and an evaluation.
+
+    Args:
+        name: Lower-case name (letters, digits, ``.``, ``_``, ``-``).
+        run_dir: Training run directory holding ``model.pt`` and ``config.json``.
+        schedule: ``schedule.json`` written by ``patchmosaic calibrate`` (or its run directory).
+        metrics: ``metrics.json`` written by ``patchmosaic evaluate`` (or its run directory).
+        root: Destination root (default :func:`pretrained_root`).
+        overwrite: Replace an existing model of that name.
+
+    Returns:
+        The model's directory.
+    """
+    if not _NAME.match(name):
+        raise ValueError(f"pretrained names use lower-case letters, digits, '.', '_' and '-'; got {name!r}")
+    run_dir = Path(run_dir)
+    ckpt = resolve_checkpoint_path(run_dir)
+    sources = {TRAIN_CONFIG_FILE: ckpt.parent / TRAIN_CONFIG_FILE, SCHEDULE_FILE: Path(resolve_schedule_spec(str(schedule)))}
+    if metrics is not None:
+        m = Path(metrics)
+        sources[METRICS_FILE] = m / METRICS_FILE if m.is_dir() else m
+    for what, path in sources.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot publish {name!r}: {what} source {path} not found")
+    dest = (pretrained_root() if root is None else Path(root)) / name
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise FileExistsError(f"pretrained model directory {dest} exists and is not empty; pass overwrite")
+    dest.mkdir(parents=True, exist_ok=True)
+    export_sampling_checkpoint(ckpt, dest / CHECKPOINT_FILE)
+    for target, path in sources.items():
+        shutil.copyfile(path, dest / target)
+    return dest
