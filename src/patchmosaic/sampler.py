@@ -76,7 +76,9 @@ def sample(
         patch_sizes: Locality schedule, lowest noise first (``sizes[i-1]`` at t = i/steps).
         label: Class conditioning forwarded to ``bind``.
         schedule: Noise schedule abar(t); must match the denoiser's.
-        callback: Called as ``callback(i, t_i, x_t, x0_hat)`` after each denoiser call.
+        callback: Called as ``callback(i, t_i, x_next, x0_hat)`` after each step, where
+            ``x0_hat = D(x_{t_i}, t_i)`` and ``x_next`` is the updated ``x_{t_{i-1}}``
+            (not the input the denoiser saw).
 
     Returns:
         ``[B, C, H, W]`` sample at t = 0.
