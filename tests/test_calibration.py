@@ -30,14 +30,6 @@ from patchmosaic.training import TrainConfig
 H = W = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def train64():
     """Six random 1x8x8 float64 training images in [-1, 1] with classes 0, 1, 2."""

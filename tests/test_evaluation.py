@@ -27,14 +27,6 @@ from patchmosaic.training import TrainConfig
 H = W = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------ metrics
 
 

@@ -28,14 +28,6 @@ from patchmosaic.training import TrainConfig
 H = W = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def run_dir(tmp_path):
     """A fake training run directory: model.pt (with optimizer and EMA entries) and config.json."""
