@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from patchmosaic.data import FASHION_MNIST_CLASSES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "src" / "patchmosaic" / "data" / "bundled"
 
@@ -63,18 +65,7 @@ MNIST_SEED = 0  # permutation of the 10,000 npm digits
 FASHION_SEED = 0  # class-balanced subset draw and its permutation
 FASHION_PER_CLASS = 1000
 
-FASHION_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
+FASHION_CLASSES = FASHION_MNIST_CLASSES  # the names the loader reports
 
 
 @dataclass(frozen=True)

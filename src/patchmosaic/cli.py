@@ -24,19 +24,13 @@ from tqdm import tqdm
 from patchmosaic import __version__
 from patchmosaic.data import BUNDLED, ImageDataset, load_dataset
 from patchmosaic.geometry import PADDINGS, make_geometry
-from patchmosaic.sampler import NOISE_RULE
 from patchmosaic.machines import DEFAULT_CHUNK_ELEMENTS, KINDS, MachineDenoiser, ScoreMachine
 from patchmosaic.pretrained import LABEL_RULE, labels_for_seeds, resolve_schedule_spec
 from patchmosaic.runs import (
-    CONFIG_FILE,
-    GRID_FILE,
-    SAMPLES_FILE,
     check_run_dir,
     parse_seeds,
     prepare_run_dir,
-    save_grid,
-    save_samples,
-    write_config,
+    write_sample_run,
 )
 from patchmosaic.sampler import noise_for_seeds, sample
 from patchmosaic.schedules import PRESETS, CosineSchedule, PatchSchedule
@@ -465,11 +459,16 @@ def _run_sample(
 
     # 4. Outputs.
     labels = seed_labels if seed_labels is not None else (None if label is None else [label] * len(seeds))
-    save_grid(images, run_dir / GRID_FILE)
-    save_samples(run_dir / SAMPLES_FILE, images, seeds, labels)
-    write_config(
-        run_dir / CONFIG_FILE,
-        {
+    summary = write_sample_run(
+        run_dir,
+        images,
+        seeds,
+        labels,
+        steps=steps,
+        dtype=dtype,
+        batch_size=batch_size,
+        wall=wall,
+        record={
             "dataset": dataset,
             "dataset_name": data.name,
             "n_train": len(data),
@@ -482,27 +481,14 @@ def _run_sample(
             "patch_sizes": None if schedule is None else list(schedule.sizes),
             "patch_sizes_source": None if schedule is None else schedule.name,
             "patch_sizes_spec": patch_sizes,
-            "steps": steps,
-            "time_grid": "t_i = i / steps, i = steps..1 (DDIM, deterministic)",
-            "noise_schedule": f"cosine, alpha_bar(t) = cos^2((t / (1 + s)) pi / 2), s = {noise_schedule.s}",
-            "seeds": seeds,
             "label": label,
             "label_name": label_name,
-            "dtype": dtype,
-            "batch_size": batch_size,
             "chunk_elements": chunk_elements,
-            "noise_rule": NOISE_RULE + ", then cast to --dtype",
-            "wall_time_s": round(wall, 3),
-            "seconds_per_sample": round(wall / len(seeds), 4),
-            "files": {"grid": GRID_FILE, "samples": SAMPLES_FILE, "config": CONFIG_FILE},
             **({"labels": seed_labels, "label_rule": LABEL_RULE} if seed_labels is not None else {}),
             **(extra_config or {}),
         },
     )
-    click.echo(
-        f"wrote {len(seeds)} samples to {run_dir}/ ({GRID_FILE}, {SAMPLES_FILE}, {CONFIG_FILE}) "
-        f"in {wall:.1f} s, {wall / len(seeds):.2f} s/sample"
-    )
+    click.echo(f"wrote {summary}")
 
 
 def _register() -> None:

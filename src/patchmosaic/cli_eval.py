@@ -61,12 +61,12 @@ from patchmosaic.runs import (
     SAMPLES_FILE,
     load_samples,
     parse_seeds,
-    save_grid,
     save_samples,
     write_config,
+    write_sample_run,
 )
 from patchmosaic.sampler import NOISE_RULE, noise_for_seeds
-from patchmosaic.schedules import CosineSchedule, PatchSchedule
+from patchmosaic.schedules import PatchSchedule
 
 __all__ = ["calibrate_command", "evaluate_command", "pretrained_group", "resolve_like", "run_network_sample"]
 
@@ -265,34 +265,27 @@ def run_network_sample(
         images = run_sampler(model.denoiser, seeds, model.shape, steps=steps, labels=labels,
                              batch_size=batch_size, dtype=torch_dtype, bar=bar)  # [S, C, H, W]
     wall = time.perf_counter() - start
-    save_grid(images, check / GRID_FILE)
-    save_samples(check / SAMPLES_FILE, images, seeds, labels)
-    write_config(
-        check / CONFIG_FILE,
-        {
+    summary = write_sample_run(
+        check,
+        images,
+        seeds,
+        labels,
+        steps=steps,
+        dtype=dtype,
+        batch_size=batch_size,
+        wall=wall,
+        record={
             "denoiser": "network",
             **model.record(),
             "machine": None,
             "image_shape": list(model.shape),
-            "steps": steps,
-            "time_grid": "t_i = i / steps, i = steps..1 (DDIM, deterministic)",
-            "noise_schedule": f"cosine, alpha_bar(t) = cos^2((t / (1 + s)) pi / 2), s = {CosineSchedule().s}",
-            "seeds": seeds,
             "label": label,
             "labels": labels,
             "label_rule": None if labels is None else (f"--label {label}" if label is not None else LABEL_RULE),
-            "dtype": dtype,
-            "batch_size": batch_size,
-            "noise_rule": NOISE_RULE + ", then cast to --dtype",
-            "wall_time_s": round(wall, 3),
-            "seconds_per_sample": round(wall / len(seeds), 4),
-            "files": {"grid": GRID_FILE, "samples": SAMPLES_FILE, "config": CONFIG_FILE},
         },
+        noun="network samples",
     )
-    click.echo(
-        f"wrote {len(seeds)} network samples to {check}/ ({GRID_FILE}, {SAMPLES_FILE}, {CONFIG_FILE}) "
-        f"in {wall:.1f} s, {wall / len(seeds):.2f} s/sample"
-    )
+    click.echo(f"wrote {summary}")
 
 
 # ------------------------------------------------------------------ calibrate

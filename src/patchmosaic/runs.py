@@ -32,6 +32,7 @@ from PIL import Image
 from patchmosaic import __version__
 
 __all__ = [
+    "write_sample_run",
     "CONFIG_FILE",
     "GRID_FILE",
     "SAMPLES_FILE",
@@ -321,3 +322,53 @@ def write_config(path: str | Path, config: dict, *, argv: Sequence[str] | None =
         raise ValueError(f"config is not JSON-serialisable: {err}") from err
     Path(path).write_text(text + "\n")
     return payload
+
+
+def write_sample_run(
+    run_dir: Path,
+    images: torch.Tensor,
+    seeds: Sequence[int],
+    labels: Sequence[int] | None,
+    *,
+    steps: int,
+    dtype: str,
+    batch_size: int,
+    wall: float,
+    record: dict,
+    noun: str = "samples",
+) -> str:
+    """Write ``grid.png``, ``samples.npz`` and ``config.json`` of a sampling run.
+
+    The config holds the fields every sampling run shares (time grid, noise
+    schedule and noise rule, seeds, timing, file names) plus ``record``, the
+    denoiser-specific settings.
+
+    Returns:
+        A one-line summary: where the files went and the seconds per sample.
+    """
+    from patchmosaic.sampler import NOISE_RULE
+    from patchmosaic.schedules import CosineSchedule
+
+    save_grid(images, run_dir / GRID_FILE)
+    save_samples(run_dir / SAMPLES_FILE, images, seeds, labels)
+    write_config(
+        run_dir / CONFIG_FILE,
+        {
+            "steps": steps,
+            "time_grid": "t_i = i / steps, i = steps..1 (DDIM, deterministic)",
+            "noise_schedule": f"cosine, alpha_bar(t) = cos^2((t / (1 + s)) pi / 2), s = {CosineSchedule().s}",
+            "seeds": list(seeds),
+            "dtype": dtype,
+            "batch_size": batch_size,
+            "noise_rule": NOISE_RULE + ", then cast to --dtype",
+            "wall_time_s": round(wall, 3),
+            "seconds_per_sample": round(wall / len(seeds), 4),
+            "files": {"grid": GRID_FILE, "samples": SAMPLES_FILE, "config": CONFIG_FILE},
+            **record,
+        },
+    )
+    return (
+        f"{len(seeds)} {noun} to {run_dir}/ ({GRID_FILE}, {SAMPLES_FILE}, {CONFIG_FILE}) "
+        f"in {wall:.1f} s, {wall / len(seeds):.2f} s/sample"
+    )
+
