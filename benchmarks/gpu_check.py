@@ -6,7 +6,9 @@ Run by ``benchmarks/gpu_check.sh`` on a machine with a CUDA GPU (< 5 minutes):
    CUDA result equals the CPU result (float64: 1e-10; float32: 1e-4), also
    with ``torch.set_float32_matmul_precision("medium")`` set by the caller
    (the engine pins full-precision float32 GEMMs, so TF32 cannot leak in).
-2. Times one 20-step ELS sample (zero padding, mnist-resnet-zeros schedule,
+2. Provenance (``denoise_provenance``, top 4) on CUDA equals the CPU's in
+   float64: weights, N_eff and entropy to 1e-9, and the same source patches.
+3. Times one 20-step ELS sample (zero padding, mnist-resnet-zeros schedule,
    float32) at N = 10,000 (the bundled MNIST digits) and N = 60,000 (the
    bundled digits and 5 translated copies: a synthetic stand-in for the full
    MNIST training set, which cannot be downloaded there), for 1 and 8 seeds,
@@ -57,6 +59,32 @@ def check_against_cpu() -> None:
     print(f"all CUDA results match the CPU engine (worst error / tolerance = {worst:.3f})")
 
 
+def check_provenance_against_cpu() -> None:
+    g = torch.Generator().manual_seed(1)
+    train = torch.rand(10, 1, 9, 8, generator=g, dtype=torch.float64) * 2 - 1
+    train[:, :, :3] = -1.0  # a constant band: constant-patch entries
+    labels = torch.arange(10) % 2
+    x = torch.randn(3, 1, 9, 8, generator=g, dtype=torch.float64)
+    ab = torch.tensor([0.2, 0.7, 0.99], dtype=torch.float64)
+    cases = [("ideal", "zeros", None), ("es", "circular", None), ("ls", "circular", 3), ("els", "zeros", 3),
+             ("els", "circular", 5)]
+    for (kind, padding, k), cond in itertools.product(cases, (False, True)):
+        label = torch.tensor([0, 1, 0]) if cond else None
+        cpu = ScoreMachine(train, kind=kind, padding=padding, labels=labels, chunk_elements=512)
+        gpu = ScoreMachine(train.cuda(), kind=kind, padding=padding, labels=labels, chunk_elements=512)
+        _, want = cpu.denoise_provenance(x, ab, patch_size=k, label=label, top=4)
+        _, got = gpu.denoise_provenance(x.cuda(), ab.cuda(), patch_size=k, label=label, top=4)
+        for name in ("weight", "n_eff", "entropy"):
+            torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name), rtol=1e-9, atol=1e-12,
+                                       msg=f"provenance {name}: {kind} {padding} k={k} cond={cond}")
+        top = want.weight[..., 0] > 1.01 * want.weight[..., 1]  # [B, H, W]: an untied leading entry
+        same = (got.index[..., 0].cpu() == want.index[..., 0]) & (got.source[..., 0, :].cpu() == want.source[..., 0, :]).all(-1)
+        if not bool(same[top].all()):
+            raise SystemExit(f"CUDA provenance picks other source patches: {kind} {padding} k={k} cond={cond}")
+        print(f"ok   provenance {kind:5s} {padding:8s} k={k} cond={cond!s:5s}")
+    print("CUDA provenance matches the CPU engine")
+
+
 def time_samples() -> None:
     base = load_dataset("mnist").images  # [10000, 1, 32, 32]
     shifts = [(0, 0), (1, 0), (0, 1), (-1, 0), (0, -1), (1, 1)]
@@ -81,6 +109,7 @@ def main() -> None:
         sys.exit("no CUDA device: this check needs a GPU")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     check_against_cpu()
+    check_provenance_against_cpu()
     time_samples()
 
 

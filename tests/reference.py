@@ -94,3 +94,57 @@ def ref_machine(
     if kind == "es":
         return ref_es(x, train, alpha_bar)
     return ref_patch_machine(x, train, alpha_bar, k, kind, padding, wrap)
+
+
+def _candidates(x, train, py, px, kind, padding, k, wrap):
+    """(id, query vector, candidate vector, constant?) for pixel p; ids as in patchmosaic.provenance."""
+    _, H, W = x.shape
+    if kind in ("ideal", "es"):
+        shifts = [(0, 0)] if kind == "ideal" else [(sy, sx) for sy in range(H) for sx in range(W)]
+        for i, img in enumerate(train):
+            for sy, sx in shifts:
+                cand = np.roll(img, (sy, sx), axis=(1, 2))
+                yield i * len(shifts) + sy * W + sx, x.ravel(), cand.ravel(), False
+        return
+    r = k // 2
+    xp = _patch(x, py, px, r, padding)
+    for i, img in enumerate(train):
+        for qy in _admissible(py, H, r, kind, padding, wrap):
+            for qx in _admissible(px, W, r, kind, padding, wrap):
+                cand = _patch(img, qy, qx, r, padding)
+                yield (i * H + qy) * W + qx, xp, cand, bool(np.all(cand == cand[0]))
+
+
+def ref_provenance(x, train, alpha_bar, kind, padding, k=None, wrap=True, nearest=False):
+    """Per pixel of one query ``x [C, H, W]``: ``(entries, by_id, n_eff, entropy)``.
+
+    ``entries`` is a list of ``(weight, id, count)`` by descending weight, where
+    constant patch candidates of one value form one entry (id = lowest id,
+    count = their number); ``by_id`` maps every candidate id to its entry.
+    ``nearest`` uses logits ``-|x - X|^2 / 2``.
+    """
+    a, s2 = (1.0, 1.0) if nearest else (np.sqrt(alpha_bar), 1.0 - alpha_bar)
+    _, H, W = x.shape
+    out = {}
+    for py in range(H):
+        for px in range(W):
+            ids, logits, keys = [], [], []
+            for cid, q, cand, flat in _candidates(x, train, py, px, kind, padding, k, wrap):
+                d = q - a * cand
+                ids.append(cid)
+                logits.append(-(d @ d) / (2 * s2))
+                keys.append(("flat", float(cand[0])) if flat else ("id", cid))
+            logits = np.array(logits)
+            w = np.exp(logits - logits.max())
+            w /= w.sum()
+            groups = {}
+            for wi, cid, key in zip(w, ids, keys):
+                g = groups.setdefault(key, [0.0, cid, 0])
+                g[0] += wi
+                g[1] = min(g[1], cid)
+                g[2] += 1
+            entries = sorted((tuple(g) for g in groups.values()), key=lambda e: -e[0])
+            by_id = {cid: tuple(groups[key]) for cid, key in zip(ids, keys)}
+            nz = w[w > 0]
+            out[py, px] = (entries, by_id, 1.0 / (w @ w), float(-(nz * np.log(nz)).sum()))
+    return out

@@ -13,6 +13,8 @@ from patchmosaic import ScoreMachine
 
 CASES = [("ideal", "zeros", None, None), ("es", "circular", None, None), ("ls", "zeros", 3, None),
          ("els", "zeros", 5, None), ("els", "circular", 3, None), ("els", "zeros", 3, "labels")]
+PROVENANCE_CASES = [("ideal", "zeros", None, None), ("es", "circular", None, None), ("els", "circular", 3, None),
+                    ("els", "circular", 5, "labels")]
 
 
 def _inputs():
@@ -31,6 +33,19 @@ def _results(distributed: bool) -> list[torch.Tensor]:
                          chunk_elements=64)
         label = torch.tensor([2, 0, 1]) if cond else None
         out.append(m.denoise(x, torch.tensor([0.2, 0.6, 0.95], dtype=torch.float64), patch_size=k, label=label))
+    # Provenance: top candidates, N_eff and entropy, with constant patches spread over both shards.
+    # Each image has its own background value so that no two candidates tie (tied entries may come
+    # in any order); the two images of background -1 share a constant-patch entry across the shards.
+    background = (torch.arange(7, dtype=torch.float64) * 0.1 - 1.0)[:, None, None, None].expand_as(train).clone()
+    background[6] = -1.0
+    background[:, :, 2:5, 1:4] = train[:, :, 2:5, 1:4]
+    for kind, padding, k, cond in PROVENANCE_CASES:
+        m = ScoreMachine(background, kind=kind, padding=padding, labels=labels, distributed=distributed,
+                         chunk_elements=64)
+        label = torch.tensor([2, 0, 1]) if cond else None
+        _, prov = m.denoise_provenance(x, torch.tensor([0.2, 0.6, 0.95], dtype=torch.float64), patch_size=k,
+                                       label=label, top=3)
+        out += [prov.weight, prov.index, prov.source, prov.count, prov.n_eff, prov.entropy]
     return out
 
 
@@ -55,8 +70,11 @@ def test_two_process_shards_equal_single_process(tmp_path):
     path = str(tmp_path / "sharded.pt")
     mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
     sharded = torch.load(path, weights_only=True)
-    for (kind, padding, k, cond), got, want in zip(CASES, sharded, _results(distributed=False)):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{kind} {padding} k={k} {cond}")
+    want_all = _results(distributed=False)
+    assert len(sharded) == len(want_all) == len(CASES) + 6 * len(PROVENANCE_CASES)
+    names = [f"{c}" for c in CASES] + [f"{c} provenance {f}" for c in PROVENANCE_CASES for f in range(6)]
+    for name, got, want in zip(names, sharded, want_all):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_distributed_needs_an_initialised_group():

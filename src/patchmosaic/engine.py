@@ -195,6 +195,20 @@ EXP_FLOOR = {torch.float32: -80.0, torch.float64: -100.0}
 
 EXP_CAP = {torch.float32: 60.0, torch.float64: 300.0}
 
+# Lower cap while posterior statistics are tracked: sum_m exp(2 (l_m - ref)) over
+# up to 2^31 candidates must stay finite in float32 (2 * 30 + 21.5 < 88.7).
+EXP_CAP_TRACKED = {torch.float32: 30.0, torch.float64: 300.0}
+
+# Higher exponent floor while statistics are tracked in float32: the squared
+# weights (>= e^-80) then stay normal numbers (denormal arithmetic is many times
+# slower on x86). The floored terms move the normaliser by at most M e^-40
+# relative (4e-9 for M = 1e9 candidates), below float32 rounding (6e-8).
+EXP_FLOOR_TRACKED = {torch.float32: -40.0, torch.float64: -100.0}
+
+# Top-m search in long rows: one max per segment of this many candidates, then
+# an exact top-m among the m segments with the largest maxima.
+TOP_SEGMENT = 32
+
 
 class SoftmaxMean:
     """Online softmax-weighted mean of values, streamed over chunks of keys.
@@ -210,28 +224,68 @@ class SoftmaxMean:
     its own maximum. Partial states of disjoint key sets merge exactly
     (:meth:`merge`).
 
+    Posterior statistics (``track``, optional) come from the same pass. With
+    ``track >= 0`` the state also keeps, per row,
+
+        sq = sum_m c_m exp(2 (l_m - ref)),    xl = sum_m c_m exp(l_m - ref) (l_m - ref),
+
+    so that with ``S = acc[..., -1]`` the weights ``w_m = exp(l_m - ref) / S``
+    give ``sum w^2 = sq / S^2`` (``N_eff = S^2 / sq``) and the entropy
+    ``-sum w log w = log S - xl / S`` (:meth:`posterior_stats`). With
+    ``track = m > 0`` it also keeps the m candidates of largest weight (score
+    ``l - ref + log c``, candidate id and multiplicity; :meth:`top_candidates`),
+    searching a block only in the rows whose best logit beats their current
+    m-th best, and in long rows only the m segments of ``TOP_SEGMENT``
+    candidates with the largest maxima. ``c_m`` is a candidate's
+    multiplicity: 1, or ``counts`` when given (0 marks an absent padding
+    candidate, whose value row must be zero).
+
     Args:
         queries: ``[G, Bq, D + 2]`` augmented queries (:func:`augment_queries`);
             the state owns them and writes the shift into their last column.
         values: Value dimension V (without the normaliser column).
+        max_logits: Elements of one logit block (rows are blocked to fit).
+        track: ``None`` (mean only), ``0`` (also N_eff and entropy) or ``m > 0``
+            (also the top-m candidates; :meth:`update` then needs ``ids``).
     """
 
-    def __init__(self, queries: torch.Tensor, values: int, *, max_logits: int = 1 << 22):
+    def __init__(
+        self, queries: torch.Tensor, values: int, *, max_logits: int = 1 << 22, track: int | None = None
+    ):
         dtype = queries.dtype
         if dtype not in EXP_FLOOR:
             raise ValueError(
                 f"score machines compute in float32 or float64, got {dtype}: lower precision "
                 "makes the 1/(1 - alpha_bar)-scaled logits wrong at low noise"
             )
+        if track is not None and track < 0:
+            raise ValueError(f"track must be None, 0 (statistics) or the number of top candidates, got {track}")
         G, Bq, _ = queries.shape
+        device = queries.device
         self.queries = queries
-        self.ref = torch.full((G, Bq), float("-inf"), dtype=dtype, device=queries.device)
-        self.acc = torch.zeros((G, Bq, values + 1), dtype=dtype, device=queries.device)
-        self.floor, self.cap = EXP_FLOOR[dtype], EXP_CAP[dtype]
+        self.ref = torch.full((G, Bq), float("-inf"), dtype=dtype, device=device)
+        self.acc = torch.zeros((G, Bq, values + 1), dtype=dtype, device=device)
+        self.floor = EXP_FLOOR[dtype] if track is None else EXP_FLOOR_TRACKED[dtype]
+        self.cap = EXP_CAP[dtype] if track is None else EXP_CAP_TRACKED[dtype]
         self.max_logits = max_logits
-        self._workspace = torch.empty(0, dtype=dtype, device=queries.device)
+        self.track = track
+        self._workspace = torch.empty(0, dtype=dtype, device=device)
+        self._weights = torch.empty(0, dtype=dtype, device=device)  # exp(logits) when tracking
+        if track is not None:
+            self.sq = torch.zeros((G, Bq), dtype=dtype, device=device)
+            self.xl = torch.zeros((G, Bq), dtype=dtype, device=device)
+            self.top_score = torch.full((G, Bq, track), float("-inf"), dtype=dtype, device=device)
+            self.top_id = torch.full((G, Bq, track), -1, dtype=torch.long, device=device)
+            self.top_count = torch.zeros((G, Bq, track), dtype=dtype, device=device)
 
-    def update(self, keys_t: torch.Tensor, values: torch.Tensor) -> None:
+    def update(
+        self,
+        keys_t: torch.Tensor,
+        values: torch.Tensor,
+        *,
+        ids: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+    ) -> None:
         """Fold one chunk of candidates into the running state.
 
         Query rows are processed in blocks so that one logit block holds at most
@@ -240,18 +294,26 @@ class SoftmaxMean:
 
         Args:
             keys_t: ``[G, D + 2, M]`` augmented keys, transposed (:func:`augment_keys`).
-            values: ``[G, M, V + 1]`` augmented values (:func:`augment_values`).
+            values: ``[G, M, V + 1]`` augmented values (:func:`augment_values`),
+                already multiplied by ``counts`` when those are given.
+            ids: ``[G, M]`` integer candidate ids, needed when top candidates are tracked.
+            counts: ``[G, M]`` multiplicities of the candidates (statistics only;
+                default 1). A zero marks an absent candidate.
         """
         G, Bq, _ = self.queries.shape
         M = keys_t.shape[-1]
         if M == 0:  # e.g. a chunk whose patches were all compacted away
             return
+        if self.track and ids is None:
+            raise ValueError("this state tracks top candidates: update() needs ids [G, M]")
         rows = max(1, min(Bq, self.max_logits // max(1, G * M)))
         if self._workspace.numel() < G * rows * M:
             self._workspace = self.queries.new_empty(G * rows * M)
+            if self.track is not None:
+                self._weights = self.queries.new_empty(G * rows * M)
         for start in range(0, Bq, rows):
             sl = slice(start, min(Bq, start + rows))
-            self._update_rows(sl, keys_t, values)
+            self._update_rows(sl, keys_t, values, ids, counts)
 
     def _logits(self, sl: slice, keys_t: torch.Tensor) -> torch.Tensor:
         """``queries[:, sl] @ keys_t`` into the reusable workspace: ``[G, rows, M]``."""
@@ -260,41 +322,153 @@ class SoftmaxMean:
         out = self._workspace[: G * rows * M].view(G, rows, M)
         return torch.bmm(self.queries[:, sl], keys_t, out=out)
 
-    def _update_rows(self, sl: slice, keys_t: torch.Tensor, values: torch.Tensor) -> None:
+    def _exp(self, logits: torch.Tensor) -> torch.Tensor:
+        """``exp(logits)``: in place, or into a second buffer when statistics need the logits."""
+        if self.track is None:
+            return logits.exp_()
+        return torch.exp(logits, out=self._weights[: logits.numel()].view(logits.shape))
+
+    def _update_rows(
+        self, sl: slice, keys_t: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None, counts: torch.Tensor | None
+    ) -> None:
         if torch.isinf(self.ref[:, sl]).any():  # first chunk: no reference yet
-            self._exact_update(sl, keys_t, values)
+            self._exact_update(sl, keys_t, values, ids, counts)
             return
         self.queries[:, sl, -1] = -self.ref[:, sl]
-        weights = self._logits(sl, keys_t)  # [G, rows, M], logits - ref
-        weights.clamp_(min=self.floor, max=self.cap).exp_()
+        logits = self._logits(sl, keys_t)  # [G, rows, M], logits - ref
+        top = self._chunk_top(logits, ids, counts, self.top_score[:, sl, -1]) if self.track else None
+        weights = self._exp(logits.clamp_(min=self.floor, max=self.cap))  # [G, rows, M]
         contrib = torch.bmm(weights, values)  # [G, rows, V + 1]
         if bool((contrib[..., -1] >= 0.999 * math.exp(self.cap)).any()):  # a logit was capped
-            self._exact_update(sl, keys_t, values)
+            self._exact_update(sl, keys_t, values, ids, counts)
             return
         self.acc[:, sl] += contrib
+        if self.track is not None:
+            self._accumulate(sl, logits, weights, counts, top)
         self._rebase(sl)
 
-    def _exact_update(self, sl: slice, keys_t: torch.Tensor, values: torch.Tensor) -> None:
+    def _exact_update(
+        self, sl: slice, keys_t: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None, counts: torch.Tensor | None
+    ) -> None:
         """Update rows ``sl`` with the chunk's own maximum (four passes over the logits)."""
         self.queries[:, sl, -1] = 0.0
         logits = self._logits(sl, keys_t)  # [G, rows, M]
+        present = logits if counts is None else logits.masked_fill(counts[:, None, :] == 0, float("-inf"))
         ref = self.ref[:, sl]
-        new_ref = torch.maximum(ref, logits.amax(dim=-1))  # [G, rows]
-        weights = logits.sub_(new_ref[..., None]).clamp_(min=self.floor).exp_()  # [G, rows, M]
-        acc = self.acc[:, sl]
-        acc.mul_(torch.exp(ref - new_ref)[..., None])
-        acc.baddbmm_(weights, values)  # [G, rows, V + 1]
+        new_ref = torch.maximum(ref, present.amax(dim=-1))  # [G, rows]
+        new_ref = torch.where(torch.isinf(new_ref), torch.zeros_like(new_ref), new_ref)  # rows with no candidate yet
+        logits.sub_(new_ref[..., None])
+        if self.track:  # scored after the shift, so log c stays exact; thr on the new reference
+            top = self._chunk_top(logits, ids, counts, self.top_score[:, sl, -1] - (new_ref - ref))
+        else:
+            top = None
+        weights = self._exp(logits.clamp_(min=self.floor))  # [G, rows, M]
+        self._rescale(sl, new_ref - ref)
+        self.acc[:, sl].baddbmm_(weights, values)  # [G, rows, V + 1]
         self.ref[:, sl] = new_ref
+        if self.track is not None:
+            self._accumulate(sl, logits, weights, counts, top)
         self._rebase(sl)
 
+    def _chunk_top(
+        self, logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor | None, thr: torch.Tensor
+    ) -> tuple[torch.Tensor, ...] | None:
+        """The block's candidates that may enter the rows' top lists.
+
+        Only rows whose best logit beats their current m-th best score ``thr
+        [G, rows]`` (on the logits' reference) can change; after the first
+        chunks these are few, so the top-m search (``topk``, costly per row)
+        runs on those rows only.
+
+        Returns:
+            ``None`` when no row changes, else ``(g, r, score [K, m], ids [K, m],
+            counts [K, m])`` for the K changing rows, score = logit + log c.
+        """
+        G, R, M = logits.shape
+        m = min(self.track, M)
+        if counts is not None:  # small blocks (one candidate per constant-patch value): every row
+            scores = logits + counts.log()[:, None, :]  # [G, R, M]
+            g, r = (t.flatten() for t in torch.meshgrid(
+                torch.arange(G, device=logits.device), torch.arange(R, device=logits.device), indexing="ij"))
+            score, col = scores[g, r].topk(m, dim=-1)  # [G R, m]
+            return g, r, score, ids[g[:, None], col], counts[g[:, None], col].to(score.dtype)
+        g, r = torch.nonzero(logits.amax(-1) > thr, as_tuple=True)  # [K] each
+        if g.numel() == 0:
+            return None
+        rows = logits[g, r]  # [K, M]
+        nseg = M // TOP_SEGMENT
+        if nseg < 4 * m:
+            score, col = rows.topk(m, dim=-1)  # [K, m]
+        else:  # the m largest lie in the m segments with the largest maxima (topk costs per element)
+            body = rows[:, : nseg * TOP_SEGMENT].unflatten(-1, (nseg, TOP_SEGMENT))  # [K, nseg, S]
+            seg = body.amax(-1).topk(m, dim=-1).indices  # [K, m]
+            cols = (seg[..., None] * TOP_SEGMENT + torch.arange(TOP_SEGMENT, device=rows.device)).flatten(1)
+            if nseg * TOP_SEGMENT < M:  # the ragged last segment is always searched
+                tail = torch.arange(nseg * TOP_SEGMENT, M, device=rows.device)
+                cols = torch.cat([cols, tail.expand(cols.shape[0], -1)], dim=1)  # [K, m S + tail]
+            score, pick = rows.gather(1, cols).topk(m, dim=-1)  # [K, m]
+            col = cols.gather(1, pick)
+        return g, r, score, ids[g[:, None], col], torch.ones_like(score)
+
+    def _accumulate(
+        self,
+        sl: slice,
+        logits: torch.Tensor,
+        weights: torch.Tensor,
+        counts: torch.Tensor | None,
+        top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """Add a block's ``sq``, ``xl`` and top candidates (``logits`` are shifted and clamped; reused)."""
+        if counts is None:
+            self.sq[:, sl] += torch.linalg.vector_norm(weights, dim=-1).square()
+            self.xl[:, sl] += logits.mul_(weights).sum(-1)
+        else:
+            cw = weights * counts[:, None, :].to(weights.dtype)  # [G, rows, M]
+            self.sq[:, sl] += (cw * weights).sum(-1)
+            self.xl[:, sl] += (cw * logits).sum(-1)
+        if top is not None:
+            self._merge_top(sl, top)
+
+    def _merge_top(self, sl: slice, top: tuple[torch.Tensor, ...]) -> None:
+        """Merge :meth:`_chunk_top`'s candidates (scored on the current reference) into rows ``sl``."""
+        g, r, score, ids, counts = top
+        scores = torch.cat([self.top_score[:, sl][g, r], score], dim=-1)  # [K, m + m']
+        best, pick = scores.topk(self.track, dim=-1)
+        self.top_id[:, sl][g, r] = torch.cat([self.top_id[:, sl][g, r], ids], dim=-1).gather(-1, pick)
+        self.top_count[:, sl][g, r] = torch.cat([self.top_count[:, sl][g, r], counts], dim=-1).gather(-1, pick)
+        self.top_score[:, sl][g, r] = best
+
+    def _rescale(self, sl: slice, d: torch.Tensor) -> None:
+        """Move rows ``sl`` to a reference larger by ``d >= 0`` (``+inf`` where the state was empty)."""
+        f = torch.exp(-d)  # [G, rows]
+        if self.track is not None:
+            finite = torch.isfinite(d)
+            S = self.acc[:, sl, -1]
+            self.xl[:, sl] = torch.where(finite, f * (self.xl[:, sl] - torch.where(finite, d, 0.0) * S), 0.0)
+            self.sq[:, sl] *= f * f
+            self.top_score[:, sl] -= d[..., None]
+        self.acc[:, sl] *= f[..., None]
+
     def _rebase(self, sl: slice) -> None:
-        """Move the reference of rows ``sl`` to their running log-sum-exp (``acc[..., -1] = 1``)."""
-        norm = self.acc[:, sl, -1].clone()  # [G, rows], >= 1 after any chunk (a copy: acc changes below)
+        """Move the reference of rows ``sl`` to their running log-sum-exp (``acc[..., -1] = 1``).
+
+        Rows that have seen only absent candidates (normaliser 0) stay empty (``ref = -inf``).
+        """
+        norm = self.acc[:, sl, -1].clone()  # [G, rows], >= 1 once a row has a candidate (a copy: acc changes below)
+        seen = norm > 0
+        norm = torch.where(seen, norm, torch.ones_like(norm))
+        d = torch.log(norm)
         self.acc[:, sl] /= norm[..., None]
-        self.ref[:, sl] += torch.log(norm)
+        self.ref[:, sl] = torch.where(seen, self.ref[:, sl] + d, float("-inf"))
+        if self.track is not None:
+            self.sq[:, sl] /= norm * norm
+            self.xl[:, sl] = self.xl[:, sl] / norm - d
+            self.top_score[:, sl] -= d[..., None]
 
     def merge(self, ref: torch.Tensor, acc: torch.Tensor) -> None:
         """Combine with the state ``(ref, acc)`` of a disjoint set of keys (e.g. another shard)."""
+        if self.track is not None:
+            raise ValueError("merge() combines untracked states; tracked states merge with all_reduce()")
         new_ref = torch.maximum(self.ref, ref)
         self.acc = self.acc * torch.exp(self.ref - new_ref)[..., None] + acc * torch.exp(ref - new_ref)[..., None]
         self.ref = new_ref
@@ -303,18 +477,51 @@ class SoftmaxMean:
         """Merge the states of all ranks in ``group`` (each streamed a disjoint shard).
 
         ``ref`` becomes the maximum over ranks (MAX all-reduce), each rank rescales
-        its ``acc`` to it and the results are summed (SUM all-reduce): exactly the
-        state of one pass over the union of the shards. A rank whose shard held no
-        candidate (``ref = -inf``) contributes zero.
+        its ``acc`` (and statistics) to it and the results are summed (SUM
+        all-reduce): exactly the state of one pass over the union of the shards.
+        Top candidates are gathered from every rank and the best ``track`` kept.
+        A rank whose shard held no candidate (``ref = -inf``) contributes zero.
         """
         import torch.distributed as dist
 
         ref = self.ref.clone()
         dist.all_reduce(ref, op=dist.ReduceOp.MAX, group=group)
-        acc = self.acc * torch.exp(self.ref - ref)[..., None]
-        dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=group)
-        self.ref, self.acc = ref, acc
+        rows = slice(0, ref.shape[1])
+        self._rescale(rows, torch.where(torch.isinf(self.ref), float("inf"), ref - self.ref))
+        self.ref = ref
+        dist.all_reduce(self.acc, op=dist.ReduceOp.SUM, group=group)
+        if self.track is None:
+            return
+        dist.all_reduce(self.sq, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(self.xl, op=dist.ReduceOp.SUM, group=group)
+        if self.track:
+            world = dist.get_world_size(group)
+            parts = []
+            for t in (self.top_score, self.top_id, self.top_count):
+                gathered = [torch.empty_like(t) for _ in range(world)]
+                dist.all_gather(gathered, t.contiguous(), group=group)
+                parts.append(torch.cat(gathered, dim=-1))
+            best, pick = parts[0].topk(self.track, dim=-1)
+            self.top_score, self.top_id, self.top_count = best, parts[1].gather(-1, pick), parts[2].gather(-1, pick)
 
     def mean(self) -> torch.Tensor:
         """The softmax-weighted mean ``[G, Bq, V]``."""
         return self.acc[..., :-1] / self.acc[..., -1:]
+
+    def posterior_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N_eff, entropy)``, each ``[G, Bq]``: ``1 / sum w^2`` and ``-sum w log w`` (nats)."""
+        if self.track is None:
+            raise ValueError("posterior statistics need a state built with track=0 or more")
+        S = self.acc[..., -1]
+        return S * S / self.sq, torch.log(S) - self.xl / S
+
+    def top_candidates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight, id, count)``, each ``[G, Bq, track]``, by descending weight.
+
+        ``weight`` is the posterior weight of the entry (all ``count`` candidates it
+        stands for); empty slots have id -1 and weight 0.
+        """
+        if not self.track:
+            raise ValueError("top candidates need a state built with track > 0")
+        weight = torch.exp(self.top_score - torch.log(self.acc[..., -1:]))
+        return weight, self.top_id, self.top_count

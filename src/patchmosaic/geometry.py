@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AxisBlocks", "Geometry", "make_geometry", "PATCH_KINDS", "PADDINGS"]
+__all__ = ["AxisBlocks", "Geometry", "make_geometry", "PATCH_KINDS", "PADDINGS", "scatter_pixels"]
 
 PATCH_KINDS = ("ls", "els")
 PADDINGS = ("zeros", "circular")
@@ -150,3 +150,22 @@ def make_geometry(
         radius=radius,
         padding=padding,
     )
+
+
+def scatter_pixels(out: torch.Tensor, res: torch.Tensor, rows: AxisBlocks, cols: AxisBlocks) -> None:
+    """Write one group's per-query results to their pixels.
+
+    Args:
+        out: ``[B, H, W, *F]`` destination (written in place; may be a view).
+        res: ``[nbr * nbc, B * npr * npc, *F]``, query rows ordered (block, sample,
+            row position, column position) as the engine lays them out.
+        rows: Row blocks of the group (their ``P`` are the query rows).
+        cols: Column blocks of the group.
+    """
+    nbr, npr = rows.P.shape
+    nbc, npc = cols.P.shape
+    B, F = out.shape[0], res.shape[2:]
+    res = res.reshape(nbr, nbc, B, npr, npc, *F)
+    P_r = rows.P.to(out.device)[:, :, None, None]  # [nbr, npr, 1, 1]
+    P_c = cols.P.to(out.device)[None, None]  # [1, 1, nbc, npc]
+    out[:, P_r, P_c] = res.permute(2, 0, 3, 1, 4, *range(5, res.ndim))  # [B, nbr, npr, nbc, npc, *F]

@@ -38,7 +38,8 @@ from patchmosaic.engine import (
     patch_windows,
     select_blocks,
 )
-from patchmosaic.geometry import PADDINGS, AxisBlocks, Geometry, make_geometry
+from patchmosaic.geometry import PADDINGS, AxisBlocks, Geometry, make_geometry, scatter_pixels
+from patchmosaic.provenance import Provenance
 from patchmosaic.schedules import CosineSchedule, PatchSchedule, check_patch_size
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "KINDS", "MachineDenoiser", "ScoreMachine"]
@@ -54,10 +55,39 @@ DEFAULT_CHUNK_ELEMENTS = 2**22
 # per value with a multiplicity (MNIST at k=3: 59% of the patches are constant).
 FLAT_COMPACTION_MIN_FRACTION = 0.125
 
+# The |key|^2 slot of an absent (padding) candidate: its logit -a^2/(2 s2) * 1e30
+# lies far below every real candidate's, so it is floored to exp(EXP_FLOOR) and,
+# with a zero value row, adds nothing to the mean.
+ABSENT_NORM = 1e30
+
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(f"{what} contains NaN or infinite values")
+
+
+def _tally(
+    block: torch.Tensor, value: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group constant patches by (block, value).
+
+    Args:
+        block: ``[F]`` block index g of each constant patch (or partial tally row).
+        value: ``[F]`` its value; ids ``[F]`` its candidate id; counts ``[F]`` how many
+            patches each row stands for (default 1).
+
+    Returns:
+        ``(rows [U, 2] = (block, value), counts [U], lowest id [U])``, sorted by block.
+    """
+    uv, inv_v = torch.unique(value, return_inverse=True)  # [V]
+    key = block * uv.numel() + inv_v  # [F], orders by block, then value
+    uk, inverse = torch.unique(key, return_inverse=True)  # [U]
+    n = torch.zeros(uk.numel(), dtype=torch.long, device=key.device)
+    n.index_add_(0, inverse, torch.ones_like(key) if counts is None else counts.long())
+    first = torch.full((uk.numel(),), torch.iinfo(torch.long).max, dtype=torch.long, device=key.device)
+    first.scatter_reduce_(0, inverse, ids, reduce="amin")
+    rows = torch.stack([(uk // uv.numel()).to(value.dtype), uv[uk % uv.numel()]], dim=1)  # [U, 2]
+    return rows, n, first
 
 
 class ScoreMachine:
@@ -245,41 +275,135 @@ class ScoreMachine:
         """
         self._check_query(x_t)
         ab = self._alpha_bar_vector(alpha_bar, x_t)  # [B]
+        x0, _ = self._run(x_t, logit_coefficients(ab), patch_size, label, track=None)
+        return x0
+
+    def denoise_provenance(
+        self,
+        x_t: torch.Tensor,
+        alpha_bar: torch.Tensor | float,
+        *,
+        patch_size: int | None = None,
+        label: int | torch.Tensor | None = None,
+        top: int = 8,
+    ) -> tuple[torch.Tensor, Provenance]:
+        """:meth:`denoise` plus, per output pixel, where its value came from.
+
+        Computed in the same streaming pass (no second pass over the training
+        set): the ``top`` candidates of the pixel's softmax (training image,
+        patch centre q, weight), the effective number of contributing patches
+        ``N_eff = 1 / sum_m w_m^2`` and the posterior entropy ``-sum_m w_m log w_m``.
+        For IS the candidates are whole images (q = p); for ES shifted images
+        (q = p - shift, mod the image size); for LS/ELS training patches.
+        Constant training patches (every pixel equal) of one value form one
+        entry, with ``count`` positions and the lowest-id position as its
+        representative; ``N_eff`` and the entropy count every position.
+
+        Args:
+            x_t, alpha_bar, patch_size, label: As for :meth:`denoise`.
+            top: Entries per pixel (0: only ``N_eff`` and entropy).
+
+        Returns:
+            ``(x0_hat [B, C, H, W], provenance)``; ``x0_hat`` equals :meth:`denoise`
+            up to float rounding.
+        """
+        self._check_query(x_t)
+        ab = self._alpha_bar_vector(alpha_bar, x_t)  # [B]
+        return self._run(x_t, logit_coefficients(ab), patch_size, label, track=self._check_top(top))
+
+    def nearest_patches(
+        self,
+        x: torch.Tensor,
+        *,
+        patch_size: int | None = None,
+        label: int | torch.Tensor | None = None,
+        top: int = 1,
+    ) -> Provenance:
+        """For each pixel of ``x``, the admissible training candidates nearest in l2.
+
+        The same candidates as :meth:`denoise_provenance` ranked by
+        ``-|x_patch - X_patch|^2 / 2`` (the noiseless limit of the logits), so
+        ``index``/``source`` of entry 0 name the l2-nearest training patch. The
+        ``weight``, ``n_eff`` and ``entropy`` fields are those of a softmax over
+        ``-|x_patch - X_patch|^2 / 2``.
+
+        Args:
+            x: ``[B, C, H, W]`` images (e.g. finished samples).
+            patch_size, label: As for :meth:`denoise`.
+            top: Nearest candidates per pixel (>= 1).
+        """
+        self._check_query(x)
+        if top < 1:
+            raise ValueError(f"top must be at least 1, got {top}")
+        B = x.shape[0]
+        coeffs = (x.new_ones(B), x.new_full((B,), -0.5))  # logit = <x, X> - |X|^2 / 2
+        return self._run(x, coeffs, patch_size, label, track=self._check_top(top))[1]
+
+    @staticmethod
+    def _check_top(top: int) -> int:
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+            raise ValueError(f"top must be a non-negative integer, got {top!r}")
+        return top
+
+    def _geometry(self, patch_size: int | None) -> Geometry | None:
         if self.kind in ("ls", "els"):
             if patch_size is None:
                 raise ValueError(f"kind={self.kind!r} needs a patch_size (odd integer)")
             k = check_patch_size(patch_size)
             _, H, W = self.image_shape
-            geometry = make_geometry(
-                self.kind, self.padding, H, W, k, wrap=self.wrap_training_patches
-            )
-        elif patch_size is not None:
+            return make_geometry(self.kind, self.padding, H, W, k, wrap=self.wrap_training_patches)
+        if patch_size is not None:
             raise ValueError(f"patch_size does not apply to kind={self.kind!r}; pass None")
+        return None
+
+    def _run(
+        self,
+        x_t: torch.Tensor,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        patch_size: int | None,
+        label: int | torch.Tensor | None,
+        track: int | None,
+    ) -> tuple[torch.Tensor, Provenance | None]:
+        """Softmax means (and provenance when ``track`` is not None) for every class in the batch."""
+        geometry = self._geometry(patch_size)
         labels = self._label_vector(label, x_t.shape[0])
+        offset = self.rank * self.num_train // self.world  # global index of this shard's first image
         if labels is None:
-            return self._denoise_subset(x_t, ab, self.images, geometry if self.kind in ("ls", "els") else None)
+            ids = offset + torch.arange(self.images.shape[0])  # [N_shard]
+            return self._run_subset(x_t, coeffs, self.images, ids, geometry, track)
         out = torch.empty_like(x_t)
+        parts = []
         for c in torch.unique(labels).tolist():
             rows = torch.nonzero(labels == c).flatten()
-            subset = self.images[self._class_index[c]]
-            out[rows] = self._denoise_subset(
-                x_t[rows], ab[rows], subset, geometry if self.kind in ("ls", "els") else None
+            subset = self._class_index[c]
+            scale, bias = coeffs
+            out[rows], prov = self._run_subset(
+                x_t[rows], (scale[rows], bias[rows]), self.images[subset], offset + subset, geometry, track
             )
-        return out
+            parts.append((rows, prov))
+        if track is None:
+            return out, None
+        return out, Provenance.scatter(parts, x_t.shape[0])
+
+    def _run_subset(
+        self,
+        x_t: torch.Tensor,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        train: torch.Tensor,
+        train_ids: torch.Tensor,
+        geometry: Geometry | None,
+        track: int | None,
+    ) -> tuple[torch.Tensor, Provenance | None]:
+        with exact_float32_matmul():
+            if geometry is not None:
+                return self._denoise_patches(x_t, coeffs, train, train_ids, geometry, track)
+            return self._denoise_global(x_t, coeffs, train, train_ids, track)
 
     def score(self, x_t: torch.Tensor, alpha_bar: torch.Tensor | float, **kwargs: object) -> torch.Tensor:
         """Score ``-(x_t - sqrt(abar) x0_hat) / (1 - abar)`` of the machine."""
         ab = self._alpha_bar_vector(alpha_bar, x_t)[:, None, None, None]  # [B, 1, 1, 1]
         x0 = self.denoise(x_t, alpha_bar, **kwargs)
         return -(x_t - ab.sqrt() * x0) / (1.0 - ab)
-
-    def _denoise_subset(
-        self, x_t: torch.Tensor, ab: torch.Tensor, train: torch.Tensor, geometry: Geometry | None
-    ) -> torch.Tensor:
-        with exact_float32_matmul():
-            if geometry is not None:
-                return self._denoise_patches(x_t, ab, train, geometry)
-            return self._denoise_global(x_t, ab, train)
 
     @staticmethod
     def _update_compacted(
@@ -290,21 +414,27 @@ class ScoreMachine:
         t_win: torch.Tensor,
         norms: torch.Tensor,
         flat: torch.Tensor,
-        found: list[tuple[torch.Tensor, torch.Tensor]],
+        found: list[tuple[torch.Tensor, ...]],
+        img_ids: torch.Tensor | None = None,
     ) -> bool:
         """Stream a shared-candidate group's chunk without its constant patches.
 
         Constant patches are only tallied (value, count) into ``found``; they
         enter the softmax once per value with their multiplicity at the end
         (:meth:`_update_flat`), which is exact: ``m * exp(l) = exp(l + log m)``.
+        With ``img_ids`` (the chunk's global image ids; provenance) the chunk is
+        always compacted, candidates carry their ids and the tallies are
+        ``(block 0, value)`` rows with the lowest id of each value
+        (:meth:`_update_flat_tracked`).
 
         Returns:
             False (and does nothing) when too few patches are constant to pay.
         """
         is_flat = select_blocks(flat, rows, cols, "Q")[:, 0, 0, :, 0, :]  # [n, nqr, nqc]
-        if float(is_flat.float().mean()) < FLAT_COMPACTION_MIN_FRACTION:
+        if img_ids is None and float(is_flat.float().mean()) < FLAT_COMPACTION_MIN_FRACTION:
             return False
-        C, k = t_win.shape[1], t_win.shape[-1]
+        C, H, W = chunk.shape[1:]
+        k = t_win.shape[-1]
         D = C * k * k
         img, a, b = torch.nonzero(~is_flat, as_tuple=True)  # [M'] each
         y, x = rows.Q[0].to(a.device)[a], cols.Q[0].to(b.device)[b]  # [M'] pixel positions
@@ -313,10 +443,14 @@ class ScoreMachine:
         keys_t[0, :D] = t_win[img, :, y, x].reshape(M, D).T
         keys_t[0, D] = norms[img, 0, y, x]
         keys_t[0, D + 1] = 1.0
-        state.update(keys_t, augment_values(chunk[img, :, y, x][None]))  # values [1, M', C + 1]
+        ids = None if img_ids is None else ((img_ids[img] * H + y) * W + x)[None]  # [1, M']
+        state.update(keys_t, augment_values(chunk[img, :, y, x][None]), ids=ids)  # values [1, M', C + 1]
         img, a, b = torch.nonzero(is_flat, as_tuple=True)
         y, x = rows.Q[0].to(a.device)[a], cols.Q[0].to(b.device)[b]
-        found.append(torch.unique(chunk[img, 0, y, x], return_counts=True))  # (values [U], counts [U])
+        if img_ids is None:
+            found.append(torch.unique(chunk[img, 0, y, x], return_counts=True))  # (values [U], counts [U])
+        elif img.numel():
+            found.append(_tally(torch.zeros_like(img), chunk[img, 0, y, x], (img_ids[img] * H + y) * W + x))
         return True
 
     @staticmethod
@@ -330,28 +464,119 @@ class ScoreMachine:
         weighted = torch.stack([values] * C + [torch.ones_like(values)], dim=-1) * counts[:, None]  # [U, C+1]
         state.update(keys_t, weighted[None])
 
+    @staticmethod
+    def _update_tracked(
+        state: SoftmaxMean,
+        keys_t: torch.Tensor,
+        centres: torch.Tensor,
+        ids: torch.Tensor,
+        is_flat: torch.Tensor,
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Stream one group's chunk for provenance: constant patches are set aside.
+
+        Every block g keeps its non-constant candidates (padded to a common
+        length with absent candidates: zero value row, a key whose ``|key|^2``
+        slot is ``ABSENT_NORM`` so its logit is far below any real one, id -1).
+        Constant patches are tallied per (g, value) with their count and lowest
+        id into ``found`` and enter once per value at the end
+        (:meth:`_update_flat_tracked`), so a constant value is one entry.
+
+        Args:
+            keys_t: ``[G, D + 2, M]`` augmented keys; centres ``[G, M, C]``;
+                ids ``[G, M]``; is_flat ``[G, M]`` bool.
+        """
+        G, D2, M = keys_t.shape
+        C = centres.shape[-1]
+        if bool(is_flat.any()):
+            g, m = torch.nonzero(is_flat, as_tuple=True)  # [F] each
+            found.append(_tally(g, centres[g, m, 0], ids[g, m]))
+            keep = ~is_flat
+            n_keep = keep.sum(1)  # [G]
+            width = int(n_keep.max())
+            if width == 0:
+                return
+            order = torch.argsort(is_flat.to(torch.int8), dim=1, stable=True)[:, :width]  # [G, width], kept first
+            real = torch.arange(width, device=ids.device) < n_keep[:, None]  # [G, width]
+            keys_t = keys_t.gather(2, order[:, None, :].expand(G, D2, width))
+            keys_t[:, : D2 - 2] *= real[:, None, :]
+            keys_t[:, D2 - 2] = torch.where(real, keys_t[:, D2 - 2], ABSENT_NORM)
+            centres = centres.gather(1, order[..., None].expand(G, width, C)) * real[..., None]
+            ids = ids.gather(1, order).masked_fill(~real, -1)
+            values = augment_values(centres) * real[..., None]
+        else:
+            values = augment_values(centres)
+        state.update(keys_t, values, ids=ids)
+
+    @staticmethod
+    def _update_flat_tracked(
+        state: SoftmaxMean, found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], G: int, C: int, D: int
+    ) -> None:
+        """Add the constant patches tallied by :meth:`_update_tracked`: one entry per (block, value)."""
+        rows = torch.cat([u for u, _, _ in found])  # [F, 2] (block, value)
+        uniq, counts, first = _tally(
+            rows[:, 0].long(), rows[:, 1], torch.cat([f for _, _, f in found]), torch.cat([c for _, c, _ in found])
+        )
+        U = uniq.shape[0]
+        g = uniq[:, 0].long()  # [U], sorted by block
+        slot = torch.arange(U, device=g.device) - torch.searchsorted(g, g)  # position within its block
+        width = int(slot.max()) + 1
+        value = uniq.new_zeros(G, width)
+        count = uniq.new_zeros(G, width)
+        ids = torch.full((G, width), -1, dtype=torch.long, device=g.device)
+        value[g, slot], count[g, slot], ids[g, slot] = uniq[:, 1], counts.to(uniq.dtype), first
+        real = count > 0
+        norm = torch.where(real, D * value.square(), ABSENT_NORM)
+        keys_t = torch.cat([value[:, None].expand(G, D, width), norm[:, None], torch.ones_like(norm)[:, None]], dim=1)
+        weighted = torch.stack([value] * C + [torch.ones_like(value)], dim=-1) * count[..., None]  # [G, width, C + 1]
+        state.update(keys_t, weighted, ids=ids, counts=count)
+
+    def _gather_tallies(self, found: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+        """All shards' constant-patch tallies on rank 0 (none elsewhere), so each value is one entry.
+
+        Every rank must call this for the same groups in the same order.
+        """
+        if self.world == 1:
+            return found
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, [tuple(t.cpu() for t in f) for f in found])
+        if self.rank != 0:
+            return []
+        device = self.images.device if not found else found[0][0].device
+        return [tuple(t.to(device) for t in f) for part in gathered for f in part]
+
     def _reduce(self, states: list[SoftmaxMean]) -> None:
         """Merge the partial states of all shards (no-op in a single process)."""
         if self.world > 1:
             for state in states:
                 state.all_reduce()
 
-    def _chunks(self, train: torch.Tensor, per_image: int, like: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Training images in chunks of at most ``chunk_elements / per_image``.
+    def _chunks(
+        self, train: torch.Tensor, per_image: int, like: torch.Tensor
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, images)``: training images in chunks of at most ``chunk_elements / per_image``.
 
         ``per_image`` must not depend on the query batch, so that every sample's
         result is independent of which other samples share its batch.
         """
         n = max(1, self.chunk_elements // max(1, per_image))
         for start in range(0, train.shape[0], n):
-            yield train[start : start + n].to(device=like.device, dtype=like.dtype)
+            yield start, train[start : start + n].to(device=like.device, dtype=like.dtype)
 
-    def _denoise_global(self, x_t: torch.Tensor, ab: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    def _denoise_global(
+        self,
+        x_t: torch.Tensor,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        train: torch.Tensor,
+        train_ids: torch.Tensor,
+        track: int | None,
+    ) -> tuple[torch.Tensor, Provenance | None]:
         """IS and ES: candidates are whole (shifted) training images."""
         B, C, H, W = x_t.shape
-        scale, bias = logit_coefficients(ab)  # [B], [B]
-        queries = augment_queries(x_t.reshape(1, B, C * H * W), scale, bias)  # [1, B, CHW+2]
-        state = SoftmaxMean(queries, C * H * W, max_logits=self.chunk_elements)
+        queries = augment_queries(x_t.reshape(1, B, C * H * W), *coeffs)  # [1, B, CHW+2]
+        state = SoftmaxMean(queries, C * H * W, max_logits=self.chunk_elements, track=track)
         shifts = 1 if self.kind == "ideal" else H * W
         if self.kind == "es":
             # roll(X, (sy, sx))[y, x] = X[(y - sy) % H, (x - sx) % W]
@@ -359,26 +584,39 @@ class ScoreMachine:
             xs = (torch.arange(W)[None, :] - torch.arange(W)[:, None]) % W  # [sx, x]
             ys, xs = ys.to(x_t.device), xs.to(x_t.device)
         per_image = shifts * C * H * W  # key elements of one training image
-        for chunk in self._chunks(train, per_image, x_t):
+        for start, chunk in self._chunks(train, per_image, x_t):
             n = chunk.shape[0]
             if self.kind == "ideal":
                 cand = chunk.reshape(1, n, C * H * W)  # [1, n, CHW]
             else:
                 rolled = chunk[:, :, ys[:, None, :, None], xs[None, :, None, :]]  # [n, C, sy, sx, y, x]
                 cand = rolled.permute(0, 2, 3, 1, 4, 5).reshape(1, n * H * W, C * H * W)
-            state.update(augment_keys(cand.transpose(1, 2)), augment_values(cand))
+            ids = None
+            if track:  # image id, times the shift (sy, sx) for ES: [1, n * shifts]
+                img = train_ids[start : start + n].to(x_t.device)
+                ids = (img[:, None] * shifts + torch.arange(shifts, device=x_t.device)).reshape(1, -1)
+            state.update(augment_keys(cand.transpose(1, 2)), augment_values(cand), ids=ids)
         self._reduce([state])
-        return state.mean().reshape(B, C, H, W)
+        x0 = state.mean().reshape(B, C, H, W)
+        if track is None:
+            return x0, None
+        return x0, Provenance.from_global(state, self.kind, H, W)
 
     def _denoise_patches(
-        self, x_t: torch.Tensor, ab: torch.Tensor, train: torch.Tensor, geometry: Geometry
-    ) -> torch.Tensor:
+        self,
+        x_t: torch.Tensor,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        train: torch.Tensor,
+        train_ids: torch.Tensor,
+        geometry: Geometry,
+        track: int | None,
+    ) -> tuple[torch.Tensor, Provenance | None]:
         """LS and ELS: per-pixel softmax over admissible training patches."""
         B, C, H, W = x_t.shape
         r, pad = geometry.radius, geometry.padding
         k = 2 * r + 1
         D = C * k * k
-        scale, bias = logit_coefficients(ab)  # [B], [B]
+        scale, bias = coeffs  # [B], [B]
         x_win = patch_windows(x_t, r, pad)  # [B, C, H, W, k, k]
         plan = []  # (rows, cols, augmented queries, state) per group
         per_image = (C + 1) * (H + 2 * r) * (W + 2 * r)  # padded copy of one training image
@@ -389,44 +627,77 @@ class ScoreMachine:
             q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)
             rep = npr * npc
             queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
-            plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements)))
+            plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements, track=track)))
             per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(rep, D + 2))
         shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
-        flat_values: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in shared}
-        for chunk in self._chunks(train, per_image, x_t):
-            n = chunk.shape[0]
+        compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
+        for start, chunk in self._chunks(train, per_image, x_t):
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
             norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
-            flat = flat_patches(chunk, r, pad)[:, None] if shared else None  # [n, 1, H, W]
+            flat = flat_patches(chunk, r, pad)[:, None] if compact else None  # [n, 1, H, W]
             for i, (rows, cols, state) in enumerate(plan):
-                if i in flat_values and self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, flat_values[i]):
+                if track is None:
+                    if i in compact and self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, compact[i]):
+                        continue
+                    state.update(*self._group_candidates(rows, cols, chunk, t_win, norms))
                     continue
-                nbr, nqr = rows.Q.shape
-                nbc, nqc = cols.Q.shape
-                G, M = nbr * nbc, n * nqr * nqc
-                keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
-                keys_t = chunk.new_empty(G, D + 2, M)  # [key; |key|^2; 1], transposed
-                keys_t[:, D + 1] = 1.0
-                keys_t[:, :D].view(nbr, nbc, C, k, k, n, nqr, nqc).copy_(keys.permute(2, 4, 1, 6, 7, 0, 3, 5))
-                sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]
-                keys_t[:, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
-                centres = select_blocks(chunk, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc]
-                centres = centres.permute(2, 4, 0, 3, 5, 1).reshape(G, M, C)
-                state.update(keys_t, augment_values(centres))
-        for i, found in flat_values.items():
+                img = train_ids[start : start + chunk.shape[0]].to(x_t.device)
+                if i in shared:
+                    self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, compact[i], img)
+                    continue
+                keys_t, values = self._group_candidates(rows, cols, chunk, t_win, norms)
+                ids = self._candidate_ids(rows, cols, img, H, W)  # [G, M]
+                is_flat = select_blocks(flat, rows, cols, "Q")[:, 0].permute(1, 3, 0, 2, 4).reshape(ids.shape)
+                self._update_tracked(state, keys_t, values[..., :-1], ids, is_flat, compact[i])
+        for i, found in compact.items():
+            if track is None:
+                if found:
+                    self._update_flat(plan[i][2], found, C, D)
+                continue
+            found = self._gather_tallies(found)  # one entry per value over all shards
             if found:
-                self._update_flat(plan[i][2], found, C, D)
+                rows, cols, state = plan[i]
+                self._update_flat_tracked(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
         self._reduce([state for _, _, state in plan])
         out = torch.empty_like(x_t)
         out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
         for rows, cols, state in plan:
-            nbr, npr = rows.P.shape
-            nbc, npc = cols.P.shape
-            res = state.mean().reshape(nbr, nbc, B, npr, npc, C)
-            P_r = rows.P.to(x_t.device)[:, :, None, None]  # [nbr, npr, 1, 1]
-            P_c = cols.P.to(x_t.device)[None, None]  # [1, 1, nbc, npc]
-            out_hwc[:, P_r, P_c] = res.permute(2, 0, 3, 1, 4, 5)  # [B, nbr, npr, nbc, npc, C]
-        return out
+            scatter_pixels(out_hwc, state.mean(), rows, cols)
+        if track is None:
+            return out, None
+        return out, Provenance.from_patches(plan, B, H, W, track)
+
+    @staticmethod
+    def _group_candidates(
+        rows: AxisBlocks, cols: AxisBlocks, chunk: torch.Tensor, t_win: torch.Tensor, norms: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented keys ``[G, D + 2, M]`` and values ``[G, M, C + 1]`` of one group's candidates.
+
+        Candidates are ordered (image, q_row, q_col) within each block g = (row block, column block).
+        """
+        n, C = chunk.shape[:2]
+        k = t_win.shape[-1]
+        D = C * k * k
+        nbr, nqr = rows.Q.shape
+        nbc, nqc = cols.Q.shape
+        G, M = nbr * nbc, n * nqr * nqc
+        keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
+        keys_t = chunk.new_empty(G, D + 2, M)  # [key; |key|^2; 1], transposed
+        keys_t[:, D + 1] = 1.0
+        keys_t[:, :D].view(nbr, nbc, C, k, k, n, nqr, nqc).copy_(keys.permute(2, 4, 1, 6, 7, 0, 3, 5))
+        sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]
+        keys_t[:, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
+        centres = select_blocks(chunk, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc]
+        centres = centres.permute(2, 4, 0, 3, 5, 1).reshape(G, M, C)
+        return keys_t, augment_values(centres)
+
+    @staticmethod
+    def _candidate_ids(rows: AxisBlocks, cols: AxisBlocks, img: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """``id = (image * H + q_row) * W + q_col`` of one group's candidates: ``[G, M]``."""
+        Qr = rows.Q.to(img.device)[:, None, None, :, None]  # [nbr, 1, 1, nqr, 1]
+        Qc = cols.Q.to(img.device)[None, :, None, None, :]  # [1, nbc, 1, 1, nqc]
+        ids = (img[None, None, :, None, None] * H + Qr) * W + Qc  # [nbr, nbc, n, nqr, nqc]
+        return ids.reshape(rows.Q.shape[0] * cols.Q.shape[0], -1)
 
     # ------------------------------------------------------ denoiser protocol
     def bind(
@@ -485,9 +756,20 @@ class MachineDenoiser:
         """k at time ``t``, or None for machines without patches."""
         return None if self.patch_sizes is None else self.patch_sizes.at(t)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def _time(self, t: torch.Tensor | float) -> tuple[float, float]:
+        """``(t, alpha_bar(t))`` for a valid time ``t`` in (0, 1]."""
         t = float(t)
         if not 0.0 < t <= 1.0 or math.isnan(t):
             raise ValueError(f"t must lie in (0, 1], got {t}")
-        ab = float(self.schedule.alpha_bar(t))
+        return t, float(self.schedule.alpha_bar(t))
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t, ab = self._time(t)
         return self.machine.denoise(x_t, ab, patch_size=self.patch_size_at(t), label=self.label)
+
+    def with_provenance(
+        self, x_t: torch.Tensor, t: torch.Tensor | float, *, top: int = 8
+    ) -> tuple[torch.Tensor, Provenance]:
+        """``(x0_hat, provenance)`` at ``t`` (:meth:`ScoreMachine.denoise_provenance`)."""
+        t, ab = self._time(t)
+        return self.machine.denoise_provenance(x_t, ab, patch_size=self.patch_size_at(t), label=self.label, top=top)
