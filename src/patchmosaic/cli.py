@@ -25,6 +25,7 @@ from patchmosaic import __version__
 from patchmosaic.data import BUNDLED, ImageDataset, load_dataset
 from patchmosaic.geometry import PADDINGS, make_geometry
 from patchmosaic.machines import DEFAULT_CHUNK_ELEMENTS, KINDS, MachineDenoiser, ScoreMachine
+from patchmosaic.provenance import PROVENANCE_FILE, ProvenanceRecorder, save_provenance
 from patchmosaic.pretrained import LABEL_RULE, labels_for_seeds, resolve_schedule_spec
 from patchmosaic.runs import (
     check_run_dir,
@@ -199,6 +200,21 @@ def main() -> None:
     "each rank streams 1/world of the images and the partials are all-reduced; rank 0 "
     "writes the outputs. Example: torchrun --nproc_per_node 2 -m patchmosaic sample ... --distributed",
 )
+@click.option(
+    "--provenance",
+    is_flag=True,
+    help="Also record where each pixel came from (machines only), in provenance.npz: the top "
+    "--provenance-top source patches per pixel at the final step (training image, patch centre, weight) "
+    "and N_eff and entropy maps at every step, from the same streaming pass. Read by 'patchmosaic explain' "
+    "and 'patchmosaic report'.",
+)
+@click.option(
+    "--provenance-top",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Source patches kept per pixel with --provenance.",
+)
 def sample_command(
     model: str | None,
     like: str | None,
@@ -218,6 +234,8 @@ def sample_command(
     wrap_training_patches: bool,
     chunk_elements: int,
     distributed: bool,
+    provenance: bool,
+    provenance_top: int,
 ) -> None:
     """Sample images from a score machine with deterministic DDIM.
 
@@ -244,6 +262,9 @@ def sample_command(
     try:
         if model is not None and like is not None:
             raise click.BadParameter("--model and --like exclude each other", param_hint="'--model'")
+        if model is not None and provenance:
+            raise click.BadParameter("--provenance records a machine's source patches; it does not apply to --model",
+                                     param_hint="'--provenance'")
         if model is not None and distributed:
             raise click.BadParameter("--distributed shards a machine's training set; it does not apply to --model",
                                      param_hint="'--distributed'")
@@ -283,6 +304,7 @@ def sample_command(
             label_classes=label_classes,
             extra_config=extra_config,
             distributed=distributed,
+            provenance_top=provenance_top if provenance else None,
         )
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
@@ -393,6 +415,7 @@ def _run_sample(
     label_classes: int = 0,
     extra_config: dict | None = None,
     distributed: bool = False,
+    provenance_top: int | None = None,
 ) -> None:
     """Body of ``patchmosaic sample``; flags are as documented on the command.
 
@@ -434,7 +457,7 @@ def _run_sample(
 
     # 3. Sample the seeds in batches; each seed's noise depends on the seed only.
     batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
-    results = []
+    results, records = [], []
     start = time.perf_counter()
     with tqdm(total=steps * len(batches), desc="sampling", unit="call", file=sys.stderr, dynamic_ncols=True,
               disable=rank != 0) as bar:
@@ -445,7 +468,12 @@ def _run_sample(
             if seed_labels is not None:  # one class per seed: bind this batch's [b] labels
                 batch_labels = torch.tensor(seed_labels[b * batch_size : b * batch_size + len(batch)])  # [b]
                 bound = score_machine.bind(patch_sizes=schedule, label=batch_labels, steps=steps, schedule=noise_schedule)
-            results.append(sample(bound, noise, steps=steps, schedule=noise_schedule, callback=callback))
+            if provenance_top is not None:  # same sampler, through a recording denoiser
+                recorder = ProvenanceRecorder(bound, steps=steps, top=provenance_top)
+                results.append(sample(recorder, noise, steps=steps, schedule=noise_schedule, callback=callback))
+                records.append(recorder.arrays())
+            else:
+                results.append(sample(bound, noise, steps=steps, schedule=noise_schedule, callback=callback))
     wall = time.perf_counter() - start
     images = torch.cat(results)  # [B, C, H, W]
     if distributed:
@@ -459,6 +487,11 @@ def _run_sample(
 
     # 4. Outputs.
     labels = seed_labels if seed_labels is not None else (None if label is None else [label] * len(seeds))
+    if provenance_top is not None:
+        save_provenance(run_dir / PROVENANCE_FILE, records, seeds, provenance_top)
+        extra_config = {**(extra_config or {}), "provenance": {
+            "file": PROVENANCE_FILE, "top": provenance_top,
+            "contents": "top source patches per pixel at the final step; N_eff and entropy at every step"}}
     summary = write_sample_run(
         run_dir,
         images,
@@ -489,17 +522,23 @@ def _run_sample(
         },
     )
     click.echo(f"wrote {summary}")
+    if provenance_top is not None:
+        click.echo(f"wrote provenance (top {provenance_top} source patches per pixel) to {run_dir / PROVENANCE_FILE}")
 
 
 def _register() -> None:
     """Attach the commands that live in their own modules."""
     from patchmosaic.cli_eval import calibrate_command, evaluate_command, pretrained_group
+    from patchmosaic.cli_explain import explain_command
+    from patchmosaic.cli_report import report_command
     from patchmosaic.cli_train import train
 
     main.add_command(train)
     main.add_command(calibrate_command)
     main.add_command(evaluate_command)
     main.add_command(pretrained_group)
+    main.add_command(explain_command)
+    main.add_command(report_command)
 
 
 _register()

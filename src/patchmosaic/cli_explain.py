@@ -1,0 +1,78 @@
+"""``patchmosaic explain``: creativity and consistency metrics of a recorded run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+__all__ = ["explain_command"]
+
+
+@click.command("explain")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to write explain.json and the figures.  [default: RUN_DIR]",
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0.0),
+    default=0.02,
+    show_default=True,
+    help="Consistency tolerance in image units (images live in [-1, 1], so 0.02 is 1% of the range).",
+)
+@click.option(
+    "--min-weight",
+    type=click.FloatRange(min=0.0, max=1.0),
+    default=0.01,
+    show_default=True,
+    help="Posterior weight a pixel's top training patch needs to count as its dominant source in the mosaic "
+    "counts (pixels below are 'diffuse', e.g. the zero-padded border where identical edge patches tie).",
+)
+@click.option(
+    "--compare-ideal/--no-compare-ideal",
+    default=True,
+    show_default=True,
+    help="Also sample the ideal (memorising) machine from the run's seeds as the novelty baseline.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Seeds per call of the ideal machine's sampler.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing explain.json and its figures (nothing else).")
+def explain_command(
+    run_dir: Path, out: Path | None, tolerance: float, min_weight: float, compare_ideal: bool, batch_size: int,
+    overwrite: bool,
+) -> None:
+    """Explain the samples of RUN_DIR as patch mosaics.
+
+    RUN_DIR must come from 'patchmosaic sample ... --provenance'. Writes
+    explain.json (per-seed and median metrics) and explain_mosaic.png,
+    explain_displacement.png and explain_neff.png:
+
+    \b
+    - mosaic map: the dominant source training image of each pixel, how many
+      images cover 90% of the pixels, and how far source patches travel (q - p);
+    - novelty: RMS distance of each sample to its nearest training image (also
+      over circular shifts), next to the ideal machine's from the same seeds;
+    - consistency (t -> 0): the fraction of pixels within --tolerance of the
+      centre of their l2-nearest training patch at the final patch size;
+    - N_eff and entropy of each pixel's posterior along the reverse process.
+    """
+    from patchmosaic.cli import LIBRARY_ERRORS
+    from patchmosaic.explain import EXPLAIN_FIGURES, EXPLAIN_FILE, explain_run, summary_lines, write_explain
+
+    target = out if out is not None else run_dir
+    try:
+        clash = [n for n in (EXPLAIN_FILE, *EXPLAIN_FIGURES.values()) if (target / n).exists()]
+        if clash and not overwrite:  # before any work
+            raise FileExistsError(f"{target} already holds {clash}; pass --overwrite to replace them")
+        result = explain_run(run_dir, tolerance=tolerance, min_weight=min_weight, compare_ideal=compare_ideal,
+                             batch_size=batch_size)
+        write_explain(result, target, overwrite=overwrite)
+    except LIBRARY_ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    for line in summary_lines(result):
+        click.echo(line)
+    click.echo(f"wrote {target / EXPLAIN_FILE} and {', '.join(EXPLAIN_FIGURES.values())}")
