@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+ifndef DEMO_OUT
+DEMO_OUT := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
 
-.PHONY: install test demo bench clean-venv
+.PHONY: install browser test demo bench clean-venv
 
 install: $(STAMP)
 
@@ -17,13 +19,22 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-test: install
+# System Chromium for the report's browser test (apt-get as root/passwordless sudo; otherwise a
+# message and the test is skipped). Never `playwright install`: that downloads a browser.
+browser:
+	bash scripts/install_chromium.sh
+
+test: install browser
 	$(PY) -m pytest -q -n 2
 
-# ELS machine, zero padding, published MNIST schedule, 8 seeds, 1,000 bundled digits.
+# ELS machine, zero padding, published MNIST schedule, 8 seeds, 1,000 bundled digits, with provenance;
+# then the patch-mosaic metrics (explain) and the HTML report with the mosaic explorer.
 demo: install
 	$(VENV)/bin/patchmosaic sample --dataset mnist --machine els --padding zeros \
-		--patch-sizes mnist-resnet-zeros --n-train 1000 --seeds 0-7 --out $(DEMO_OUT)
+		--patch-sizes mnist-resnet-zeros --n-train 1000 --seeds 0-7 --provenance --out $(DEMO_OUT)
+	$(VENV)/bin/patchmosaic explain $(DEMO_OUT)
+	$(VENV)/bin/patchmosaic report $(DEMO_OUT) --out $(DEMO_OUT)/report
+	@echo "open $(DEMO_OUT)/report/index.html"
 
 bench: install
 	$(PY) benchmarks/bench_els.py
