@@ -170,3 +170,18 @@ def test_consistency_condition_exact_cases():
     assert frac[0] <= 1 - 1 / 36 and frac[1] == 1.0
     assert _consistency(_Run({**config, "machine": "ideal"}, images, np.array([0, 1]), None, prov),
                         train, None, 1e-6) is None
+
+
+def test_overwrite_refuses_to_leave_derived_files_stale(dataset, tmp_path):
+    """Re-sampling into a run dir would make its provenance and explain files describe other samples."""
+    out = tmp_path / "run"
+    _sample(dataset, out, "--provenance")
+    assert CliRunner().invoke(main, ["explain", str(out), "--no-compare-ideal"]).exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    for extra in ([], ["--provenance"]):
+        args = ["sample", "--dataset", str(dataset), "--size", "native", "--machine", "els", "--patch-sizes",
+                "3,3,5,5,5,7", "--steps", "6", "--seeds", "0-2", "--out", str(out), "--overwrite", *extra]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0 and "explain.json" in result.output and "describing other samples" in result.output
+        assert ("provenance.npz" in result.output) == (not extra)  # --provenance rewrites it
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before, "a refused run touched files"

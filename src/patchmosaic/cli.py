@@ -25,9 +25,13 @@ from patchmosaic import __version__
 from patchmosaic.data import BUNDLED, ImageDataset, load_dataset
 from patchmosaic.geometry import PADDINGS, make_geometry
 from patchmosaic.machines import DEFAULT_CHUNK_ELEMENTS, KINDS, MachineDenoiser, ScoreMachine
-from patchmosaic.provenance import PROVENANCE_FILE, ProvenanceRecorder, save_provenance
+from patchmosaic.provenance import ProvenanceRecorder, save_provenance
 from patchmosaic.pretrained import LABEL_RULE, labels_for_seeds, resolve_schedule_spec
 from patchmosaic.runs import (
+    CONFIG_FILE,
+    GRID_FILE,
+    PROVENANCE_FILE,
+    SAMPLES_FILE,
     check_run_dir,
     parse_seeds,
     prepare_run_dir,
@@ -428,7 +432,8 @@ def _run_sample(
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--seeds'") from err
     schedule = _resolve_schedule(kind, padding, patch_sizes, steps, wrap)
-    check_run_dir(out, overwrite=overwrite)
+    writes = (GRID_FILE, SAMPLES_FILE, CONFIG_FILE) + ((PROVENANCE_FILE,) if provenance_top is not None else ())
+    check_run_dir(out, overwrite=overwrite, files=writes)
     rank = _init_distributed() if distributed else 0
 
     # 2. Data, machine and the geometry of every patch size (fails before sampling).
@@ -453,7 +458,7 @@ def _run_sample(
     )
     noise_schedule = CosineSchedule()
     denoiser = score_machine.bind(patch_sizes=schedule, label=label, steps=steps, schedule=noise_schedule)
-    run_dir = prepare_run_dir(out, overwrite=overwrite) if rank == 0 else out
+    run_dir = prepare_run_dir(out, overwrite=overwrite, files=writes) if rank == 0 else out
 
     # 3. Sample the seeds in batches; each seed's noise depends on the seed only.
     batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]

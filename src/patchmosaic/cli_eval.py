@@ -59,6 +59,7 @@ from patchmosaic.runs import (
     CONFIG_FILE,
     GRID_FILE,
     SAMPLES_FILE,
+    check_run_dir,
     load_samples,
     parse_seeds,
     save_samples,
@@ -85,16 +86,11 @@ EVALUATE_FILES = (METRICS_FILE, "scatter.png", "comparison.png", "samples_networ
 
 
 def _check_out(path: Path, overwrite: bool, files: tuple[str, ...]) -> Path:
-    """Refuse an existing file, or a non-empty directory unless ``overwrite`` (nothing is deleted)."""
-    if path.exists() and not path.is_dir():
-        raise click.BadParameter(f"{path} exists and is not a directory", param_hint="'--out'")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise click.BadParameter(
-            f"output directory {path} exists and is not empty; pass --overwrite to replace the files this "
-            f"command writes ({', '.join(files)}; nothing else is touched) or choose another --out",
-            param_hint="'--out'",
-        )
-    return path
+    """:func:`patchmosaic.runs.check_run_dir` as a ``--out`` parameter error (nothing is deleted)."""
+    try:
+        return check_run_dir(path, overwrite=overwrite, files=files)
+    except FileExistsError as err:
+        raise click.BadParameter(str(err), param_hint="'--out'") from err
 
 
 def _seeds(spec: str) -> list[int]:

@@ -61,7 +61,8 @@ def explain_command(
     - N_eff and entropy of each pixel's posterior along the reverse process.
     """
     from patchmosaic.cli import LIBRARY_ERRORS
-    from patchmosaic.explain import EXPLAIN_FIGURES, EXPLAIN_FILE, explain_run, summary_lines, write_explain
+    from patchmosaic.explain import explain_run, summary_lines, write_explain
+    from patchmosaic.runs import EXPLAIN_FIGURES, EXPLAIN_FILE
 
     target = out if out is not None else run_dir
     try:

@@ -37,13 +37,11 @@ import torch
 
 from patchmosaic.data import ImageDataset, load_dataset
 from patchmosaic.machines import ScoreMachine
-from patchmosaic.provenance import PROVENANCE_FILE, load_provenance
-from patchmosaic.runs import CONFIG_FILE, load_samples
+from patchmosaic.provenance import load_provenance
+from patchmosaic.runs import CONFIG_FILE, EXPLAIN_FIGURES, EXPLAIN_FILE, PROVENANCE_FILE, load_samples
 from patchmosaic.sampler import noise_for_seeds, sample
 
 __all__ = [
-    "EXPLAIN_FIGURES",
-    "EXPLAIN_FILE",
     "coverage_count",
     "explain_run",
     "load_run_config",
@@ -52,12 +50,6 @@ __all__ = [
     "signed_displacement",
 ]
 
-EXPLAIN_FILE = "explain.json"
-EXPLAIN_FIGURES = {
-    "mosaic": "explain_mosaic.png",
-    "displacement": "explain_displacement.png",
-    "n_eff": "explain_neff.png",
-}
 COVERAGE = 0.9  # fraction of (single-source) pixels the "images needed" count covers
 
 

@@ -25,10 +25,10 @@ import torch
 
 from patchmosaic.engine import SoftmaxMean
 from patchmosaic.geometry import AxisBlocks, scatter_pixels
+from patchmosaic.runs import PROVENANCE_FILE
 
 __all__ = ["PROVENANCE_FILE", "Provenance", "ProvenanceRecorder", "load_provenance", "save_provenance"]
 
-PROVENANCE_FILE = "provenance.npz"
 
 
 @dataclass(frozen=True)

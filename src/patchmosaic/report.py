@@ -50,9 +50,19 @@ from typing import Any
 import numpy as np
 
 from patchmosaic import __version__
-from patchmosaic.explain import EXPLAIN_FIGURES, EXPLAIN_FILE, run_training_set
-from patchmosaic.provenance import PROVENANCE_FILE, load_provenance
-from patchmosaic.runs import CONFIG_FILE, GRID_FILE, SAMPLES_FILE, load_samples, save_grid
+from patchmosaic.explain import run_training_set
+from patchmosaic.provenance import load_provenance
+from patchmosaic.runs import (
+    CONFIG_FILE,
+    EXPLAIN_FIGURES,
+    EXPLAIN_FILE,
+    GRID_FILE,
+    PROVENANCE_FILE,
+    SAMPLES_FILE,
+    check_run_dir,
+    load_samples,
+    save_grid,
+)
 
 __all__ = ["EVALUATION_FIGURES", "METRICS_FILE", "REPORT_FILE", "build_report"]
 
@@ -95,7 +105,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.P
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise ValueError("no run directories given; pass at least one RUN_DIR")
-    out = _check_out(Path(out_dir), overwrite=overwrite)
+    out = check_run_dir(out_dir, overwrite=overwrite, files=(REPORT_FILE,))
     runs = [_Run.load(d) for d in dirs]
     sections = [_run_section(run, f"run-{i + 1}") for i, run in enumerate(runs)]
     toc = "\n".join(
@@ -111,18 +121,6 @@ def build_report(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.P
     })
     out.mkdir(parents=True, exist_ok=True)
     return _write_atomic(out / REPORT_FILE, page)
-
-
-def _check_out(path: Path, *, overwrite: bool) -> Path:
-    """As :func:`patchmosaic.runs.check_run_dir`, with the report's file named."""
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output path {path} exists and is not a directory; choose another --out")
-    if path.is_dir() and not overwrite and any(path.iterdir()):
-        raise FileExistsError(
-            f"output directory {path} exists and is not empty; pass --overwrite to replace {REPORT_FILE} in it "
-            "(nothing else is touched) or choose another --out"
-        )
-    return path
 
 
 def _write_atomic(path: Path, text: str) -> Path:

@@ -34,7 +34,11 @@ from patchmosaic import __version__
 __all__ = [
     "write_sample_run",
     "CONFIG_FILE",
+    "DERIVED_FILES",
+    "EXPLAIN_FIGURES",
+    "EXPLAIN_FILE",
     "GRID_FILE",
+    "PROVENANCE_FILE",
     "SAMPLES_FILE",
     "check_run_dir",
     "load_samples",
@@ -48,6 +52,15 @@ __all__ = [
 GRID_FILE = "grid.png"
 SAMPLES_FILE = "samples.npz"
 CONFIG_FILE = "config.json"
+PROVENANCE_FILE = "provenance.npz"  # sample --provenance (patchmosaic.provenance)
+EXPLAIN_FILE = "explain.json"  # patchmosaic explain (patchmosaic.explain)
+EXPLAIN_FIGURES = {
+    "mosaic": "explain_mosaic.png",
+    "displacement": "explain_displacement.png",
+    "n_eff": "explain_neff.png",
+}
+# Files computed from a run's samples; they go stale if the samples are replaced.
+DERIVED_FILES = (PROVENANCE_FILE, EXPLAIN_FILE, *EXPLAIN_FIGURES.values())
 
 # One comma-separated item of a seed list: "7" or "3-9" (whitespace allowed around numbers).
 _SEED_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -97,33 +110,46 @@ def parse_seeds(spec: str) -> list[int]:
     return seeds
 
 
-def check_run_dir(path: str | Path, *, overwrite: bool) -> Path:
-    """Check, without creating anything, that ``path`` may be used as a run directory.
+def check_run_dir(
+    path: str | Path, *, overwrite: bool, files: Sequence[str] = (GRID_FILE, SAMPLES_FILE, CONFIG_FILE)
+) -> Path:
+    """Check, without creating anything, that ``path`` may be used as an output directory.
 
     Args:
-        path: The run directory (need not exist).
-        overwrite: Allow an existing non-empty directory.
+        path: The directory (need not exist).
+        overwrite: Allow an existing non-empty directory; only ``files`` will be replaced.
+        files: The files the command writes (named in the messages).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        FileExistsError: If ``path`` is an existing file, or a non-empty
-            directory and ``overwrite`` is false.
+        FileExistsError: If ``path`` is an existing file; a non-empty directory
+            and ``overwrite`` is false; or, with ``overwrite``, a directory holding
+            files derived from earlier samples there (:data:`DERIVED_FILES`) that this
+            command would not rewrite, so they would describe other samples.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {path} exists and is not a directory; choose another --out")
     if path.is_dir() and not overwrite and any(path.iterdir()):
         raise FileExistsError(
-            f"output directory {path} exists and is not empty; pass --overwrite to replace the "
-            f"run files in it ({GRID_FILE}, {SAMPLES_FILE}, {CONFIG_FILE}; nothing else is touched) "
-            "or choose another --out"
+            f"output directory {path} exists and is not empty; pass --overwrite to replace the files this "
+            f"command writes ({', '.join(files)}; nothing else is touched) or choose another --out"
         )
+    if overwrite and path.is_dir() and SAMPLES_FILE in files:
+        stale = [name for name in DERIVED_FILES if name not in files and (path / name).exists()]
+        if stale:
+            raise FileExistsError(
+                f"{path} holds {', '.join(stale)}, derived from the samples an earlier run wrote there; "
+                "--overwrite would leave them describing other samples. Move or delete them, or choose another --out"
+            )
     return path
 
 
-def prepare_run_dir(path: str | Path, *, overwrite: bool) -> Path:
+def prepare_run_dir(
+    path: str | Path, *, overwrite: bool, files: Sequence[str] = (GRID_FILE, SAMPLES_FILE, CONFIG_FILE)
+) -> Path:
     """Create a run directory, refusing to reuse a non-empty one unless ``overwrite``.
 
     With ``overwrite`` nothing is deleted: the run later replaces only the files
@@ -132,6 +158,7 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool) -> Path:
     Args:
         path: The run directory; parents are created as needed.
         overwrite: Allow an existing non-empty directory.
+        files: The files the command writes (as :func:`check_run_dir`).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -139,7 +166,7 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool) -> Path:
     Raises:
         FileExistsError: As :func:`check_run_dir`.
     """
-    path = check_run_dir(path, overwrite=overwrite)
+    path = check_run_dir(path, overwrite=overwrite, files=files)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
