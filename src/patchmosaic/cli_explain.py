@@ -61,14 +61,12 @@ def explain_command(
     - N_eff and entropy of each pixel's posterior along the reverse process.
     """
     from patchmosaic.cli import LIBRARY_ERRORS
-    from patchmosaic.explain import explain_run, summary_lines, write_explain
+    from patchmosaic.explain import check_explain_out, explain_run, summary_lines, write_explain
     from patchmosaic.runs import EXPLAIN_FIGURES, EXPLAIN_FILE
 
     target = out if out is not None else run_dir
     try:
-        clash = [n for n in (EXPLAIN_FILE, *EXPLAIN_FIGURES.values()) if (target / n).exists()]
-        if clash and not overwrite:  # before any work
-            raise FileExistsError(f"{target} already holds {clash}; pass --overwrite to replace them")
+        check_explain_out(target, overwrite=overwrite)  # before any work
         result = explain_run(run_dir, tolerance=tolerance, min_weight=min_weight, compare_ideal=compare_ideal,
                              batch_size=batch_size)
         write_explain(result, target, overwrite=overwrite)

@@ -432,11 +432,19 @@ class SoftmaxMean:
     def _merge_top(self, sl: slice, top: tuple[torch.Tensor, ...]) -> None:
         """Merge :meth:`_chunk_top`'s candidates (scored on the current reference) into rows ``sl``."""
         g, r, score, ids, counts = top
-        scores = torch.cat([self.top_score[:, sl][g, r], score], dim=-1)  # [K, m + m']
+        best = self._keep_best(
+            torch.cat([self.top_score[:, sl][g, r], score], dim=-1),  # [K, m + m']
+            torch.cat([self.top_id[:, sl][g, r], ids], dim=-1),
+            torch.cat([self.top_count[:, sl][g, r], counts], dim=-1),
+        )
+        self.top_score[:, sl][g, r], self.top_id[:, sl][g, r], self.top_count[:, sl][g, r] = best
+
+    def _keep_best(
+        self, scores: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``track`` entries of largest score along the last dimension, with their ids and counts."""
         best, pick = scores.topk(self.track, dim=-1)
-        self.top_id[:, sl][g, r] = torch.cat([self.top_id[:, sl][g, r], ids], dim=-1).gather(-1, pick)
-        self.top_count[:, sl][g, r] = torch.cat([self.top_count[:, sl][g, r], counts], dim=-1).gather(-1, pick)
-        self.top_score[:, sl][g, r] = best
+        return best, ids.gather(-1, pick), counts.gather(-1, pick)
 
     def _rescale(self, sl: slice, d: torch.Tensor) -> None:
         """Move rows ``sl`` to a reference larger by ``d >= 0`` (``+inf`` where the state was empty)."""
@@ -501,8 +509,7 @@ class SoftmaxMean:
                 gathered = [torch.empty_like(t) for _ in range(world)]
                 dist.all_gather(gathered, t.contiguous(), group=group)
                 parts.append(torch.cat(gathered, dim=-1))
-            best, pick = parts[0].topk(self.track, dim=-1)
-            self.top_score, self.top_id, self.top_count = best, parts[1].gather(-1, pick), parts[2].gather(-1, pick)
+            self.top_score, self.top_id, self.top_count = self._keep_best(*parts)
 
     def mean(self) -> torch.Tensor:
         """The softmax-weighted mean ``[G, Bq, V]``."""

@@ -42,6 +42,7 @@ from patchmosaic.runs import CONFIG_FILE, EXPLAIN_FIGURES, EXPLAIN_FILE, PROVENA
 from patchmosaic.sampler import noise_for_seeds, sample
 
 __all__ = [
+    "check_explain_out",
     "coverage_count",
     "explain_run",
     "load_run_config",
@@ -437,14 +438,21 @@ def write_figures(result: dict, out_dir: Path) -> None:
     plt.close(fig)
 
 
-def write_explain(result: dict, out_dir: str | Path, *, overwrite: bool = False) -> list[Path]:
-    """Write ``explain.json`` and the figures into ``out_dir``; refuses to replace them unless ``overwrite``."""
+def check_explain_out(out_dir: str | Path, *, overwrite: bool) -> list[Path]:
+    """The files :func:`write_explain` writes into ``out_dir``; refuses existing ones unless ``overwrite``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     targets = [out_dir / EXPLAIN_FILE] + [out_dir / f for f in EXPLAIN_FIGURES.values()]
     existing = [p.name for p in targets if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {existing}; pass --overwrite to replace them")
+    return targets
+
+
+def write_explain(result: dict, out_dir: str | Path, *, overwrite: bool = False) -> list[Path]:
+    """Write ``explain.json`` and the figures into ``out_dir``; refuses to replace them unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    targets = check_explain_out(out_dir, overwrite=overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
     payload = {k: v for k, v in result.items() if not k.startswith("_")}
     (out_dir / EXPLAIN_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     write_figures(result, out_dir)

@@ -66,26 +66,33 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or infinite values")
 
 
+def _patch_ids(img: torch.Tensor, q_row: torch.Tensor, q_col: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Candidate id ``(image * H + q_row) * W + q_col`` of a training patch (broadcasts)."""
+    return (img * H + q_row) * W + q_col
+
+
 def _tally(
-    block: torch.Tensor, value: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    block: torch.Tensor, value: torch.Tensor, ids: torch.Tensor | None = None, counts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Group constant patches by (block, value).
 
     Args:
         block: ``[F]`` block index g of each constant patch (or partial tally row).
-        value: ``[F]`` its value; ids ``[F]`` its candidate id; counts ``[F]`` how many
-            patches each row stands for (default 1).
+        value: ``[F]`` its value; ids ``[F]`` its candidate id (optional: provenance);
+            counts ``[F]`` how many patches each row stands for (default 1).
 
     Returns:
-        ``(rows [U, 2] = (block, value), counts [U], lowest id [U])``, sorted by block.
+        ``(rows [U, 2] = (block, value), counts [U], lowest id [U] or None)``, sorted by block.
     """
     uv, inv_v = torch.unique(value, return_inverse=True)  # [V]
     key = block * uv.numel() + inv_v  # [F], orders by block, then value
     uk, inverse = torch.unique(key, return_inverse=True)  # [U]
     n = torch.zeros(uk.numel(), dtype=torch.long, device=key.device)
     n.index_add_(0, inverse, torch.ones_like(key) if counts is None else counts.long())
-    first = torch.full((uk.numel(),), torch.iinfo(torch.long).max, dtype=torch.long, device=key.device)
-    first.scatter_reduce_(0, inverse, ids, reduce="amin")
+    first = None
+    if ids is not None:
+        first = torch.full((uk.numel(),), torch.iinfo(torch.long).max, dtype=torch.long, device=key.device)
+        first.scatter_reduce_(0, inverse, ids, reduce="amin")
     rows = torch.stack([(uk // uv.numel()).to(value.dtype), uv[uk % uv.numel()]], dim=1)  # [U, 2]
     return rows, n, first
 
@@ -419,13 +426,12 @@ class ScoreMachine:
     ) -> bool:
         """Stream a shared-candidate group's chunk without its constant patches.
 
-        Constant patches are only tallied (value, count) into ``found``; they
-        enter the softmax once per value with their multiplicity at the end
-        (:meth:`_update_flat`), which is exact: ``m * exp(l) = exp(l + log m)``.
-        With ``img_ids`` (the chunk's global image ids; provenance) the chunk is
-        always compacted, candidates carry their ids and the tallies are
-        ``(block 0, value)`` rows with the lowest id of each value
-        (:meth:`_update_flat_tracked`).
+        Constant patches are only tallied ((block 0, value), count) into
+        ``found`` (:func:`_tally`); they enter the softmax once per value with
+        their multiplicity at the end (:meth:`_update_flat`), which is exact:
+        ``m * exp(l) = exp(l + log m)``. With ``img_ids`` (the chunk's global
+        image ids; provenance) the chunk is always compacted, and candidates
+        and tallies carry their ids (a value's lowest).
 
         Returns:
             False (and does nothing) when too few patches are constant to pay.
@@ -443,26 +449,14 @@ class ScoreMachine:
         keys_t[0, :D] = t_win[img, :, y, x].reshape(M, D).T
         keys_t[0, D] = norms[img, 0, y, x]
         keys_t[0, D + 1] = 1.0
-        ids = None if img_ids is None else ((img_ids[img] * H + y) * W + x)[None]  # [1, M']
+        ids = None if img_ids is None else _patch_ids(img_ids[img], y, x, H, W)[None]  # [1, M']
         state.update(keys_t, augment_values(chunk[img, :, y, x][None]), ids=ids)  # values [1, M', C + 1]
         img, a, b = torch.nonzero(is_flat, as_tuple=True)
         y, x = rows.Q[0].to(a.device)[a], cols.Q[0].to(b.device)[b]
-        if img_ids is None:
-            found.append(torch.unique(chunk[img, 0, y, x], return_counts=True))  # (values [U], counts [U])
-        elif img.numel():
-            found.append(_tally(torch.zeros_like(img), chunk[img, 0, y, x], (img_ids[img] * H + y) * W + x))
+        if img.numel():
+            ids = None if img_ids is None else _patch_ids(img_ids[img], y, x, H, W)
+            found.append(_tally(torch.zeros_like(img), chunk[img, 0, y, x], ids))
         return True
-
-    @staticmethod
-    def _update_flat(
-        state: SoftmaxMean, found: list[tuple[torch.Tensor, torch.Tensor]], C: int, D: int
-    ) -> None:
-        """Add the constant patches tallied by :meth:`_update_compacted`, one per value."""
-        values, inverse = torch.unique(torch.cat([v for v, _ in found]), return_inverse=True)  # [U]
-        counts = torch.zeros_like(values).index_add_(0, inverse, torch.cat([c for _, c in found]).to(values.dtype))
-        keys_t = torch.stack([values] * D + [D * values.square(), torch.ones_like(values)])[None]  # [1, D+2, U]
-        weighted = torch.stack([values] * C + [torch.ones_like(values)], dim=-1) * counts[:, None]  # [U, C+1]
-        state.update(keys_t, weighted[None])
 
     @staticmethod
     def _update_tracked(
@@ -480,7 +474,7 @@ class ScoreMachine:
         slot is ``ABSENT_NORM`` so its logit is far below any real one, id -1).
         Constant patches are tallied per (g, value) with their count and lowest
         id into ``found`` and enter once per value at the end
-        (:meth:`_update_flat_tracked`), so a constant value is one entry.
+        (:meth:`_update_flat`), so a constant value is one entry.
 
         Args:
             keys_t: ``[G, D + 2, M]`` augmented keys; centres ``[G, M, C]``;
@@ -509,13 +503,19 @@ class ScoreMachine:
         state.update(keys_t, values, ids=ids)
 
     @staticmethod
-    def _update_flat_tracked(
-        state: SoftmaxMean, found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], G: int, C: int, D: int
+    def _update_flat(
+        state: SoftmaxMean, found: list[tuple[torch.Tensor, ...]], G: int, C: int, D: int
     ) -> None:
-        """Add the constant patches tallied by :meth:`_update_tracked`: one entry per (block, value)."""
+        """Add the constant patches tallied (:func:`_tally`) by :meth:`_update_compacted` or
+        :meth:`_update_tracked`: one candidate per (block, value), with its multiplicity.
+
+        Blocks are padded to a common width with absent candidates (count 0).
+        """
         rows = torch.cat([u for u, _, _ in found])  # [F, 2] (block, value)
+        tracked = found[0][2] is not None
         uniq, counts, first = _tally(
-            rows[:, 0].long(), rows[:, 1], torch.cat([f for _, _, f in found]), torch.cat([c for _, c, _ in found])
+            rows[:, 0].long(), rows[:, 1], torch.cat([f for _, _, f in found]) if tracked else None,
+            torch.cat([c for _, c, _ in found]),
         )
         U = uniq.shape[0]
         g = uniq[:, 0].long()  # [U], sorted by block
@@ -523,8 +523,11 @@ class ScoreMachine:
         width = int(slot.max()) + 1
         value = uniq.new_zeros(G, width)
         count = uniq.new_zeros(G, width)
-        ids = torch.full((G, width), -1, dtype=torch.long, device=g.device)
-        value[g, slot], count[g, slot], ids[g, slot] = uniq[:, 1], counts.to(uniq.dtype), first
+        value[g, slot], count[g, slot] = uniq[:, 1], counts.to(uniq.dtype)
+        ids = None
+        if tracked:
+            ids = torch.full((G, width), -1, dtype=torch.long, device=g.device)
+            ids[g, slot] = first
         real = count > 0
         norm = torch.where(real, D * value.square(), ABSENT_NORM)
         keys_t = torch.cat([value[:, None].expand(G, D, width), norm[:, None], torch.ones_like(norm)[:, None]], dim=1)
@@ -632,6 +635,7 @@ class ScoreMachine:
         shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
         compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
         for start, chunk in self._chunks(train, per_image, x_t):
+            img = train_ids[start : start + chunk.shape[0]].to(x_t.device)  # [n] global image ids
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
             norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
             flat = flat_patches(chunk, r, pad)[:, None] if compact else None  # [n, 1, H, W]
@@ -641,7 +645,6 @@ class ScoreMachine:
                         continue
                     state.update(*self._group_candidates(rows, cols, chunk, t_win, norms))
                     continue
-                img = train_ids[start : start + chunk.shape[0]].to(x_t.device)
                 if i in shared:
                     self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, compact[i], img)
                     continue
@@ -650,14 +653,11 @@ class ScoreMachine:
                 is_flat = select_blocks(flat, rows, cols, "Q")[:, 0].permute(1, 3, 0, 2, 4).reshape(ids.shape)
                 self._update_tracked(state, keys_t, values[..., :-1], ids, is_flat, compact[i])
         for i, found in compact.items():
-            if track is None:
-                if found:
-                    self._update_flat(plan[i][2], found, C, D)
-                continue
-            found = self._gather_tallies(found)  # one entry per value over all shards
+            if track is not None:
+                found = self._gather_tallies(found)  # one entry per value over all shards
             if found:
                 rows, cols, state = plan[i]
-                self._update_flat_tracked(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
+                self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
         self._reduce([state for _, _, state in plan])
         out = torch.empty_like(x_t)
         out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
@@ -696,7 +696,7 @@ class ScoreMachine:
         """``id = (image * H + q_row) * W + q_col`` of one group's candidates: ``[G, M]``."""
         Qr = rows.Q.to(img.device)[:, None, None, :, None]  # [nbr, 1, 1, nqr, 1]
         Qc = cols.Q.to(img.device)[None, :, None, None, :]  # [1, nbc, 1, 1, nqc]
-        ids = (img[None, None, :, None, None] * H + Qr) * W + Qc  # [nbr, nbc, n, nqr, nqc]
+        ids = _patch_ids(img[None, None, :, None, None], Qr, Qc, H, W)  # [nbr, nbc, n, nqr, nqc]
         return ids.reshape(rows.Q.shape[0] * cols.Q.shape[0], -1)
 
     # ------------------------------------------------------ denoiser protocol
