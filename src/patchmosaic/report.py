@@ -62,6 +62,7 @@ from patchmosaic.runs import (
     check_run_dir,
     load_samples,
     save_grid,
+    to_uint8,
 )
 
 __all__ = ["EVALUATION_FIGURES", "METRICS_FILE", "REPORT_FILE", "build_report"]
@@ -541,7 +542,7 @@ def _load_training_images(run: _Run) -> tuple[np.ndarray, np.ndarray | None, lis
     C = data.images.shape[1]
     if C not in (1, 3):
         raise ValueError(f"{run.path}: the explorer shows 1 (grey) or 3 (RGB) channels, got C = {C}")
-    pixels = _to_uint8(data.images.numpy()).transpose(0, 2, 3, 1)  # [N, H, W, C]
+    pixels = to_uint8(data.images.numpy()).transpose(0, 2, 3, 1)  # [N, H, W, C]
     labels = None if data.labels is None else data.labels.numpy()
     return pixels, labels, None if data.classes is None else list(data.classes)
 
@@ -562,7 +563,7 @@ def _explorer_html(run: _Run, anchor: str) -> str:
     if absent:
         raise ValueError(f"{run.path}: {PROVENANCE_FILE} has seeds {absent} that {SAMPLES_FILE} does not")
     rows = [row_of[int(s)] for s in prov["seeds"]]
-    samples = _to_uint8(archive["images"][rows]).transpose(0, 2, 3, 1)  # [B, H, W, C]
+    samples = to_uint8(archive["images"][rows]).transpose(0, 2, 3, 1)  # [B, H, W, C]
     if samples.shape[-1] != train.shape[-1]:
         raise ValueError(f"{run.path}: samples have {samples.shape[-1]} channels, training images {train.shape[-1]}")
     ids = np.unique(prov["index"][prov["index"] >= 0])  # [R] referenced training images
@@ -614,11 +615,6 @@ def _explorer_html(run: _Run, anchor: str) -> str:
         f'<script type="application/json" id="{data_id}">{_json_for_script(meta)}</script>',
         "</section>",
     ])
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    """Images in [-1, 1] to uint8 by ``rint((x + 1) * 127.5)``, as :func:`~patchmosaic.runs.save_grid`."""
-    return np.rint((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def _pack(arr: np.ndarray) -> dict[str, Any]:

@@ -46,6 +46,7 @@ __all__ = [
     "prepare_run_dir",
     "save_grid",
     "save_samples",
+    "to_uint8",
     "write_config",
 ]
 
@@ -185,6 +186,11 @@ def _as_numpy_images(images: torch.Tensor | np.ndarray) -> np.ndarray:
     return arr
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images in [-1, 1] to uint8 display values: clipped, then ``rint((x + 1) * 127.5)``."""
+    return np.rint((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
 def save_grid(
     images: torch.Tensor | np.ndarray,
     path: str | Path,
@@ -220,7 +226,7 @@ def save_grid(
         raise ValueError(f"nrow and scale must be positive integers, got nrow={nrow}, scale={scale}")
     if not -1.0 <= pad_value <= 1.0:
         raise ValueError(f"pad_value must lie in [-1, 1], got {pad_value}")
-    pixels = np.rint((np.clip(arr, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)  # [B, C, H, W]
+    pixels = to_uint8(arr)  # [B, C, H, W]
     pixels = pixels.repeat(scale, axis=2).repeat(scale, axis=3)  # [B, C, sH, sW]
     cols = min(nrow, B)
     rows = math.ceil(B / cols)
