@@ -23,7 +23,7 @@ import torch
 
 from patchmosaic import CosineSchedule, ScoreMachine, noise_for_seeds, sample
 from patchmosaic.data import load_dataset
-from patchmosaic.machines import DEFAULT_CHUNK_ELEMENTS
+from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS
 from patchmosaic.pretrained import resolve_schedule_spec
 from patchmosaic.provenance import ProvenanceRecorder
 from patchmosaic.schedules import PatchSchedule

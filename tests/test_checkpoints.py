@@ -13,7 +13,8 @@ from patchmosaic.checkpoints import (
     load_denoiser,
     save_checkpoint,
 )
-from patchmosaic.models import EpsDenoiser, ResNetConfig, UNetConfig, build_model, config_to_dict
+from patchmosaic.denoisers import EpsDenoiser
+from patchmosaic.models import ResNetConfig, UNetConfig, build_model, config_to_dict
 
 CFG = ResNetConfig(image_size=8, width=8, depth=2, num_classes=3, padding_mode="circular")
 

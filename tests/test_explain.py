@@ -18,9 +18,10 @@ from patchmosaic.explain import (
     nearest_training_images,
     signed_displacement,
 )
-from patchmosaic.provenance import ProvenanceRecorder, load_provenance
+from patchmosaic.provenance import ProvenanceRecorder
+from patchmosaic.runs import load_provenance
 from patchmosaic.runs import load_samples
-from patchmosaic.sampler import sample
+from patchmosaic.samplers import sample
 
 N, H, W = 10, 12, 12
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from patchmosaic import ScoreMachine
+from patchmosaic.denoisers import EquivariantLocalScoreMachine
 from reference import ref_machine
 
 CASES = [
@@ -143,8 +144,8 @@ def _mostly_background(N=5, C=1, H=9, W=8, seed=3):
 def test_constant_patch_compaction_matches_brute_force(padding, wrap, k, C, chunk_elements, monkeypatch):
     train, x = _mostly_background(C=C)
     calls = []
-    original = ScoreMachine._update_flat
-    monkeypatch.setattr(ScoreMachine, "_update_flat", staticmethod(lambda *a: (calls.append(1), original(*a))))
+    original = EquivariantLocalScoreMachine._update_flat
+    monkeypatch.setattr(EquivariantLocalScoreMachine, "_update_flat", staticmethod(lambda *a: (calls.append(1), original(*a))))
     m = ScoreMachine(train, kind="els", padding=padding, wrap_training_patches=wrap, chunk_elements=chunk_elements)
     got = m.denoise(x, torch.tensor([0.3, 0.97], dtype=torch.float64), patch_size=k)
     assert calls, "constant patches were not compacted"

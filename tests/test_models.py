@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import patchmosaic
+from patchmosaic.denoisers import EpsDenoiser
 from patchmosaic.models import (
-    EpsDenoiser,
     MinimalResNet,
     MinimalUNet,
     ResNetConfig,

@@ -2,9 +2,10 @@
 
 Kamb & Ganguli (2412.20292, Sec. 5) choose, for every time step, the patch size
 of the ELS machine whose denoiser best matches the trained network. Here the
-*network drives the sampler*: DDIM runs on the network's own estimates, and at
-each step ``t_i = i / n`` the network's ``x0_hat(x_t, t_i)`` is compared, at the
-*same* ``x_t``, with each candidate machine's ``x0_hat_k(x_t, t_i)``:
+*network drives the sampler*: deterministic DDIM (Euler on a sigma grid) runs on
+the network's own estimates, and at each grid point sigma_i the network's
+``x0_hat(x, sigma_i)`` is compared, at the *same* ``x``, with each candidate
+machine's ``x0_hat_k(x, sigma_i)``:
 
 * ``metric="cosine"``: cosine similarity of the flattened images (higher wins);
 * ``metric="l2"``: Euclidean distance ``||x0_net - x0_k||`` (lower wins).
@@ -15,10 +16,11 @@ largest candidate not above the median. With consecutive odd candidates
 (3, 5, 7, ...) that is "if the median of odd sizes lands between two odd sizes
 (an even number of seeds), take the lower one".
 
-Time indexing is the sampler's (:class:`~patchmosaic.schedules.PatchSchedule`):
-the size chosen at ``t = i / n`` is stored at index ``i - 1``, lowest noise
-first, and is the size :meth:`PatchSchedule.at` returns at that time. (The
-paper's released code stores at ``i - 1`` but reads index ``i``.)
+The result is a sigma-keyed :class:`~patchmosaic.schedules.PatchSchedule`: the
+size chosen at grid point sigma_i is keyed by sigma_i (lowest noise first), so
+``schedule.size_at(sigma_i)`` returns it on that grid and the nearest key (in
+log sigma) on any other. (The paper's released code stores the size for
+t = i/n at index i - 1 but reads index i.)
 
 Cost: every candidate k is one full machine call per step on the whole batch of
 seeds; nothing is shared across k yet (the logit blocks of different patch
@@ -39,15 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchmosaic.geometry import make_geometry
-from patchmosaic.machines import ScoreMachine
-from patchmosaic.sampler import Denoiser, sample
-from patchmosaic.schedules import (
-    CosineSchedule,
-    PatchSchedule,
-    check_patch_size,
-    time_grid,
-)
+from patchmosaic.denoisers import Denoiser, ScoreMachine
+from patchmosaic.samplers import initial_state, sample_euler
+from patchmosaic.schedules import PatchSchedule, check_patch_size, sigmas_cosine
 
 __all__ = [
     "METRICS",
@@ -116,29 +112,20 @@ def parse_candidates(spec: str) -> tuple[int, ...]:
 def check_candidates(machine: ScoreMachine, candidates: Sequence[int]) -> tuple[int, ...]:
     """Validate candidate patch sizes against ``machine``; return them sorted.
 
-    A size must be odd, accepted by the machine's geometry, and at most
-    ``2 * min(H, W) - 1`` (a patch that covers the whole image from every
-    pixel; larger ones only add padding, so they could never win a tie).
+    A size must be odd and accepted by the machine (:meth:`ScoreMachine.check_patch_sizes`:
+    its geometry bounds the size by the image).
 
     Raises:
         ValueError: Naming the offending size and the limit.
     """
-    if machine.kind not in ("ls", "els"):
+    if not machine.needs_patch_size:
         raise ValueError(f"calibration needs a patch machine (ls or els), got kind={machine.kind!r}")
     if len(candidates) == 0:
         raise ValueError("no candidate patch sizes given")
-    _, H, W = machine.image_shape
-    limit = 2 * min(H, W) - 1
     out = sorted(check_patch_size(int(k)) for k in candidates)
     if len(set(out)) != len(out):
         raise ValueError(f"candidate sizes are repeated: {out}")
-    for k in out:
-        if k > limit:
-            raise ValueError(
-                f"candidate patch size {k} exceeds what the {machine.kind} machine allows on {H}x{W} images "
-                f"(at most {limit}: a patch covering the whole image from every pixel)"
-            )
-        make_geometry(machine.kind, machine.padding, H, W, k, wrap=machine.wrap_training_patches)
+    machine.check_patch_sizes(out)
     return tuple(out)
 
 
@@ -159,7 +146,7 @@ class CalibrationResult:
     """The calibrated schedule and everything that went into it.
 
     Every ``[steps, ...]`` array is indexed like :attr:`PatchSchedule.sizes`:
-    row ``i - 1`` belongs to ``t = i / steps`` (row 0 is the lowest noise).
+    row r belongs to ``sigmas[r]`` (row 0 is the lowest noise).
     """
 
     schedule: PatchSchedule  # the median choice per step, lowest noise first
@@ -167,7 +154,7 @@ class CalibrationResult:
     metric: str  # "cosine" or "l2"
     seeds: list[int]  # one column per seed
     labels: list[int] | None  # the class of each seed (conditional models)
-    times: list[float]  # [steps] t = i / steps for row i - 1
+    sigmas: list[float]  # [steps] the grid's sigma of each row, ascending
     choices: np.ndarray  # [steps, S] best candidate per step and seed
     scores: np.ndarray  # [steps, K, S] raw metric (cosine similarity, or L2 distance)
     candidate_seconds: np.ndarray  # [steps, K] wall time of each candidate's machine call
@@ -176,7 +163,7 @@ class CalibrationResult:
 
     @property
     def steps(self) -> int:
-        return self.schedule.steps
+        return len(self.schedule)
 
     def cost(self) -> dict[str, Any]:
         """Calibration cost relative to one machine call at the chosen (median) k.
@@ -209,9 +196,9 @@ class CalibrationResult:
                 "candidates": list(self.candidates),
                 "seeds": list(self.seeds),
                 "labels": self.labels,
-                "times": self.times,
+                "sigmas": self.sigmas,
                 "rule": "per step and seed the best candidate (ties: smaller k); per step the median over seeds, "
-                "rounded down to the largest candidate not above it; sizes[i-1] is used at t = i/steps",
+                "rounded down to the largest candidate not above it; keyed by the step's sigma",
                 "choices": self.choices.tolist(),  # [steps][S]
                 "scores": scores.tolist(),  # [steps][K][S]
                 "mean_scores": np.round(self.scores.mean(axis=2), 6).tolist(),  # [steps][K]
@@ -231,40 +218,47 @@ def calibrate(
     noise: torch.Tensor,
     *,
     candidates: Sequence[int],
+    sigmas: torch.Tensor | None = None,
     steps: int = 20,
     metric: str = "cosine",
     label: int | torch.Tensor | None = None,
     seeds: Sequence[int] | None = None,
-    schedule: CosineSchedule = CosineSchedule(),
     progress: Callable[[int, float, int], None] | None = None,
 ) -> CalibrationResult:
     """Calibrate a locality schedule: the machine patch size that best matches the network per step.
 
-    The network drives DDIM from ``noise``; at every step each candidate
-    machine denoises the network's current ``x_t`` (one ``[B, C, H, W]`` batch
-    per candidate: all seeds in one call).
+    The network drives deterministic DDIM (:func:`~patchmosaic.samplers.sample_euler`)
+    from ``noise``; at every grid point each candidate machine denoises the
+    network's current ``x`` (one ``[B, C, H, W]`` batch per candidate: all seeds
+    in one call).
 
     Args:
-        network: ``D(x_t, t) -> x0_hat`` (a conditional network must be bound to
+        network: ``D(x, sigma) -> x0_hat`` (a conditional network must be bound to
             ``label`` already, or offer ``bind(label=)``).
         machine: A ``"ls"`` or ``"els"`` :class:`ScoreMachine` on the network's training set.
-        noise: ``[B, C, H, W]`` initial noise, one row per seed.
+        noise: ``[B, C, H, W]`` initial VP noise ``x_1``, one row per seed
+            (:func:`~patchmosaic.samplers.initial_state` scales it to ``sigmas[0]``).
         candidates: Odd patch sizes to try (see :func:`check_candidates`).
-        steps: Sampler steps n; the schedule has n sizes.
+        sigmas: Sampler grid (descending, last 0); default the paper's
+            :func:`~patchmosaic.schedules.sigmas_cosine` with ``steps`` steps.
+        steps: Steps of the default grid.
         metric: ``"cosine"`` or ``"l2"`` (see :func:`similarity`).
         label: ``None``, an int or a ``[B]`` tensor, for network and machine alike.
         seeds: Names of the ``B`` rows, recorded in the result (default ``0..B-1``).
-        schedule: Noise schedule of network and machine.
-        progress: Called as ``progress(i, t_i, k_best)`` after each step.
+        progress: Called as ``progress(i, sigma_i, k_best)`` after each step (i from 1).
 
     Returns:
-        A :class:`CalibrationResult`.
+        A :class:`CalibrationResult` whose schedule is keyed by the grid's sigmas.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     cands = check_candidates(machine, candidates)
     if noise.ndim != 4:
         raise ValueError(f"noise must have shape [B, C, H, W], got {tuple(noise.shape)}")
+    sigmas = sigmas_cosine(steps) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)
+    if float(sigmas[-1]) != 0.0:
+        raise ValueError("the calibration grid must end at sigma = 0")
+    steps = len(sigmas) - 1
     B = noise.shape[0]
     seeds = list(range(B)) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != B:
@@ -275,46 +269,47 @@ def calibrate(
             network = bind(label=label)
         machine._label_vector(label, B)  # validate before the first step
     K = len(cands)
-    grid = time_grid(steps)  # [steps + 1], 1 -> 0
     scores = np.full((steps, K, B), np.nan)
     choices = np.zeros((steps, B), dtype=np.int64)
     candidate_seconds = np.zeros((steps, K))
     network_seconds = np.zeros(steps)
     lower_is_better = metric == "l2"
-    row_of = PatchSchedule((cands[0],) * steps).index  # t = i / steps -> row i - 1, as the sampler reads it
+    calls = [0]
 
-    def probe(x_t: torch.Tensor, t: float) -> torch.Tensor:
-        """The network's estimate (it drives DDIM); records every candidate's match at this x_t."""
-        row = row_of(t)
+    def probe(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The network's estimate (it drives DDIM); records every candidate's match at this x."""
+        row = steps - 1 - calls[0]  # lowest noise first
+        calls[0] += 1
         start = time.perf_counter()
-        x0_net = network(x_t, t)  # [B, C, H, W]
+        x0_net = network(x, sigma)  # [B, C, H, W]
         network_seconds[row] = time.perf_counter() - start
-        ab = float(schedule.alpha_bar(t))
+        xm = x.to(machine.images.dtype)
         for j, k in enumerate(cands):
             start = time.perf_counter()
-            x0_k = machine.denoise(x_t.to(machine.images.dtype), ab, patch_size=k, label=label)  # [B, C, H, W]
+            x0_k = machine(xm, sigma.to(xm.dtype), patch_size=k, label=label)  # [B, C, H, W]
             candidate_seconds[row, j] = time.perf_counter() - start
             sim = similarity(x0_net, x0_k, metric)  # [B], higher is better
             scores[row, j] = (-sim if lower_is_better else sim).numpy()
         best = np.argmax(-scores[row] if lower_is_better else scores[row], axis=0)  # [B], first max: smallest k
         choices[row] = np.asarray(cands)[best]
         if progress is not None:
-            progress(row + 1, t, median_patch_size(choices[row].tolist(), cands))
+            progress(calls[0], float(sigma[0]), median_patch_size(choices[row].tolist(), cands))
         return x0_net
 
-    sample(probe, noise, steps=steps, schedule=schedule)
+    sample_euler(probe, initial_state(noise, sigmas), sigmas)
     sizes = tuple(median_patch_size(choices[r].tolist(), cands) for r in range(steps))
+    keys = sigmas[:-1].flip(0).tolist()  # [steps] ascending
     labels = None
     if label is not None:
         lab = torch.as_tensor(label).to(torch.long)
         labels = (lab.expand(B) if lab.ndim == 0 else lab).tolist()
     return CalibrationResult(
-        schedule=PatchSchedule(sizes, name="calibrated"),
+        schedule=PatchSchedule(sizes, tuple(keys), name="calibrated"),
         candidates=cands,
         metric=metric,
         seeds=seeds,
         labels=labels,
-        times=[float(grid[steps - 1 - r]) for r in range(steps)],  # row r <-> t = (r + 1) / steps
+        sigmas=keys,
         choices=choices,
         scores=scores,
         candidate_seconds=candidate_seconds,

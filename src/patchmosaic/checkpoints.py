@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from patchmosaic.denoisers.network import EpsDenoiser
 from patchmosaic.models import (
     ARCHS,
-    EpsDenoiser,
     MinimalResNet,
     MinimalUNet,
     ModelConfig,
@@ -224,10 +224,10 @@ def load_denoiser(
     Args:
         path_or_dir: A checkpoint file or a run directory holding ``model.pt``.
         device: Where the network runs.
-        clip: See :class:`~patchmosaic.models.EpsDenoiser`.
+        clip: See :class:`~patchmosaic.denoisers.EpsDenoiser`.
 
     Returns:
-        An unbound :class:`~patchmosaic.models.EpsDenoiser` (conditional models
+        An unbound :class:`~patchmosaic.denoisers.EpsDenoiser` (conditional models
         need a label: ``sample(..., label=c)`` or ``denoiser.bind(label=c)``).
     """
     model, _, _ = load_checkpoint(path_or_dir)

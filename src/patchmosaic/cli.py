@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from patchmosaic import __version__
 from patchmosaic.data import BUNDLED, ImageDataset, load_dataset
-from patchmosaic.geometry import PADDINGS, make_geometry
-from patchmosaic.machines import DEFAULT_CHUNK_ELEMENTS, KINDS, MachineDenoiser, ScoreMachine
-from patchmosaic.provenance import ProvenanceRecorder, save_provenance
+from patchmosaic.geometry import PADDINGS
+from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS, KINDS, MachineDenoiser, ScoreMachine
+from patchmosaic.provenance import ProvenanceRecorder
 from patchmosaic.pretrained import LABEL_RULE, labels_for_seeds, resolve_schedule_spec
 from patchmosaic.runs import (
     CONFIG_FILE,
@@ -35,10 +35,11 @@ from patchmosaic.runs import (
     check_run_dir,
     parse_seeds,
     prepare_run_dir,
+    save_provenance,
     write_sample_run,
 )
-from patchmosaic.sampler import noise_for_seeds, sample
-from patchmosaic.schedules import PRESETS, CosineSchedule, PatchSchedule
+from patchmosaic.samplers import noise_for_seeds, sample
+from patchmosaic.schedules import PRESETS, CosineSchedule, PatchSchedule, sigmas_cosine
 
 __all__ = ["main"]
 
@@ -343,12 +344,6 @@ def _resolve_schedule(kind: str, padding: str, spec: str | None, steps: int, wra
         schedule = PatchSchedule.parse(resolve_schedule_spec(spec))
     except (ValueError, FileNotFoundError) as err:
         raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
-    if schedule.steps != steps:
-        raise click.BadParameter(
-            f"--steps is {steps} but --patch-sizes {spec!r} has {schedule.steps} sizes; they must match "
-            f"(sizes[i-1] is used at t = i/steps): pass --steps {schedule.steps} or a {steps}-entry schedule",
-            param_hint="'--steps'",
-        )
     return schedule
 
 
@@ -388,12 +383,12 @@ def _init_distributed() -> int:
     return dist.get_rank()
 
 
-def _progress_callback(bar: tqdm, denoiser: MachineDenoiser) -> Callable[[int, float, torch.Tensor, torch.Tensor], None]:
-    """A sampler callback that advances ``bar`` by one denoiser call and shows t and k."""
+def _progress_callback(bar: tqdm, denoiser: MachineDenoiser) -> Callable[[dict], None]:
+    """A sampler callback that advances ``bar`` by one step and shows sigma and k."""
 
-    def callback(i: int, t: float, x_t: torch.Tensor, x0_hat: torch.Tensor) -> None:
-        k = denoiser.patch_size_at(t)
-        bar.set_postfix({"t": f"{t:.3f}", "k": "-" if k is None else k}, refresh=False)
+    def callback(info: dict) -> None:
+        k = denoiser.patch_size_at(info["sigma"])
+        bar.set_postfix({"sigma": f"{info['sigma']:.3g}", "k": "-" if k is None else k}, refresh=False)
         bar.update(1)
 
     return callback
@@ -444,9 +439,6 @@ def _run_sample(
         _check_label(data, c)
     torch_dtype = DTYPES[dtype]
     C, H, W = data.images.shape[1:]
-    if schedule is not None:
-        for k in sorted(set(schedule.sizes)):
-            make_geometry(kind, padding, H, W, k, wrap=wrap)
     score_machine = ScoreMachine(
         data.images.to(torch_dtype),  # [N, C, H, W]
         kind=kind,
@@ -457,7 +449,7 @@ def _run_sample(
         distributed=distributed,
     )
     noise_schedule = CosineSchedule()
-    denoiser = score_machine.bind(patch_sizes=schedule, label=label, steps=steps, schedule=noise_schedule)
+    denoiser = score_machine.bind(patch_sizes=schedule, label=label, schedule=noise_schedule)
     run_dir = prepare_run_dir(out, overwrite=overwrite, files=writes) if rank == 0 else out
 
     # 3. Sample the seeds in batches; each seed's noise depends on the seed only.
@@ -472,7 +464,7 @@ def _run_sample(
             bound = denoiser
             if seed_labels is not None:  # one class per seed: bind this batch's [b] labels
                 batch_labels = torch.tensor(seed_labels[b * batch_size : b * batch_size + len(batch)])  # [b]
-                bound = score_machine.bind(patch_sizes=schedule, label=batch_labels, steps=steps, schedule=noise_schedule)
+                bound = score_machine.bind(patch_sizes=schedule, label=batch_labels, schedule=noise_schedule)
             if provenance_top is not None:  # same sampler, through a recording denoiser
                 recorder = ProvenanceRecorder(bound, steps=steps, top=provenance_top)
                 results.append(sample(recorder, noise, steps=steps, schedule=noise_schedule, callback=callback))
@@ -516,7 +508,8 @@ def _run_sample(
             "machine": kind,
             "padding": padding,
             "wrap_training_patches": wrap if (kind == "els" and padding == "circular") else None,
-            "patch_sizes": None if schedule is None else list(schedule.sizes),
+            "patch_sizes": None if schedule is None else list(schedule.on_grid(sigmas_cosine(steps, noise_schedule)))[::-1],
+            "patch_schedule": None if schedule is None else {"sizes": list(schedule.sizes), "sigmas": list(schedule.sigmas)},
             "patch_sizes_source": None if schedule is None else schedule.name,
             "patch_sizes_spec": patch_sizes,
             "label": label,

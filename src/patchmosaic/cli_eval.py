@@ -37,8 +37,8 @@ from patchmosaic.calibration import (
 from patchmosaic.checkpoints import load_checkpoint
 from patchmosaic.data import ImageDataset
 from patchmosaic.evaluation import evaluate, run_sampler, save_comparison, save_scatter
-from patchmosaic.machines import DEFAULT_CHUNK_ELEMENTS, ScoreMachine
-from patchmosaic.models import EpsDenoiser, ModelConfig, config_to_dict
+from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS, EpsDenoiser, ScoreMachine
+from patchmosaic.models import ModelConfig, config_to_dict
 from patchmosaic.pretrained import (
     LABEL_RULE,
     METRICS_FILE,
@@ -66,8 +66,8 @@ from patchmosaic.runs import (
     write_config,
     write_sample_run,
 )
-from patchmosaic.sampler import NOISE_RULE, noise_for_seeds
-from patchmosaic.schedules import PatchSchedule
+from patchmosaic.samplers import NOISE_RULE, noise_for_seeds
+from patchmosaic.schedules import PatchSchedule, sigmas_cosine
 
 __all__ = ["calibrate_command", "evaluate_command", "pretrained_group", "resolve_like", "run_network_sample"]
 
@@ -217,7 +217,7 @@ def resolve_like(
         "size": ts.image_size,
         "padding": ts.padding,
         "patch_sizes": patch_sizes,
-        "steps": schedule.steps,
+        "steps": len(schedule),
         "num_classes": model.num_classes,
         "record": {"like": model.source.describe(), "like_checkpoint": str(model.source.checkpoint)},
     }
@@ -258,7 +258,7 @@ def run_network_sample(
     n_batches = -(-len(seeds) // batch_size)
     start = time.perf_counter()
     with tqdm(total=steps * n_batches, desc="sampling", unit="call", file=sys.stderr, dynamic_ncols=True) as bar:
-        images = run_sampler(model.denoiser, seeds, model.shape, steps=steps, labels=labels,
+        images = run_sampler(model.denoiser, seeds, model.shape, sigmas=sigmas_cosine(steps), labels=labels,
                              batch_size=batch_size, dtype=torch_dtype, bar=bar)  # [S, C, H, W]
     wall = time.perf_counter() - start
     summary = write_sample_run(
@@ -358,8 +358,8 @@ def calibrate_command(
         start = time.perf_counter()
         with tqdm(total=steps, desc="calibrating", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
 
-            def progress(i: int, t: float, k: int) -> None:
-                bar.set_postfix({"t": f"{t:.2f}", "k": k}, refresh=False)
+            def progress(i: int, sigma: float, k: int) -> None:
+                bar.set_postfix({"sigma": f"{sigma:.3g}", "k": k}, refresh=False)
                 bar.update(1)
 
             result = calibrate(
@@ -440,7 +440,7 @@ def _load_reuse(
         )
     size = "native" if ts.image_size is None else ts.image_size
     expected: dict[str, Any] = {"dataset_name": data.name, "n_train": len(data), "size": size,
-                                "steps": schedule.steps, "dtype": "float32"}
+                                "steps": len(schedule), "dtype": "float32"}
     if kind != "ideal":  # the ideal machine does not depend on padding or a schedule
         expected.update({"padding": ts.padding, "patch_sizes": list(schedule.sizes)})
         if ts.padding == "circular":
@@ -548,7 +548,7 @@ def evaluate_command(
         patch_machine, data, ts = _machine_for(model, machine, chunk_elements)
         baseline = ScoreMachine(data.images, kind="ideal", padding=ts.padding,
                                 labels=data.labels if model.num_classes else None, chunk_elements=chunk_elements)
-        patch_machine.bind(patch_sizes=schedule, steps=schedule.steps)  # validates every size before any work
+        patch_machine.bind(patch_sizes=schedule)  # validates every size before any work
         labels = model.labels(seed_list)
         reuse: dict[str, np.ndarray] = {}
         for d in reuse_dirs:
@@ -585,7 +585,7 @@ def evaluate_command(
             "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
             "patch_sizes": list(schedule.sizes),
             "patch_sizes_source": schedule.name,
-            "steps": schedule.steps,
+            "steps": len(schedule),
             "seeds": seed_list,
             "labels": labels,
             "label_rule": None if labels is None else LABEL_RULE,

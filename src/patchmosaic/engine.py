@@ -54,6 +54,7 @@ __all__ = [
     "patch_sq_norms",
     "patch_windows",
     "select_blocks",
+    "ve_logit_coefficients",
 ]
 
 
@@ -87,6 +88,23 @@ def logit_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """
     s2 = 1.0 - alpha_bar  # [B]
     return alpha_bar.sqrt() / s2, -alpha_bar / (2.0 * s2)
+
+
+def ve_logit_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients ``(1 / sigma^2, -1 / (2 sigma^2))`` of the augmented query in the VE form.
+
+    ``-|x - X|^2 / (2 sigma^2) = <x, X> / sigma^2 - |X|^2 / (2 sigma^2) - |x|^2 / (2 sigma^2)``;
+    the last term is the same for every candidate and cancels. These equal
+    :func:`logit_coefficients` applied to ``x_t = sqrt(abar) x`` with ``abar = 1 / (1 + sigma^2)``.
+
+    Args:
+        sigma: ``[B]`` noise levels > 0, in the compute dtype.
+
+    Returns:
+        ``scale [B]`` and ``bias [B]``.
+    """
+    inv = 1.0 / sigma.square()  # [B]
+    return inv, -0.5 * inv
 
 
 def augment_queries(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from patchmosaic.sampler import noise_for_seeds, sample
-from patchmosaic.schedules import CosineSchedule, PatchSchedule
+from patchmosaic.samplers import sample_seeds
+from patchmosaic.schedules import PatchSchedule, sigmas_cosine
 
 __all__ = [
     "METRIC_NAMES",
@@ -251,29 +251,24 @@ def run_sampler(
     seeds: Sequence[int],
     shape: Sequence[int],
     *,
-    steps: int,
+    sigmas: torch.Tensor,
+    sampler: str = "euler",
     patch_sizes: PatchSchedule | None = None,
     labels: Sequence[int] | None = None,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
-    schedule: CosineSchedule = CosineSchedule(),
     bar: tqdm | None = None,
 ) -> torch.Tensor:
-    """DDIM from :func:`noise_for_seeds` for every seed, in batches, with per-seed labels.
+    """:func:`~patchmosaic.samplers.sample_seeds` for a machine (bound to ``patch_sizes``) or a network.
 
     Returns:
         ``[S, C, H, W]`` final samples in the order of ``seeds``.
     """
-    out = []
-    for i in range(0, len(seeds), batch_size):
-        batch = list(seeds[i : i + batch_size])
-        noise = noise_for_seeds(batch, shape, dtype=dtype)  # [b, C, H, W]
-        label = None if labels is None else torch.tensor(list(labels[i : i + batch_size]), dtype=torch.long)  # [b]
-        callback = None if bar is None else (lambda *_: bar.update(1))
-        out.append(
-            sample(denoiser, noise, steps=steps, patch_sizes=patch_sizes, label=label, schedule=schedule, callback=callback)
-        )
-    return torch.cat(out)  # [S, C, H, W]
+    if patch_sizes is not None:
+        denoiser = denoiser.bind(patch_sizes=patch_sizes)
+    callback = None if bar is None else (lambda info: bar.update(1))
+    return sample_seeds(denoiser, seeds, shape, sigmas=sigmas, sampler=sampler, labels=labels,
+                        batch_size=batch_size, dtype=dtype, callback=callback)
 
 
 @dataclass
@@ -293,6 +288,7 @@ def evaluate(
     shape: Sequence[int],
     *,
     patch_sizes: PatchSchedule,
+    sigmas: torch.Tensor | None = None,
     labels: Sequence[int] | None = None,
     names: tuple[str, str] = ("els", "ideal"),
     train_images: torch.Tensor | None = None,
@@ -310,7 +306,9 @@ def evaluate(
         baseline: The baseline :class:`~patchmosaic.ScoreMachine` (``ideal``).
         seeds: Seeds; seed s starts from ``noise_for_seed(s)``.
         shape: ``(C, H, W)``.
-        patch_sizes: The machine's locality schedule; its length is the number of steps.
+        patch_sizes: The machine's locality schedule k(sigma).
+        sigmas: The sampler grid of every denoiser (default: the paper's cosine grid
+            with one step per entry of ``patch_sizes``).
         labels: The class of each seed (conditional models), for every denoiser.
         names: Keys of the machine's and the baseline's samples.
         train_images: ``[N, C, H, W]`` for the nearest-training-image check.
@@ -319,7 +317,8 @@ def evaluate(
         resamples, bootstrap_seed: See :func:`bootstrap_median`.
         progress: tqdm bars on stderr.
     """
-    steps = patch_sizes.steps
+    sigmas = sigmas_cosine(len(patch_sizes)) if sigmas is None else sigmas
+    steps = len(sigmas) - 1
     reuse = dict(reuse or {})
     runs: list[tuple[str, Any, PatchSchedule | None]] = [
         ("network", network, None), (names[0], machine, patch_sizes), (names[1], baseline, None),
@@ -335,7 +334,7 @@ def evaluate(
         with tqdm(total=steps * n_batches, desc=name, unit="call", file=sys.stderr, dynamic_ncols=True,
                   disable=not progress) as bar:
             start = time.perf_counter()
-            out = run_sampler(denoiser, seeds, shape, steps=steps, patch_sizes=ps, labels=labels,
+            out = run_sampler(denoiser, seeds, shape, sigmas=sigmas, patch_sizes=ps, labels=labels,
                               batch_size=batch_size, bar=bar)
             seconds[name] = (time.perf_counter() - start) / len(seeds)
         images[name] = out.numpy().astype(np.float32)

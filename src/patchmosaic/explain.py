@@ -36,10 +36,11 @@ import numpy as np
 import torch
 
 from patchmosaic.data import ImageDataset, load_dataset
-from patchmosaic.machines import ScoreMachine
-from patchmosaic.provenance import load_provenance
+from patchmosaic.denoisers import ScoreMachine
 from patchmosaic.runs import CONFIG_FILE, EXPLAIN_FIGURES, EXPLAIN_FILE, PROVENANCE_FILE, load_samples
-from patchmosaic.sampler import noise_for_seeds, sample
+from patchmosaic.runs import load_provenance
+from patchmosaic.samplers import sample_seeds
+from patchmosaic.schedules import sigmas_cosine
 
 __all__ = [
     "check_explain_out",
@@ -170,19 +171,22 @@ def _read_run(run_dir: Path) -> _Run:
     return _Run(config, torch.from_numpy(samples["images"]), samples["seeds"], samples.get("labels"), prov)
 
 
+def run_sigmas(config: dict) -> torch.Tensor:
+    """The sigma grid a sampling run used (``sigmas`` in its config; older runs: the cosine grid of ``steps``)."""
+    if config.get("sigmas") is not None:
+        return torch.tensor(config["sigmas"], dtype=torch.float64)
+    return sigmas_cosine(int(config["steps"]))
+
+
 def _ideal_samples(run: _Run, train: torch.Tensor, labels: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """The ideal (memorising) machine's samples from the run's seeds, labels and steps."""
+    """The ideal (memorising) machine's samples from the run's seeds, labels, sampler and grid."""
     dtype = torch.float64 if run.config.get("dtype") == "float64" else torch.float32
     machine = ScoreMachine(train.to(dtype), kind="ideal", padding="zeros", labels=labels)
-    C, H, W = run.images.shape[1:]
-    steps = int(run.config["steps"])
-    out = []
-    for start in range(0, len(run.seeds), batch):
-        seeds = [int(s) for s in run.seeds[start : start + batch]]
-        label = None if run.labels is None else torch.from_numpy(run.labels[start : start + batch])
-        noise = noise_for_seeds(seeds, (C, H, W), dtype=dtype)
-        out.append(sample(machine.bind(label=label, steps=steps), noise, steps=steps))
-    return torch.cat(out).float()
+    return sample_seeds(
+        machine, [int(s) for s in run.seeds], tuple(run.images.shape[1:]), sigmas=run_sigmas(run.config),
+        sampler=run.config.get("sampler", "euler"), labels=None if run.labels is None else run.labels.tolist(),
+        batch_size=batch, dtype=dtype,
+    ).float()
 
 
 def _consistency(
@@ -291,7 +295,7 @@ def explain_run(
     summary = {f"median_{k}": median(k) for k in keys if any(k in r for r in per_seed)}
     # Medians over each sample's pixels that are not constant background at the end (all if none is).
     fg = np.where(constant.reshape(B, -1).all(1, keepdims=True), True, ~constant.reshape(B, -1))  # [B, HW]
-    S = len(prov["t"])
+    S = len(prov["sigma"])
     n_eff_t = np.array([[np.median(prov["n_eff"][s, b].reshape(-1)[fg[b]]) for b in range(B)] for s in range(S)])
     ent_t = np.array([[np.median(prov["entropy"][s, b].reshape(-1)[fg[b]]) for b in range(B)] for s in range(S)])
     return {
@@ -321,7 +325,7 @@ def explain_run(
         "per_seed": per_seed,
         "n_eff_over_time": {
             "pixels": "median over each sample's pixels that are not constant background at the final step",
-            "t": [float(t) for t in prov["t"]],
+            "sigma": [float(s) for s in prov["sigma"]],
             "patch_size": [int(k) for k in prov["step_patch_sizes"]],
             "median_n_eff": n_eff_t.T.tolist(),
             "median_entropy": ent_t.T.tolist(),
@@ -329,7 +333,7 @@ def explain_run(
         "figures": dict(EXPLAIN_FIGURES),
         "_arrays": {"images": run.images.numpy(), "dominant": dominant, "single": single, "constant": constant,
                     "disp": disp,
-                    "weight": prov["weight"][..., 0], "n_eff_t": n_eff_t, "t": prov["t"]},
+                    "weight": prov["weight"][..., 0], "n_eff_t": n_eff_t, "sigma": prov["sigma"]},
     }
 
 
@@ -419,15 +423,17 @@ def write_figures(result: dict, out_dir: Path) -> None:
     plt.close(fig)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    t = a["t"]
+    sig = a["sigma"]
     for b in range(B):
-        ax1.plot(t, a["n_eff_t"][:, b], marker=".", lw=1, label=f"seed {seeds[b]}")
-        ax2.plot(t, result["n_eff_over_time"]["median_entropy"][b], marker=".", lw=1)
+        ax1.plot(sig, a["n_eff_t"][:, b], marker=".", lw=1, label=f"seed {seeds[b]}")
+        ax2.plot(sig, result["n_eff_over_time"]["median_entropy"][b], marker=".", lw=1)
     ax1.set_yscale("log")
-    ax1.set_xlabel("t")
+    ax1.set_xscale("log")
+    ax2.set_xscale("log")
+    ax1.set_xlabel("sigma (noise level)")
     ax1.set_ylabel("median N_eff (non-background pixels)")
     ax1.invert_xaxis()
-    ax2.set_xlabel("t")
+    ax2.set_xlabel("sigma (noise level)")
     ax2.set_ylabel("median entropy, nats (non-background)")
     ax2.invert_xaxis()
     if B <= 10:

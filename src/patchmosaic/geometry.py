@@ -139,6 +139,11 @@ def make_geometry(
     if padding not in PADDINGS:
         raise ValueError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
     radius = patch_size // 2
+    if padding == "zeros" and patch_size > min(height, width):
+        raise ValueError(
+            f"patch size {patch_size} is larger than the {height}x{width} image (zero padding: at most "
+            f"{min(height, width) if min(height, width) % 2 else min(height, width) - 1})"
+        )
     if padding == "circular" and radius > min(height, width) - 1:
         raise ValueError(
             f"patch size {patch_size} is too large for circular padding of a {height}x{width} "

@@ -1,4 +1,4 @@
-"""Minimal convolutional diffusion networks and their denoiser wrapper.
+"""Minimal convolutional diffusion networks.
 
 The networks follow Kamb & Ganguli (2412.20292, App. B): only 3x3
 convolutions (1x1 where a skip connection changes the channel count), no
@@ -12,9 +12,8 @@ embedding that each block adds to its features. Both predict the noise
 * :class:`MinimalUNet`: residual blocks on an average-pool / nearest-upsample
   pyramid with skip connections.
 
-:class:`EpsDenoiser` adapts either one to the denoiser protocol
-``D(x_t, t) -> x0_hat`` that :func:`patchmosaic.sample` drives (as the
-k-diffusion ``external`` wrappers do for eps-prediction models).
+:class:`patchmosaic.denoisers.EpsDenoiser` adapts either one to the denoiser
+protocol ``D(x, sigma) -> x0_hat``.
 
 GroupNorm normalises over the whole image, so with ``norm_groups > 0`` every
 output pixel depends (weakly, through the statistics) on every input pixel;
@@ -32,12 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchmosaic.schedules import CosineSchedule, PatchSchedule
-
 __all__ = [
     "ARCHS",
     "PADDING_MODES",
-    "EpsDenoiser",
     "MinimalResNet",
     "MinimalUNet",
     "ModelConfig",
@@ -363,108 +359,3 @@ def build_model(config: ModelConfig) -> MinimalResNet | MinimalUNet:
     if isinstance(config, UNetConfig):
         return MinimalUNet(config)
     raise ValueError(f"not a model config: {type(config).__name__}")
-
-
-# ---------------------------------------------------------------- denoiser wrapper
-
-
-class EpsDenoiser:
-    """An eps-predicting network as a denoiser ``D(x_t, t) -> x0_hat``.
-
-    ``x0_hat = (x_t - sqrt(1 - abar(t)) eps_hat(x_t, t)) / sqrt(abar(t))``
-    (invert the forward process at the predicted noise). The network runs
-    under ``torch.no_grad`` in eval mode on its own device and dtype; the
-    result comes back in the dtype and device of ``x_t``.
-
-    Args:
-        model: A :class:`MinimalResNet`/:class:`MinimalUNet` (anything with a
-            ``config`` and ``forward(x_t, t [B], label)``).
-        schedule: Noise schedule; must be the one the model was trained with.
-        label: Class for conditional models: an int or a ``[B]`` tensor.
-        clip: Clamp x0_hat to [-1, 1] (off by default, as in the paper; note
-            ``abar(1) ~ 1.5e-4``, so x0_hat at t = 1 can be far outside).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        schedule: CosineSchedule = CosineSchedule(),
-        label: int | torch.Tensor | None = None,
-        clip: bool = False,
-    ) -> None:
-        self.model = model
-        self.schedule = schedule
-        self.clip = clip
-        self.num_classes = int(getattr(getattr(model, "config", None), "num_classes", 0))
-        if label is not None:
-            self._check_label(label)
-        self.label = label
-
-    def __repr__(self) -> str:
-        return f"EpsDenoiser({type(self.model).__name__}, label={self.label!r}, clip={self.clip})"
-
-    def _check_label(self, label: int | torch.Tensor) -> None:
-        if not self.num_classes:
-            raise ValueError("label given but the model is unconditional (num_classes = 0)")
-        lab = torch.as_tensor(label)
-        if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool or lab.ndim > 1:
-            raise ValueError(f"label must be an int or an integer [B] tensor, got {lab.dtype} {tuple(lab.shape)}")
-        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= self.num_classes):
-            raise ValueError(f"label(s) {sorted(set(lab.flatten().tolist()))} out of range 0..{self.num_classes - 1}")
-
-    def bind(
-        self,
-        *,
-        patch_sizes: PatchSchedule | object | None = None,
-        label: int | torch.Tensor | None = None,
-        steps: int | None = None,
-    ) -> "EpsDenoiser":
-        """A copy with ``label`` bound (the hook :func:`patchmosaic.sample` calls).
-
-        Raises:
-            ValueError: If ``patch_sizes`` is given (a network has no locality
-                schedule), or the label does not fit the model.
-        """
-        if patch_sizes is not None:
-            raise ValueError("patch_sizes do not apply to a trained network (it has no locality schedule); pass None")
-        if label is None and self.label is None and self.num_classes:
-            raise ValueError(f"the model is class-conditional ({self.num_classes} classes): pass a label")
-        return EpsDenoiser(
-            self.model, schedule=self.schedule, label=self.label if label is None else label, clip=self.clip
-        )
-
-    def _label_vector(self, batch: int, device: torch.device) -> torch.Tensor | None:
-        if self.label is None:
-            if self.num_classes:
-                raise ValueError(f"the model is class-conditional ({self.num_classes} classes): bind a label")
-            return None
-        lab = torch.as_tensor(self.label, dtype=torch.long)
-        lab = lab.expand(batch) if lab.ndim == 0 else lab
-        if lab.shape != (batch,):
-            raise ValueError(f"label must be an int or a [B] = [{batch}] tensor, got shape {tuple(lab.shape)}")
-        return lab.to(device)
-
-    @torch.no_grad()
-    def eps(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        """The network's noise prediction ``eps_hat(x_t, t)``, ``[B, C, H, W]`` in x_t's dtype."""
-        param = next(self.model.parameters())
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            B = x_t.shape[0]
-            x = x_t.to(device=param.device, dtype=param.dtype)  # [B, C, H, W]
-            tt = torch.full((B,), float(t), device=param.device, dtype=param.dtype)  # [B]
-            out = self.model(x, tt, self._label_vector(B, param.device))  # [B, C, H, W]
-        finally:
-            self.model.train(was_training)
-        return out.to(device=x_t.device, dtype=x_t.dtype)
-
-    def __call__(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        """``x0_hat [B, C, H, W]`` at scalar time ``t`` in (0, 1]."""
-        t = float(t)
-        if not 0.0 < t <= 1.0:
-            raise ValueError(f"t must lie in (0, 1], got {t}")
-        ab = float(self.schedule.alpha_bar(t))
-        x0 = (x_t - math.sqrt(1.0 - ab) * self.eps(x_t, t)) / math.sqrt(ab)  # [B, C, H, W]
-        return x0.clamp(-1.0, 1.0) if self.clip else x0

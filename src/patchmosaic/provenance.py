@@ -5,9 +5,9 @@ centres (Kamb & Ganguli 2412.20292, Eq. 9): a "locally consistent patch
 mosaic". :meth:`patchmosaic.ScoreMachine.denoise_provenance` reports, from the
 same streaming pass, each pixel's top candidates (training image, patch centre
 q, weight), ``N_eff = 1 / sum w^2`` and the posterior entropy;
-:class:`ProvenanceRecorder` keeps them along a DDIM trajectory (top candidates
-at the final step, ``N_eff`` and entropy at every step) and
-:func:`save_provenance` writes them next to ``samples.npz``.
+:class:`ProvenanceRecorder` keeps them along a sampler's trajectory (top
+candidates at the final step, ``N_eff`` and entropy at every step) and
+:func:`patchmosaic.runs.save_provenance` writes them next to ``samples.npz``.
 
 Candidate ids inside the engine are ``(image * H + q_row) * W + q_col`` for
 patch machines and ``image * shifts + shift`` for IS/ES.
@@ -18,16 +18,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from patchmosaic.engine import SoftmaxMean
 from patchmosaic.geometry import AxisBlocks, scatter_pixels
-from patchmosaic.runs import PROVENANCE_FILE
 
-__all__ = ["PROVENANCE_FILE", "Provenance", "ProvenanceRecorder", "load_provenance", "save_provenance"]
+__all__ = ["Provenance", "ProvenanceRecorder"]
 
 
 
@@ -87,11 +85,13 @@ class Provenance:
         return cls(index, source, weight, count.round().long(), stats[..., 0], stats[..., 1])
 
     @classmethod
-    def from_global(cls, state: SoftmaxMean, kind: str, H: int, W: int) -> "Provenance":
+    def from_global(cls, state: SoftmaxMean, shifts: int, H: int, W: int) -> "Provenance":
         """IS/ES: the whole-image candidates of each sample, mapped to every pixel.
 
-        IS: pixel p comes from p of the training image. ES: the candidate is the
-        image rolled by ``(s_row, s_col)``, so pixel p comes from ``(p - s) mod (H, W)``.
+        Candidate id ``image * shifts + s_row * W + s_col``: IS has ``shifts = 1`` and
+        pixel p comes from p of the training image; ES has ``shifts = H * W``, the
+        candidate is the image rolled by ``(s_row, s_col)``, so pixel p comes from
+        ``(p - s) mod (H, W)``.
         """
         n_eff, entropy = (s[0] for s in state.posterior_stats())  # [B] each
         B = n_eff.shape[0]
@@ -103,7 +103,6 @@ class Provenance:
             w = n_eff.new_zeros(B, 0)
             ids = torch.zeros((B, 0), dtype=torch.long, device=device)
             c = w
-        shifts = 1 if kind == "ideal" else H * W
         empty = ids < 0
         index = torch.where(empty, -1, ids // shifts)  # [B, m]
         shift = torch.where(empty, 0, ids % shifts)
@@ -135,30 +134,36 @@ class Provenance:
 
 @dataclass
 class ProvenanceRecorder:
-    """A denoiser ``D(x_t, t)`` that records provenance along one DDIM run.
+    """A denoiser ``D(x, sigma)`` that records provenance along one sampler run.
 
     Wraps a bound machine (:meth:`patchmosaic.ScoreMachine.bind`). Every call
     records ``N_eff`` and entropy maps; the last of ``steps`` calls (the final,
-    lowest-noise step, whose x0 estimate is the sample) also records the top
+    lowest-noise call, whose x0 estimate is the sample) also records the top
     ``top`` candidates per pixel.
+
+    Attributes:
+        denoiser: A :class:`~patchmosaic.denoisers.MachineDenoiser`.
+        steps: Denoiser calls of the run (:func:`patchmosaic.samplers.denoiser_calls`).
+        top: Candidates per pixel kept at the final call.
     """
 
-    denoiser: object  # patchmosaic.machines.MachineDenoiser
+    denoiser: object
     steps: int
     top: int = 8
-    t: list[float] = field(default_factory=list)
+    sigma: list[float] = field(default_factory=list)
     patch_sizes: list[int] = field(default_factory=list)
     n_eff: list[torch.Tensor] = field(default_factory=list)
     entropy: list[torch.Tensor] = field(default_factory=list)
     final: Provenance | None = None
 
-    def __call__(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        if len(self.t) >= self.steps:
-            raise ValueError(f"ProvenanceRecorder records one run of {self.steps} steps; make a new one per run")
-        last = len(self.t) == self.steps - 1
-        x0, prov = self.denoiser.with_provenance(x_t, t, top=self.top if last else 0)
-        self.t.append(float(t))
-        self.patch_sizes.append(self.denoiser.patch_size_at(float(t)) or 0)
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        if len(self.sigma) >= self.steps:
+            raise ValueError(f"ProvenanceRecorder records one run of {self.steps} calls; make a new one per run")
+        last = len(self.sigma) == self.steps - 1
+        x0, prov = self.denoiser.with_provenance(x, sigma, top=self.top if last else 0)
+        s = float(torch.as_tensor(sigma).reshape(-1)[0])
+        self.sigma.append(s)
+        self.patch_sizes.append(self.denoiser.patch_size_at(s) or 0)
         self.n_eff.append(prov.n_eff)
         self.entropy.append(prov.entropy)
         if last:
@@ -168,7 +173,7 @@ class ProvenanceRecorder:
     def arrays(self) -> dict[str, np.ndarray]:
         """The run's record as arrays (see :func:`save_provenance` for the fields)."""
         if self.final is None:
-            raise ValueError(f"the recorder saw {len(self.t)} of {self.steps} steps; run the sampler first")
+            raise ValueError(f"the recorder saw {len(self.sigma)} of {self.steps} calls; run the sampler first")
         f = self.final
         return {
             "index": f.index.cpu().numpy().astype(np.int64),
@@ -177,89 +182,6 @@ class ProvenanceRecorder:
             "count": f.count.cpu().numpy().astype(np.int64),
             "n_eff": torch.stack(self.n_eff).cpu().numpy().astype(np.float32),  # [S, B, H, W]
             "entropy": torch.stack(self.entropy).cpu().numpy().astype(np.float32),
-            "t": np.asarray(self.t, dtype=np.float64),
+            "sigma": np.asarray(self.sigma, dtype=np.float64),
             "step_patch_sizes": np.asarray(self.patch_sizes, dtype=np.int64),
         }
-
-
-_BATCHED = ("index", "source", "weight", "count")  # [B, ...]
-_STEPPED = ("n_eff", "entropy")  # [S, B, ...]
-
-
-def save_provenance(path: str | Path, records: Sequence[dict[str, np.ndarray]], seeds: Sequence[int], top: int) -> None:
-    """Write the provenance of a sampling run (one record per sampled batch).
-
-    Fields of the ``.npz``: ``seeds [B]``; ``top`` m; ``patch_size`` (k of the final
-    step, 0 without patches); ``index [B, H, W, m]`` (training image, -1 empty);
-    ``source [B, H, W, m, 2]`` (patch centre q); ``weight [B, H, W, m]``;
-    ``count [B, H, W, m]``; ``n_eff``, ``entropy [S, B, H, W]`` per step;
-    ``t [S]`` and ``step_patch_sizes [S]`` (t = 1 first).
-    """
-    if not records:
-        raise ValueError("no provenance records to save")
-    out: dict[str, np.ndarray] = {
-        name: np.concatenate([r[name] for r in records], axis=0) for name in _BATCHED
-    }
-    out.update({name: np.concatenate([r[name] for r in records], axis=1) for name in _STEPPED})
-    out["t"], out["step_patch_sizes"] = records[0]["t"], records[0]["step_patch_sizes"]
-    out["seeds"] = np.asarray(list(seeds), dtype=np.int64)
-    out["top"] = np.asarray(top, dtype=np.int64)
-    out["patch_size"] = np.asarray(int(out["step_patch_sizes"][-1]), dtype=np.int64)
-    if out["index"].shape[0] != len(out["seeds"]):
-        raise ValueError(f"{out['index'].shape[0]} provenance rows for {len(out['seeds'])} seeds")
-    np.savez_compressed(path, **out)
-
-
-def load_provenance(path: str | Path, *, n_train: int | None = None) -> dict[str, np.ndarray]:
-    """Read and check a ``provenance.npz`` written by :func:`save_provenance`.
-
-    Args:
-        path: The file.
-        n_train: The run's training-set size; when given, image indices must lie in
-            ``-1 .. n_train - 1``.
-
-    Raises:
-        FileNotFoundError: No such file.
-        ValueError: Unreadable, a key missing, or a wrong dtype, shape or range (the message names it).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no provenance file (run 'patchmosaic sample ... --provenance' to record one)"
-        )
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable provenance file ({err})") from err
-    kinds = {"index": "i", "source": "i", "count": "i", "seeds": "i", "top": "i", "patch_size": "i",
-             "step_patch_sizes": "i", "weight": "f", "n_eff": "f", "entropy": "f", "t": "f"}
-    missing = [k for k in kinds if k not in data]
-    if missing:
-        raise ValueError(f"{path}: provenance file lacks {missing} (keys: {sorted(data)})")
-    wrong = [f"{k} ({data[k].dtype})" for k, kind in kinds.items() if data[k].dtype.kind not in (kind, "u" if kind == "i" else kind)]
-    if wrong:
-        raise ValueError(f"{path}: wrong dtypes: {', '.join(wrong)}")
-    if data["index"].ndim != 4:
-        raise ValueError(f"{path}: index must be [B, H, W, m], got shape {data['index'].shape}")
-    B, H, W, m = data["index"].shape
-    S = len(data["t"])
-    checks = {
-        "source": (B, H, W, m, 2), "weight": (B, H, W, m), "count": (B, H, W, m), "seeds": (B,),
-        "n_eff": (S, B, H, W), "entropy": (S, B, H, W), "t": (S,), "step_patch_sizes": (S,),
-        "top": (), "patch_size": (),
-    }
-    for name, shape in checks.items():
-        if data[name].shape != shape:
-            raise ValueError(f"{path}: {name} has shape {data[name].shape}, expected {shape}")
-    if int(data["top"]) != m or S == 0:
-        raise ValueError(f"{path}: top = {int(data['top'])} with {m} entries per pixel and {S} steps")
-    index = data["index"]
-    high = n_train - 1 if n_train is not None else np.iinfo(np.int64).max
-    if index.size and (index.min() < -1 or index.max() > high):
-        raise ValueError(f"{path}: training image indices must lie in -1..{high}, "
-                         f"got {int(index.min())}..{int(index.max())}")
-    q = data["source"][index >= 0]  # [U, 2]
-    if q.size and (q.min() < 0 or q[:, 0].max() >= H or q[:, 1].max() >= W):
-        raise ValueError(f"{path}: patch centres (q_row, q_col) must lie inside the {H}x{W} images")
-    return data

@@ -51,7 +51,6 @@ import numpy as np
 
 from patchmosaic import __version__
 from patchmosaic.explain import run_training_set
-from patchmosaic.provenance import load_provenance
 from patchmosaic.runs import (
     CONFIG_FILE,
     EXPLAIN_FIGURES,
@@ -60,6 +59,7 @@ from patchmosaic.runs import (
     PROVENANCE_FILE,
     SAMPLES_FILE,
     check_run_dir,
+    load_provenance,
     load_samples,
     save_grid,
     to_uint8,
@@ -501,7 +501,8 @@ def _over_time_html(value: Any, seeds: Sequence[Any] | None, figures: Sequence[s
     collapsed step-by-seed tables, never a dump of every number as a key path."""
     plot = EXPLAIN_FIGURES.get("n_eff")
     where = f"; plotted in {plot}" if plot in figures else ""
-    t = value.get("t") if isinstance(value, dict) else None
+    key_t = "sigma" if isinstance(value, dict) and "sigma" in value else "t"  # "t": explain.json of older runs
+    t = value.get(key_t) if isinstance(value, dict) else None
     if not (isinstance(t, list) and t and all(isinstance(v, (int, float)) for v in t)):
         what = (f"keys {', '.join(map(str, value))}" if isinstance(value, dict)
                 else f"a {type(value).__name__}")
@@ -511,23 +512,23 @@ def _over_time_html(value: Any, seeds: Sequence[Any] | None, figures: Sequence[s
     sizes = sizes if isinstance(sizes, list) and len(sizes) == steps else None
     series = {
         key: rows for key, rows in value.items()
-        if key not in ("t", "patch_size") and isinstance(rows, list) and rows
+        if key not in (key_t, "patch_size") and isinstance(rows, list) and rows
         and all(isinstance(r, list) and len(r) == steps for r in rows)
     }
     n = len(next(iter(series.values()))) if series else 0
     series = {key: rows for key, rows in series.items() if len(rows) == n}  # one row per sample in each
     names = ([f"seed {s}" for s in seeds] if seeds is not None and len(seeds) == n
              else [f"sample {b + 1}" for b in range(n)])
-    text = (f"Medians over pixels at each of the {steps} sampling steps (t = {t[0]:.3g} to {t[-1]:.3g}"
+    text = (f"Medians over pixels at each of the {steps} sampling steps ({key_t} = {t[0]:.3g} to {t[-1]:.3g}"
             + (f", k = {sizes[0]} to {sizes[-1]}" if sizes else "") + f") for {n} samples{where}.")
     parts = [f'<p class="note">{_e(text)}</p>']
     for key, rows in series.items():
-        columns = ["t", *(["k"] if sizes else []), *names]
+        columns = [key_t, *(["k"] if sizes else []), *names]
         body = [[f"{t[i]:.3g}", *([_fmt(sizes[i])] if sizes else []), *(_sig(r[i]) for r in rows)]
                 for i in range(steps)]
         parts.append(f"<details><summary>{_e(key)} per step and sample</summary>"
                      f'<div class="scroll">{_table(columns, body)}</div></details>')
-    other = {k: v for k, v in value.items() if k not in ("t", "patch_size") and k not in series}
+    other = {k: v for k, v in value.items() if k not in (key_t, "patch_size") and k not in series}
     if other:
         parts.append(_kv_table(_flatten(other, "n_eff_over_time")))
     return "".join(parts)
@@ -572,7 +573,7 @@ def _explorer_html(run: _Run, anchor: str) -> str:
     meta = {
         "H": H, "W": W, "C": int(samples.shape[-1]), "m": m, "patch_size": k,
         "padding": run.config.get("padding"),
-        "t_final": float(prov["t"][-1]), "k_final": int(prov["step_patch_sizes"][-1]),
+        "sigma_final": float(prov["sigma"][-1]), "k_final": int(prov["step_patch_sizes"][-1]),
         "seeds": [int(s) for s in prov["seeds"]],
         "labels": None if labels is None else [int(labels[r]) for r in rows],
         "classes": classes,
@@ -602,7 +603,7 @@ def _explorer_html(run: _Run, anchor: str) -> str:
     return "\n".join([
         '<section class="sub"><h3>Mosaic explorer</h3>',
         f'<p class="note">Each pixel of a sample is a softmax-weighted average of training-patch centres. Hover over '
-        f"a pixel to list its top {m} source patches at the final step (t = {meta['t_final']:.3g}, {patch}); click "
+        f"a pixel to list its top {m} source patches at the final step (sigma = {meta['sigma_final']:.3g}, {patch}); click "
         "to pin it (click again or Esc to unpin, arrow keys move the pin). Thumbnails outline the k x k source "
         f"patch and mark its centre. {len(ids)} of {len(train)} training images are referenced.</p>",
         f'<div class="explorer" data-source="{data_id}">',

@@ -41,10 +41,12 @@ __all__ = [
     "PROVENANCE_FILE",
     "SAMPLES_FILE",
     "check_run_dir",
+    "load_provenance",
     "load_samples",
     "parse_seeds",
     "prepare_run_dir",
     "save_grid",
+    "save_provenance",
     "save_samples",
     "to_uint8",
     "write_config",
@@ -379,7 +381,7 @@ def write_sample_run(
     Returns:
         A one-line summary: where the files went and the seconds per sample.
     """
-    from patchmosaic.sampler import NOISE_RULE
+    from patchmosaic.samplers import NOISE_RULE
     from patchmosaic.schedules import CosineSchedule
 
     save_grid(images, run_dir / GRID_FILE)
@@ -405,3 +407,91 @@ def write_sample_run(
         f"in {wall:.1f} s, {wall / len(seeds):.2f} s/sample"
     )
 
+
+# ------------------------------------------------------------------ provenance files
+
+_BATCHED = ("index", "source", "weight", "count")  # [B, ...]
+_STEPPED = ("n_eff", "entropy")  # [S, B, ...]
+
+
+def save_provenance(path: str | Path, records: Sequence[dict[str, np.ndarray]], seeds: Sequence[int], top: int) -> None:
+    """Write the provenance of a sampling run (one record per sampled batch).
+
+    Fields of the ``.npz``: ``seeds [B]``; ``top`` m; ``patch_size`` (k of the final
+    step, 0 without patches); ``index [B, H, W, m]`` (training image, -1 empty);
+    ``source [B, H, W, m, 2]`` (patch centre q); ``weight [B, H, W, m]``;
+    ``count [B, H, W, m]``; ``n_eff``, ``entropy [S, B, H, W]`` per denoiser call;
+    ``sigma [S]`` and ``step_patch_sizes [S]`` (highest noise first).
+    """
+    if not records:
+        raise ValueError("no provenance records to save")
+    out: dict[str, np.ndarray] = {
+        name: np.concatenate([r[name] for r in records], axis=0) for name in _BATCHED
+    }
+    out.update({name: np.concatenate([r[name] for r in records], axis=1) for name in _STEPPED})
+    out["sigma"], out["step_patch_sizes"] = records[0]["sigma"], records[0]["step_patch_sizes"]
+    out["seeds"] = np.asarray(list(seeds), dtype=np.int64)
+    out["top"] = np.asarray(top, dtype=np.int64)
+    out["patch_size"] = np.asarray(int(out["step_patch_sizes"][-1]), dtype=np.int64)
+    if out["index"].shape[0] != len(out["seeds"]):
+        raise ValueError(f"{out['index'].shape[0]} provenance rows for {len(out['seeds'])} seeds")
+    np.savez_compressed(path, **out)
+
+
+def load_provenance(path: str | Path, *, n_train: int | None = None) -> dict[str, np.ndarray]:
+    """Read and check a ``provenance.npz`` written by :func:`save_provenance`.
+
+    Args:
+        path: The file.
+        n_train: The run's training-set size; when given, image indices must lie in
+            ``-1 .. n_train - 1``.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Unreadable, a key missing, or a wrong dtype, shape or range (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no provenance file (run 'patchmosaic sample ... --provenance' to record one)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable provenance file ({err})") from err
+    if "sigma" not in data and "t" in data:  # written before the sigma protocol: times on the cosine schedule
+        from patchmosaic.schedules import CosineSchedule
+
+        data["sigma"] = CosineSchedule().sigma(np.asarray(data.pop("t"), dtype=np.float64)).numpy()
+    kinds = {"index": "i", "source": "i", "count": "i", "seeds": "i", "top": "i", "patch_size": "i",
+             "step_patch_sizes": "i", "weight": "f", "n_eff": "f", "entropy": "f", "sigma": "f"}
+    missing = [k for k in kinds if k not in data]
+    if missing:
+        raise ValueError(f"{path}: provenance file lacks {missing} (keys: {sorted(data)})")
+    wrong = [f"{k} ({data[k].dtype})" for k, kind in kinds.items() if data[k].dtype.kind not in (kind, "u" if kind == "i" else kind)]
+    if wrong:
+        raise ValueError(f"{path}: wrong dtypes: {', '.join(wrong)}")
+    if data["index"].ndim != 4:
+        raise ValueError(f"{path}: index must be [B, H, W, m], got shape {data['index'].shape}")
+    B, H, W, m = data["index"].shape
+    S = len(data["sigma"])
+    checks = {
+        "source": (B, H, W, m, 2), "weight": (B, H, W, m), "count": (B, H, W, m), "seeds": (B,),
+        "n_eff": (S, B, H, W), "entropy": (S, B, H, W), "sigma": (S,), "step_patch_sizes": (S,),
+        "top": (), "patch_size": (),
+    }
+    for name, shape in checks.items():
+        if data[name].shape != shape:
+            raise ValueError(f"{path}: {name} has shape {data[name].shape}, expected {shape}")
+    if int(data["top"]) != m or S == 0:
+        raise ValueError(f"{path}: top = {int(data['top'])} with {m} entries per pixel and {S} steps")
+    index = data["index"]
+    high = n_train - 1 if n_train is not None else np.iinfo(np.int64).max
+    if index.size and (index.min() < -1 or index.max() > high):
+        raise ValueError(f"{path}: training image indices must lie in -1..{high}, "
+                         f"got {int(index.min())}..{int(index.max())}")
+    q = data["source"][index >= 0]  # [U, 2]
+    if q.size and (q.min() < 0 or q[:, 0].max() >= H or q[:, 1].max() >= W):
+        raise ValueError(f"{path}: patch centres (q_row, q_col) must lie inside the {H}x{W} images")
+    return data

@@ -1,32 +1,76 @@
-"""Noise and locality schedules.
+"""Noise schedules, sigma grids and locality schedules k(sigma).
 
-The noise schedule is the cosine schedule of Nichol & Dhariwal (2021) used by
-Kamb & Ganguli (2412.20292, App. B): ``alpha_bar(t) = cos^2((t / (1 + s)) * pi / 2)``
-with ``s = 0.008``, so the forward process is
-``x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps``.
+**One protocol, in sigma.** Every denoiser is a callable ``D(x, sigma) -> x0_hat``
+in the variance-exploding (VE / EDM) form ``x = x0 + sigma * eps`` (Karras et
+al. 2022, Eq. 1; k-diffusion). The paper's variance-preserving (VP) process
+``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` (Kamb & Ganguli 2412.20292, App. B)
+is a change of variables, done here and nowhere else:
 
-The locality schedule k(t) (:class:`PatchSchedule`) gives the patch size the
-ELS/LS machines use at each point of the sampler's time grid
-``t_i = i / steps``. Sizes are stored *lowest noise first*: ``sizes[i - 1]`` is
-the size used at ``t = i / steps``, the order of the paper's published
-schedules.
+    x_VE = x_t / sqrt(abar),     sigma^2 = (1 - abar) / abar,     abar = 1 / (1 + sigma^2)
+
+(:func:`sigma_from_alpha_bar`, :func:`alpha_bar_from_sigma`). The posterior
+mean is the same in both forms, so ``D(x_t / sqrt(abar), sigma) = E[x0 | x_t]``.
+
+**Noise schedules** map a time t in [0, 1] to ``alpha_bar(t)`` and ``sigma(t)``:
+:class:`CosineSchedule` is the cosine schedule of Nichol & Dhariwal (2021) that
+the paper uses, ``alpha_bar(t) = cos^2((t / (1 + s)) * pi / 2)``, s = 0.008.
+
+**Sigma grids** are 1-D float64 tensors of ``n + 1`` sigmas, descending, last
+entry 0, for the samplers of :mod:`patchmosaic.samplers`:
+
+* :func:`sigmas_cosine` -- the paper's DDIM grid ``t_i = i / n`` on the cosine schedule;
+* :func:`sigmas_karras` -- EDM's grid (Karras et al. 2022, Eq. 5);
+* :func:`sigmas_vp_linear` -- the DDPM linear-beta schedule subsampled as
+  diffusers' ``DDIMScheduler`` does ("leading" or "trailing" spacing).
+
+**Locality schedules** (:class:`PatchSchedule`) give the patch size k as a step
+function of sigma: each size is keyed by the sigma of the grid point it was
+published or calibrated at, and ``k(sigma)`` is the size of the key nearest to
+sigma in log sigma (ties go to the lower-noise key; beyond the ends, the end
+sizes). On the grid the schedule was made on this returns exactly the published
+sizes; on any other grid or step count it applies the same locality at the same
+noise level.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "GRIDS",
+    "PRESETS",
     "CosineSchedule",
     "PatchSchedule",
-    "PRESETS",
+    "alpha_bar_from_sigma",
+    "check_patch_size",
+    "make_grid",
+    "sigma_from_alpha_bar",
+    "sigmas_cosine",
+    "sigmas_karras",
+    "sigmas_vp_linear",
     "time_grid",
 ]
+
+
+def sigma_from_alpha_bar(alpha_bar: torch.Tensor | float) -> torch.Tensor:
+    """VE noise level ``sigma = sqrt((1 - abar) / abar)`` of a VP signal fraction (float64)."""
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    return torch.sqrt((1.0 - ab) / ab)
+
+
+def alpha_bar_from_sigma(sigma: torch.Tensor | float) -> torch.Tensor:
+    """VP signal fraction ``abar = 1 / (1 + sigma^2)`` of a VE noise level (dtype of ``sigma``)."""
+    sigma = torch.as_tensor(sigma)
+    if not sigma.is_floating_point():
+        sigma = sigma.to(torch.float64)
+    return 1.0 / (1.0 + sigma.square())
 
 
 @dataclass(frozen=True)
@@ -34,51 +78,130 @@ class CosineSchedule:
     """Cosine noise schedule ``alpha_bar(t) = cos^2((t / (1 + s)) pi / 2)``.
 
     Attributes:
-        s: Offset that keeps ``alpha_bar(1)`` above zero (paper: 0.008).
+        s: Offset that keeps ``alpha_bar(1)`` above zero (paper: 0.008, so
+            ``sigma(1) = 80.2``).
     """
 
     s: float = 0.008
 
     def alpha_bar(self, t: torch.Tensor | float) -> torch.Tensor:
-        """Signal fraction ``alpha_bar(t)`` for ``t`` in [0, 1]."""
+        """Signal fraction ``alpha_bar(t)`` for ``t`` in [0, 1] (float64)."""
         t = torch.as_tensor(t, dtype=torch.float64)
         return torch.cos(t / (1.0 + self.s) * (math.pi / 2)) ** 2
 
     def sigma(self, t: torch.Tensor | float) -> torch.Tensor:
-        """Noise standard deviation ``sqrt(1 - alpha_bar(t))``."""
-        return torch.sqrt(1.0 - self.alpha_bar(t))
+        """VE noise level ``sigma(t) = sqrt((1 - alpha_bar) / alpha_bar)`` (float64; 0 at t = 0)."""
+        return sigma_from_alpha_bar(self.alpha_bar(t))
 
     def t_from_alpha_bar(self, alpha_bar: torch.Tensor | float) -> torch.Tensor:
         """Inverse of :meth:`alpha_bar` on [0, 1]."""
         alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
         return torch.acos(torch.sqrt(alpha_bar)) * (2.0 / math.pi) * (1.0 + self.s)
 
+    def t_from_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Inverse of :meth:`sigma`."""
+        return self.t_from_alpha_bar(alpha_bar_from_sigma(torch.as_tensor(sigma, dtype=torch.float64)))
+
+
+def _check_steps(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"steps must be a positive integer, got {n!r}")
+    return n
+
 
 def time_grid(steps: int) -> torch.Tensor:
-    """The sampler's grid ``t_i = i / steps`` for ``i = steps, ..., 0`` (descending).
+    """The paper's DDIM time grid ``t_i = i / steps`` for ``i = steps, ..., 0`` (descending).
 
     Returns:
         ``[steps + 1]`` float64 tensor from 1 to 0.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = _check_steps(steps)
     return torch.arange(steps, -1, -1, dtype=torch.float64) / steps
 
 
-# Published calibrated locality schedules (Kamb & Ganguli 2025, released code),
-# 20 steps each, lowest noise first: entry i - 1 is k at t = i / 20.
-PRESETS: dict[str, tuple[int, ...]] = {
-    "mnist-resnet-zeros": (3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15),
-    "mnist-resnet-circular": (3, 3, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 11, 9, 9, 7, 7, 3, 3),
-    "mnist-unet-zeros": (3, 3, 3, 5, 5, 7, 7, 7, 9, 9, 9, 11, 13, 15, 17, 21, 23, 23, 25, 27),
-    "fashion-resnet-zeros": (3, 3, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15, 17, 17),
-    "fashion-unet-zeros": (3, 3, 5, 5, 7, 7, 7, 9, 11, 11, 11, 13, 15, 15, 21, 23, 25, 25, 25, 25),
-    "cifar10-resnet-zeros": (3, 3, 3, 3, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 11, 13, 15, 17, 17, 17),
-    "cifar10-resnet-circular": (3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15, 15),
-    "cifar10-unet-zeros": (3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 13, 13, 15, 17, 25),
-    "celeba-resnet-zeros": (3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 15, 19, 19),
-    "celeba-unet-zeros": (3, 3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 13, 19, 27),
+def sigmas_cosine(n: int, schedule: CosineSchedule | None = None) -> torch.Tensor:
+    """The paper's grid: sigma at ``t = 1, (n-1)/n, ..., 1/n``, then 0.
+
+    Args:
+        n: Number of steps (denoiser calls of a first-order sampler).
+        schedule: Noise schedule (default: :class:`CosineSchedule` with s = 0.008).
+
+    Returns:
+        ``[n + 1]`` float64, descending, last entry 0.
+    """
+    schedule = CosineSchedule() if schedule is None else schedule
+    sigmas = schedule.sigma(time_grid(n))  # [n + 1]
+    sigmas[-1] = 0.0
+    return sigmas
+
+
+def sigmas_karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """EDM's grid (Karras et al. 2022, Eq. 5), then 0.
+
+    ``sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
+    for ``i = 0, ..., n - 1`` (``n = 1``: ``sigma_max`` alone), ``sigma_n = 0``.
+
+    Returns:
+        ``[n + 1]`` float64, descending, last entry 0.
+    """
+    n = _check_steps(n)
+    if not 0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if not rho > 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho  # [n]
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+# DDPM's linear-beta training schedule (Ho et al. 2020): 1000 steps, beta 1e-4 .. 0.02.
+VP_LINEAR = {"beta_start": 1e-4, "beta_end": 0.02, "train_steps": 1000}
+
+
+def sigmas_vp_linear(n: int, spacing: str = "leading") -> torch.Tensor:
+    """DDPM's linear-beta schedule subsampled to ``n`` steps as diffusers' ``DDIMScheduler`` does.
+
+    ``alphas_cumprod = cumprod(1 - linspace(1e-4, 0.02, 1000))`` (float32, as
+    diffusers computes it); the timesteps are ``"leading"``:
+    ``(arange(n) * (1000 // n))`` descending, or ``"trailing"``:
+    ``round(arange(1000, 0, -1000 / n)) - 1``; sigma at each timestep is
+    ``sqrt((1 - abar) / abar)``, then 0 (``set_alpha_to_one``).
+
+    Returns:
+        ``[n + 1]`` float64, descending, last entry 0.
+    """
+    n = _check_steps(n)
+    T = VP_LINEAR["train_steps"]
+    if n > T:
+        raise ValueError(f"vp-linear grids have at most {T} steps (the training schedule's length), got {n}")
+    betas = torch.linspace(VP_LINEAR["beta_start"], VP_LINEAR["beta_end"], T, dtype=torch.float32)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float64)  # [T]
+    if spacing == "leading":
+        timesteps = torch.arange(n - 1, -1, -1, dtype=torch.long) * (T // n)
+    elif spacing == "trailing":
+        steps = torch.arange(T, 0, -T / n, dtype=torch.float64)
+        timesteps = torch.round(steps).to(torch.long) - 1
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; expected 'leading' or 'trailing'")
+    sigmas = sigma_from_alpha_bar(alphas_cumprod[timesteps])  # [n]
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+# Named grids for the CLI: name -> (n -> sigmas).
+GRIDS: dict[str, Callable[[int], torch.Tensor]] = {
+    "cosine": sigmas_cosine,
+    "karras": sigmas_karras,
+    "vp-linear": sigmas_vp_linear,
+    "vp-linear-trailing": lambda n: sigmas_vp_linear(n, "trailing"),
 }
+
+
+def make_grid(name: str, n: int) -> torch.Tensor:
+    """The named grid (:data:`GRIDS`) with ``n`` steps."""
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}; expected one of {', '.join(GRIDS)}")
+    return GRIDS[name](n)
 
 
 def check_patch_size(k: object) -> int:
@@ -94,38 +217,66 @@ def check_patch_size(k: object) -> int:
 
 @dataclass(frozen=True)
 class PatchSchedule:
-    """Locality schedule k(t) on the grid ``t_i = i / n``, ``n = len(sizes)``.
+    """Locality schedule k(sigma): a step function of the noise level.
+
+    ``sizes[i]`` is keyed by ``sigmas[i]`` (both lowest noise first); ``k(sigma)``
+    is the size whose key is nearest to ``sigma`` in log sigma (ties go to the
+    lower-noise key, and sigmas beyond the ends get the end sizes).
 
     Attributes:
-        sizes: Patch sizes, lowest noise first: ``sizes[i - 1]`` is k at ``t = i / n``.
+        sizes: Odd patch sizes, lowest noise first.
+        sigmas: Their keys, strictly ascending VE sigmas. ``None`` keys ``sizes``
+            to the paper's 20-step-style cosine grid of ``len(sizes)`` steps:
+            ``sizes[i - 1]`` at ``t = i / n`` (how the published and the step-indexed
+            calibrated schedules are defined).
         name: Where the schedule came from (preset name, file path or "explicit").
     """
 
     sizes: tuple[int, ...]
+    sigmas: tuple[float, ...] | None = None
     name: str = "explicit"
 
     def __post_init__(self) -> None:
         if len(self.sizes) == 0:
             raise ValueError("a patch-size schedule needs at least one size")
         object.__setattr__(self, "sizes", tuple(check_patch_size(k) for k in self.sizes))
+        sigmas = self.sigmas
+        if sigmas is None:
+            sigmas = sigmas_cosine(len(self.sizes)).flip(0)[1:].tolist()  # t = 1/n, ..., 1
+        sigmas = tuple(float(s) for s in sigmas)
+        if len(sigmas) != len(self.sizes):
+            raise ValueError(f"a patch-size schedule needs one sigma per size: {len(self.sizes)} sizes, {len(sigmas)} sigmas")
+        if not all(math.isfinite(s) and s > 0 for s in sigmas):
+            raise ValueError(f"schedule sigmas must be finite and positive, got {list(sigmas)}")
+        if any(b <= a for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"schedule sigmas must be strictly ascending (lowest noise first), got {list(sigmas)}")
+        object.__setattr__(self, "sigmas", sigmas)
+        logs = [math.log(s) for s in sigmas]
+        object.__setattr__(self, "_log_midpoints", tuple((a + b) / 2 for a, b in zip(logs, logs[1:])))
 
-    @property
-    def steps(self) -> int:
-        """Number of grid points ``n`` the schedule is defined on."""
+    def __len__(self) -> int:
         return len(self.sizes)
 
-    def index(self, t: float) -> int:
-        """Index into :attr:`sizes` for time ``t = i / n`` (that is, ``i - 1``)."""
-        i = round(float(t) * self.steps)
-        if abs(float(t) * self.steps - i) > 1e-6 or not 1 <= i <= self.steps:
-            raise ValueError(
-                f"t={float(t)!r} is not on this schedule's grid i/{self.steps}, i = 1..{self.steps}"
-            )
-        return i - 1
+    def size_at(self, sigma: float | torch.Tensor) -> int:
+        """Patch size at noise level ``sigma`` (a positive float)."""
+        sigma = float(sigma)
+        if not sigma > 0 or not math.isfinite(sigma):
+            raise ValueError(f"a patch size is defined for finite sigma > 0, got {sigma}")
+        return self.sizes[bisect.bisect_left(self._log_midpoints, math.log(sigma))]
 
-    def at(self, t: float) -> int:
-        """Patch size k at time ``t`` (must lie on the grid ``i / n``, ``i >= 1``)."""
-        return self.sizes[self.index(t)]
+    __call__ = size_at
+
+    def on_grid(self, sigmas: torch.Tensor | Sequence[float]) -> tuple[int, ...]:
+        """The sizes used at the nonzero sigmas of a sampler grid, in grid order."""
+        return tuple(self.size_at(s) for s in torch.as_tensor(sigmas).tolist() if s > 0)
+
+    @classmethod
+    def from_steps(
+        cls, sizes: Sequence[int], schedule: CosineSchedule | None = None, *, name: str = "explicit"
+    ) -> "PatchSchedule":
+        """Key step-indexed sizes (``sizes[i - 1]`` at ``t = i / n``) to the sigmas of ``schedule``."""
+        sigmas = sigmas_cosine(len(sizes), schedule).flip(0)[1:].tolist() if len(sizes) else []
+        return cls(tuple(sizes), tuple(sigmas), name=name)
 
     @classmethod
     def parse(cls, spec: str) -> "PatchSchedule":
@@ -133,11 +284,12 @@ class PatchSchedule:
 
         Args:
             spec: ``"mnist-resnet-zeros"`` (see :data:`PRESETS`), ``"3,3,5,..."``
-                (lowest noise first) or a path to a JSON file written by :meth:`save`.
+                (lowest noise first, keyed to the cosine grid of that many steps) or
+                a path to a JSON file written by :meth:`save`.
         """
         spec = spec.strip()
         if spec in PRESETS:
-            return cls(PRESETS[spec], name=spec)
+            return PRESETS[spec]
         if spec and all(part.strip().lstrip("-").isdigit() for part in spec.split(",")):
             return cls(tuple(int(part) for part in spec.split(",")), name="explicit")
         path = Path(spec)
@@ -150,27 +302,57 @@ class PatchSchedule:
 
     @classmethod
     def load(cls, path: str | Path) -> "PatchSchedule":
-        """Read a schedule file (JSON with key ``patch_sizes``, lowest noise first)."""
+        """Read a schedule file: JSON with ``patch_sizes`` and ``sigmas`` (both lowest noise first).
+
+        Files without ``sigmas`` (written before schedules were keyed by sigma) hold
+        step-indexed sizes on the paper's cosine grid and load as such.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"schedule file not found: {path}")
+        what = f"{path} is not a schedule file (a JSON object with a 'patch_sizes' list)"
         try:
-            data = json.loads(path.read_text())
-            sizes = data["patch_sizes"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"{path} is not a schedule file (JSON object with a 'patch_sizes' list)"
-            ) from err
-        if not isinstance(sizes, list):
-            raise ValueError(f"{path}: 'patch_sizes' must be a list of odd integers")
-        return cls(tuple(sizes), name=str(path))
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{what}: {err}") from err
+        if not isinstance(data, dict) or not isinstance(data.get("patch_sizes"), list):
+            raise ValueError(what)
+        sigmas = data.get("sigmas")
+        if sigmas is not None and not isinstance(sigmas, list):
+            raise ValueError(f"{path}: 'sigmas' must be a list of ascending noise levels")
+        try:
+            return cls(tuple(data["patch_sizes"]), None if sigmas is None else tuple(sigmas), name=str(path))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from err
 
     def save(self, path: str | Path, **metadata: object) -> None:
-        """Write the schedule as JSON (lowest noise first), with optional metadata."""
+        """Write the schedule as JSON (sizes and their sigma keys, lowest noise first), with metadata."""
         payload = {
             "patch_sizes": list(self.sizes),
-            "order": "lowest noise first: patch_sizes[i-1] is used at t = i/steps",
-            "steps": self.steps,
+            "sigmas": list(self.sigmas),
+            "order": "lowest noise first: patch_sizes[i] is used at the sigmas nearest (in log sigma) to sigmas[i]",
             **metadata,
         }
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+# Published calibrated locality schedules (Kamb & Ganguli 2025, released code),
+# 20 steps each, lowest noise first: entry i - 1 is k at t = i / 20 of the cosine
+# schedule, i.e. keyed to sigmas_cosine(20).
+_PAPER_SCHEDULES: dict[str, tuple[int, ...]] = {
+    "mnist-resnet-zeros": (3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15),
+    "mnist-resnet-circular": (3, 3, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 11, 9, 9, 7, 7, 3, 3),
+    "mnist-unet-zeros": (3, 3, 3, 5, 5, 7, 7, 7, 9, 9, 9, 11, 13, 15, 17, 21, 23, 23, 25, 27),
+    "fashion-resnet-zeros": (3, 3, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15, 17, 17),
+    "fashion-unet-zeros": (3, 3, 5, 5, 7, 7, 7, 9, 11, 11, 11, 13, 15, 15, 21, 23, 25, 25, 25, 25),
+    "cifar10-resnet-zeros": (3, 3, 3, 3, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 11, 13, 15, 17, 17, 17),
+    "cifar10-resnet-circular": (3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15, 15),
+    "cifar10-unet-zeros": (3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 13, 13, 15, 17, 25),
+    "celeba-resnet-zeros": (3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 15, 19, 19),
+    "celeba-unet-zeros": (3, 3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 13, 19, 27),
+}
+
+# Every named locality schedule: name -> sigma-keyed PatchSchedule.
+PRESETS: dict[str, PatchSchedule] = {
+    name: PatchSchedule.from_steps(sizes, name=name) for name, sizes in _PAPER_SCHEDULES.items()
+}

@@ -1,27 +1,36 @@
 """Training-free score machines (Kamb & Ganguli 2412.20292, Sec. 3).
 
-A :class:`ScoreMachine` holds a training set and returns the posterior mean
-``E[x0 | x_t]`` under the forward process
-``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` for one of four constrained
-denoisers:
+A score machine holds a training set and returns the posterior mean of one of
+four constrained denoisers, one class each:
 
-* ``"ideal"`` (IS): softmax over whole training images; it memorises.
-* ``"es"`` (ES): softmax over every training image at every circular shift.
-* ``"ls"`` (LS): each pixel p sees the k x k patch around p; candidates are
-  the training images' patches at the same location p.
-* ``"els"`` (ELS): candidates are (image i, centre q) for every admissible q
-  (see :mod:`patchmosaic.geometry`); the output pixel is the weighted centre
-  pixel of the training patch.
+* :class:`IdealScoreMachine` (IS, ``kind="ideal"``): softmax over whole training
+  images; it memorises.
+* :class:`EquivariantScoreMachine` (ES, ``"es"``): softmax over every training
+  image at every circular shift.
+* :class:`LocalScoreMachine` (LS, ``"ls"``): each pixel p sees the k x k patch
+  around p; candidates are the training images' patches at the same location p.
+* :class:`EquivariantLocalScoreMachine` (ELS, ``"els"``): candidates are (image i,
+  centre q) for every admissible q (see :mod:`patchmosaic.geometry`); the output
+  pixel is the weighted centre pixel of the training patch.
+
+``ScoreMachine(train, kind=...)`` is the factory (and the common base class).
+Every machine is a denoiser ``D(x, sigma)`` in the VE form of
+:mod:`patchmosaic.denoisers.base` (LS/ELS with ``patch_size=`` or through
+:meth:`ScoreMachine.bind`), and keeps the paper's VP form as
+:meth:`ScoreMachine.denoise` ``(x_t, alpha_bar)``. Both give the same posterior
+mean; the logits are ``-|x - X|^2 / (2 sigma^2)`` in VE and
+``-|x_t - sqrt(abar) X|^2 / (2 (1 - abar))`` in VP (Eq. 6-9).
 
 All four run on :class:`patchmosaic.engine.SoftmaxMean`; LS and ELS differ only
-in their :class:`patchmosaic.geometry.Geometry`.
+in their :class:`patchmosaic.geometry.Geometry`, IS and ES only in their
+candidate images.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -34,17 +43,30 @@ from patchmosaic.engine import (
     exact_float32_matmul,
     flat_patches,
     logit_coefficients,
+    ve_logit_coefficients,
     patch_sq_norms,
     patch_windows,
     select_blocks,
 )
 from patchmosaic.geometry import PADDINGS, AxisBlocks, Geometry, make_geometry, scatter_pixels
+from patchmosaic.denoisers.base import check_images, sigma_vector
 from patchmosaic.provenance import Provenance
 from patchmosaic.schedules import CosineSchedule, PatchSchedule, check_patch_size
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "KINDS", "MachineDenoiser", "ScoreMachine"]
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "KINDS",
+    "EquivariantLocalScoreMachine",
+    "EquivariantScoreMachine",
+    "IdealScoreMachine",
+    "LocalScoreMachine",
+    "MachineDenoiser",
+    "ScoreMachine",
+    "check_machine_options",
+]
 
 KINDS = ("ideal", "es", "ls", "els")
+PATCH_KINDS = ("ls", "els")
 
 # Default bound on the elements of one chunk's logit block (and patch tensor):
 # 2**22 float32 values = 16 MiB, so the streaming pass stays in that budget.
@@ -64,6 +86,18 @@ ABSENT_NORM = 1e30
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(f"{what} contains NaN or infinite values")
+
+
+def check_machine_options(kind: str, padding: str, wrap_training_patches: bool = True) -> None:
+    """The one check of a machine's kind x padding x wrap combination (ValueError naming the problem)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown machine kind {kind!r}; expected one of {KINDS}")
+    if padding not in PADDINGS:
+        raise ValueError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
+    if kind == "es" and padding != "circular":
+        raise ValueError("the equivariant score machine (kind='es') is defined for circular padding only")
+    if not wrap_training_patches and not (kind == "els" and padding == "circular"):
+        raise ValueError("wrap_training_patches=False applies to kind='els' with padding='circular' only")
 
 
 def _patch_ids(img: torch.Tensor, q_row: torch.Tensor, q_col: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -100,9 +134,12 @@ def _tally(
 class ScoreMachine:
     """Closed-form optimal denoiser under locality/equivariance constraints.
 
+    ``ScoreMachine(train, kind=...)`` returns the subclass of that kind.
+
     Args:
-        train_images: ``[N, C, H, W]`` floating training images (e.g. in [-1, 1]).
-        kind: ``"ideal"``, ``"es"``, ``"ls"`` or ``"els"``.
+        train_images: ``[N, C, H, W]`` floating training images in [-1, 1].
+        kind: ``"ideal"``, ``"es"``, ``"ls"`` or ``"els"`` (may be omitted when
+            constructing a subclass directly).
         padding: ``"zeros"`` or ``"circular"`` (ES needs ``"circular"``).
         labels: Optional ``[N]`` integer class labels, enabling ``label=`` conditioning.
         wrap_training_patches: Circular ELS only. ``False`` keeps only training
@@ -116,29 +153,30 @@ class ScoreMachine:
             ``denoise`` with the same inputs.
     """
 
+    kind: ClassVar[str]
+    needs_patch_size: ClassVar[bool] = False
+
+    def __new__(cls, train_images: object = None, *, kind: str | None = None, **kwargs: object) -> "ScoreMachine":
+        if cls is ScoreMachine:
+            if kind not in _MACHINES:
+                raise ValueError(f"unknown machine kind {kind!r}; expected one of {KINDS}")
+            cls = _MACHINES[kind]
+        elif kind is not None and kind != cls.kind:
+            raise ValueError(f"{cls.__name__} is kind={cls.kind!r}, got kind={kind!r}")
+        return super().__new__(cls)
+
     def __init__(
         self,
         train_images: torch.Tensor | np.ndarray,
         *,
-        kind: str,
+        kind: str | None = None,
         padding: str = "zeros",
         labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
         wrap_training_patches: bool = True,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         distributed: bool = False,
     ) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown machine kind {kind!r}; expected one of {KINDS}")
-        if padding not in PADDINGS:
-            raise ValueError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
-        if kind == "es" and padding != "circular":
-            raise ValueError(
-                "the equivariant score machine (kind='es') is defined for circular padding only"
-            )
-        if not wrap_training_patches and not (kind == "els" and padding == "circular"):
-            raise ValueError(
-                "wrap_training_patches=False applies to kind='els' with padding='circular' only"
-            )
+        check_machine_options(self.kind, padding, wrap_training_patches)
         images = torch.as_tensor(train_images)
         if images.ndim != 4:
             raise ValueError(
@@ -151,6 +189,12 @@ class ScoreMachine:
                 f"train_images must be floating point (e.g. scaled to [-1, 1]), got {images.dtype}"
             )
         _check_finite(images, "train_images")
+        lo_val, hi_val = float(images.min()), float(images.max())
+        if lo_val < -1.0 - 1e-6 or hi_val > 1.0 + 1e-6:
+            raise ValueError(
+                f"train_images must be scaled to [-1, 1], got values in [{lo_val:g}, {hi_val:g}] "
+                "(for 0..255 pixels use x / 127.5 - 1; patchmosaic.data.load_dataset does this)"
+            )
         self.rank, self.world = 0, 1
         if distributed:
             import torch.distributed as dist
@@ -165,7 +209,6 @@ class ScoreMachine:
         lo, hi = self.rank * N // self.world, (self.rank + 1) * N // self.world
         self.num_train = N  # the whole training set, over all shards
         self.images = images[lo:hi]  # [N_shard, C, H, W], this process's shard
-        self.kind = kind
         self.padding = padding
         self.wrap_training_patches = wrap_training_patches
         if chunk_elements < 1:
@@ -202,31 +245,8 @@ class ScoreMachine:
         )
 
     # ------------------------------------------------------------------ inputs
-    def _check_query(self, x_t: torch.Tensor) -> None:
-        if not torch.is_tensor(x_t):
-            raise ValueError(f"x_t must be a torch tensor, got {type(x_t).__name__}")
-        C, H, W = self.image_shape
-        if x_t.ndim == 3:
-            raise ValueError(
-                f"x_t has shape {tuple(x_t.shape)}: missing batch dimension, expected "
-                f"[B, {C}, {H}, {W}] (use x_t[None] for one image)"
-            )
-        if x_t.ndim != 4:
-            raise ValueError(f"x_t must have shape [B, C, H, W], got {tuple(x_t.shape)}")
-        if x_t.shape[1] != C:
-            raise ValueError(f"x_t has {x_t.shape[1]} channels but the training images have {C}")
-        if tuple(x_t.shape[2:]) != (H, W):
-            raise ValueError(
-                f"x_t is {x_t.shape[2]}x{x_t.shape[3]} but the training images are {H}x{W}"
-            )
-        if not x_t.is_floating_point():
-            raise ValueError(f"x_t must be floating point, got {x_t.dtype}")
-        if x_t.dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                f"x_t is {x_t.dtype}: score machines compute in float32 or float64 (lower "
-                "precision makes the 1/(1 - alpha_bar)-scaled logits wrong at low noise)"
-            )
-        _check_finite(x_t, "x_t")
+    def _check_query(self, x: torch.Tensor, what: str = "x_t") -> None:
+        check_images(x, self.image_shape, what)
 
     @staticmethod
     def _alpha_bar_vector(alpha_bar: torch.Tensor | float, x_t: torch.Tensor) -> torch.Tensor:
@@ -284,6 +304,37 @@ class ScoreMachine:
         ab = self._alpha_bar_vector(alpha_bar, x_t)  # [B]
         x0, _ = self._run(x_t, logit_coefficients(ab), patch_size, label, track=None)
         return x0
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        *,
+        patch_size: int | None = None,
+        label: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The denoiser protocol ``D(x, sigma) -> x0_hat`` (VE form, ``x = x0 + sigma eps``).
+
+        Equals :meth:`denoise` at ``x_t = x / sqrt(1 + sigma^2)``,
+        ``alpha_bar = 1 / (1 + sigma^2)`` up to float rounding; the logits are
+        ``-|x - X|^2 / (2 sigma^2)``.
+
+        Args:
+            x: ``[B, C, H, W]`` noisy images.
+            sigma: Float or ``[B]`` tensor of noise levels > 0.
+            patch_size, label: As for :meth:`denoise` (or bind them: :meth:`bind`).
+
+        Returns:
+            ``[B, C, H, W]`` estimate of x0, in the dtype of ``x``.
+        """
+        return self._call_ve(x, sigma, patch_size, label, track=None)[0]
+
+    def _call_ve(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, patch_size: int | None,
+        label: int | torch.Tensor | None, track: int | None,
+    ) -> tuple[torch.Tensor, Provenance | None]:
+        self._check_query(x, "x")
+        return self._run(x, ve_logit_coefficients(sigma_vector(sigma, x)), patch_size, label, track=track)
 
     def denoise_provenance(
         self,
@@ -353,15 +404,15 @@ class ScoreMachine:
         return top
 
     def _geometry(self, patch_size: int | None) -> Geometry | None:
-        if self.kind in ("ls", "els"):
-            if patch_size is None:
-                raise ValueError(f"kind={self.kind!r} needs a patch_size (odd integer)")
-            k = check_patch_size(patch_size)
-            _, H, W = self.image_shape
-            return make_geometry(self.kind, self.padding, H, W, k, wrap=self.wrap_training_patches)
+        """The geometry of one call (None for the global machines IS and ES)."""
         if patch_size is not None:
             raise ValueError(f"patch_size does not apply to kind={self.kind!r}; pass None")
         return None
+
+    def check_patch_sizes(self, sizes: Sequence[int]) -> None:
+        """Check every size of a locality schedule against this machine (ValueError naming the first bad one)."""
+        if sizes:
+            raise ValueError(f"patch sizes do not apply to kind={self.kind!r}")
 
     def _run(
         self,
@@ -402,15 +453,270 @@ class ScoreMachine:
         track: int | None,
     ) -> tuple[torch.Tensor, Provenance | None]:
         with exact_float32_matmul():
-            if geometry is not None:
-                return self._denoise_patches(x_t, coeffs, train, train_ids, geometry, track)
-            return self._denoise_global(x_t, coeffs, train, train_ids, track)
+            return self._denoise(x_t, coeffs, train, train_ids, geometry, track)
+
+    def _denoise(
+        self,
+        x_t: torch.Tensor,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        train: torch.Tensor,
+        train_ids: torch.Tensor,
+        geometry: Geometry | None,
+        track: int | None,
+    ) -> tuple[torch.Tensor, Provenance | None]:
+        raise NotImplementedError  # each kind's subclass
 
     def score(self, x_t: torch.Tensor, alpha_bar: torch.Tensor | float, **kwargs: object) -> torch.Tensor:
         """Score ``-(x_t - sqrt(abar) x0_hat) / (1 - abar)`` of the machine."""
         ab = self._alpha_bar_vector(alpha_bar, x_t)[:, None, None, None]  # [B, 1, 1, 1]
         x0 = self.denoise(x_t, alpha_bar, **kwargs)
         return -(x_t - ab.sqrt() * x0) / (1.0 - ab)
+
+    def _reduce(self, states: list[SoftmaxMean]) -> None:
+        """Merge the partial states of all shards (no-op in a single process)."""
+        if self.world > 1:
+            for state in states:
+                state.all_reduce()
+
+    def _chunks(
+        self, train: torch.Tensor, per_image: int, like: torch.Tensor
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, images)``: training images in chunks of at most ``chunk_elements / per_image``.
+
+        ``per_image`` must not depend on the query batch, so that every sample's
+        result is independent of which other samples share its batch.
+        """
+        n = max(1, self.chunk_elements // max(1, per_image))
+        for start in range(0, train.shape[0], n):
+            yield start, train[start : start + n].to(device=like.device, dtype=like.dtype)
+
+    # ------------------------------------------------------ denoiser protocol
+    def bind(
+        self,
+        *,
+        patch_sizes: PatchSchedule | Sequence[int] | str | None = None,
+        label: int | torch.Tensor | None = None,
+        schedule: CosineSchedule | None = None,
+    ) -> "MachineDenoiser":
+        """A denoiser ``D(x, sigma) -> x0_hat`` with a locality schedule k(sigma) and a label bound.
+
+        Args:
+            patch_sizes: LS/ELS: a :class:`PatchSchedule` (sigma-keyed), a preset
+                name or schedule file (:meth:`PatchSchedule.parse`), or a list of
+                sizes lowest noise first, keyed to the DDIM grid ``t = i / n`` of
+                ``schedule`` (``n = len(patch_sizes)``). None for IS/ES.
+            label: ``None``, an int or a ``[B]`` tensor (class conditioning).
+            schedule: Noise schedule that a *list* of sizes is keyed to (default: the
+                paper's cosine schedule). Ignored for sigma-keyed schedules.
+        """
+        ps: PatchSchedule | None = None
+        if patch_sizes is not None:
+            if isinstance(patch_sizes, PatchSchedule):
+                ps = patch_sizes
+            elif isinstance(patch_sizes, str):
+                ps = PatchSchedule.parse(patch_sizes)
+            else:
+                ps = PatchSchedule.from_steps(tuple(patch_sizes), schedule)
+        self.check_patch_sizes(() if ps is None else ps.sizes)
+        if label is not None:
+            lab = torch.as_tensor(label)
+            self._label_vector(label, int(lab.numel()) if lab.ndim else 1)
+        return MachineDenoiser(self, ps, label)
+
+
+class _GlobalMachine(ScoreMachine):
+    """IS and ES: each candidate is a whole training image (at some shift)."""
+
+    @staticmethod
+    def _shifts(H: int, W: int) -> int:
+        """Candidates per training image."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _candidates(chunk: torch.Tensor) -> torch.Tensor:
+        """``[n, C, H, W]`` training images -> ``[1, n * shifts, C * H * W]`` candidate images."""
+        raise NotImplementedError
+
+    def _denoise(
+        self,
+        x_t: torch.Tensor,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        train: torch.Tensor,
+        train_ids: torch.Tensor,
+        geometry: Geometry | None,
+        track: int | None,
+    ) -> tuple[torch.Tensor, Provenance | None]:
+        """Candidates are whole (shifted) training images."""
+        B, C, H, W = x_t.shape
+        queries = augment_queries(x_t.reshape(1, B, C * H * W), *coeffs)  # [1, B, CHW+2]
+        state = SoftmaxMean(queries, C * H * W, max_logits=self.chunk_elements, track=track)
+        shifts = self._shifts(H, W)
+        per_image = shifts * C * H * W  # key elements of one training image
+        for start, chunk in self._chunks(train, per_image, x_t):
+            n = chunk.shape[0]
+            cand = self._candidates(chunk)  # [1, n * shifts, CHW]
+            ids = None
+            if track:  # image id, times the shift (sy, sx) for ES: [1, n * shifts]
+                img = train_ids[start : start + n].to(x_t.device)
+                ids = (img[:, None] * shifts + torch.arange(shifts, device=x_t.device)).reshape(1, -1)
+            state.update(augment_keys(cand.transpose(1, 2)), augment_values(cand), ids=ids)
+        self._reduce([state])
+        x0 = state.mean().reshape(B, C, H, W)
+        if track is None:
+            return x0, None
+        return x0, Provenance.from_global(state, shifts, H, W)
+
+
+
+class IdealScoreMachine(_GlobalMachine):
+    """IS: the unconstrained optimal denoiser; a softmax over whole training images (memorises)."""
+
+    kind = "ideal"
+
+    @staticmethod
+    def _shifts(H: int, W: int) -> int:
+        return 1
+
+    @staticmethod
+    def _candidates(chunk: torch.Tensor) -> torch.Tensor:
+        return chunk.reshape(1, chunk.shape[0], -1)  # [1, n, CHW]
+
+
+class EquivariantScoreMachine(_GlobalMachine):
+    """ES: the translation-equivariant optimal denoiser; every training image at every circular shift.
+
+    Candidate ``image * H * W + sy * W + sx`` is ``roll(X, (sy, sx))``, i.e.
+    ``X[(y - sy) % H, (x - sx) % W]`` at pixel (y, x).
+    """
+
+    kind = "es"
+
+    @staticmethod
+    def _shifts(H: int, W: int) -> int:
+        return H * W
+
+    @staticmethod
+    def _candidates(chunk: torch.Tensor) -> torch.Tensor:
+        n, C, H, W = chunk.shape
+        ys = (torch.arange(H, device=chunk.device)[None, :] - torch.arange(H, device=chunk.device)[:, None]) % H  # [sy, y]
+        xs = (torch.arange(W, device=chunk.device)[None, :] - torch.arange(W, device=chunk.device)[:, None]) % W  # [sx, x]
+        rolled = chunk[:, :, ys[:, None, :, None], xs[None, :, None, :]]  # [n, C, sy, sx, y, x]
+        return rolled.permute(0, 2, 3, 1, 4, 5).reshape(1, n * H * W, C * H * W)
+
+
+
+class _PatchMachine(ScoreMachine):
+    """LS and ELS: each output pixel is a softmax over training patches; a Geometry says which."""
+
+    needs_patch_size = True
+
+    def _geometry(self, patch_size: int | None) -> Geometry | None:
+        if patch_size is None:
+            raise ValueError(f"kind={self.kind!r} needs a patch_size (odd integer), or bind(patch_sizes=...)")
+        k = check_patch_size(patch_size)
+        _, H, W = self.image_shape
+        return make_geometry(self.kind, self.padding, H, W, k, wrap=self.wrap_training_patches)
+
+    def check_patch_sizes(self, sizes: Sequence[int]) -> None:
+        if not sizes:
+            raise ValueError(f"kind={self.kind!r} needs patch sizes (a locality schedule k(sigma))")
+        for k in sorted(set(sizes)):
+            self._geometry(k)
+
+    def _denoise(
+        self,
+        x_t: torch.Tensor,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        train: torch.Tensor,
+        train_ids: torch.Tensor,
+        geometry: Geometry | None,
+        track: int | None,
+    ) -> tuple[torch.Tensor, Provenance | None]:
+        """Per-pixel softmax over the training patches the geometry admits."""
+        assert geometry is not None
+        B, C, H, W = x_t.shape
+        r, pad = geometry.radius, geometry.padding
+        k = 2 * r + 1
+        D = C * k * k
+        scale, bias = coeffs  # [B], [B]
+        x_win = patch_windows(x_t, r, pad)  # [B, C, H, W, k, k]
+        plan = []  # (rows, cols, augmented queries, state) per group
+        per_image = (C + 1) * (H + 2 * r) * (W + 2 * r)  # padded copy of one training image
+        for rows, cols in geometry.groups():
+            nbr, npr = rows.P.shape
+            nbc, npc = cols.P.shape
+            q = select_blocks(x_win, rows, cols, "P")  # [B, C, nbr, npr, nbc, npc, k, k]
+            q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)
+            rep = npr * npc
+            queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
+            plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements, track=track)))
+            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(rep, D + 2))
+        shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
+        compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
+        for start, chunk in self._chunks(train, per_image, x_t):
+            img = train_ids[start : start + chunk.shape[0]].to(x_t.device)  # [n] global image ids
+            t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
+            norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
+            flat = flat_patches(chunk, r, pad)[:, None] if compact else None  # [n, 1, H, W]
+            for i, (rows, cols, state) in enumerate(plan):
+                if track is None:
+                    if i in compact and self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, compact[i]):
+                        continue
+                    state.update(*self._group_candidates(rows, cols, chunk, t_win, norms))
+                    continue
+                if i in shared:
+                    self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, compact[i], img)
+                    continue
+                keys_t, values = self._group_candidates(rows, cols, chunk, t_win, norms)
+                ids = self._candidate_ids(rows, cols, img, H, W)  # [G, M]
+                is_flat = select_blocks(flat, rows, cols, "Q")[:, 0].permute(1, 3, 0, 2, 4).reshape(ids.shape)
+                self._update_tracked(state, keys_t, values[..., :-1], ids, is_flat, compact[i])
+        for i, found in compact.items():
+            if track is not None:
+                found = self._gather_tallies(found)  # one entry per value over all shards
+            if found:
+                rows, cols, state = plan[i]
+                self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
+        self._reduce([state for _, _, state in plan])
+        out = torch.empty_like(x_t)
+        out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
+        for rows, cols, state in plan:
+            scatter_pixels(out_hwc, state.mean(), rows, cols)
+        if track is None:
+            return out, None
+        return out, Provenance.from_patches(plan, B, H, W, track)
+
+    @staticmethod
+    def _group_candidates(
+        rows: AxisBlocks, cols: AxisBlocks, chunk: torch.Tensor, t_win: torch.Tensor, norms: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented keys ``[G, D + 2, M]`` and values ``[G, M, C + 1]`` of one group's candidates.
+
+        Candidates are ordered (image, q_row, q_col) within each block g = (row block, column block).
+        """
+        n, C = chunk.shape[:2]
+        k = t_win.shape[-1]
+        D = C * k * k
+        nbr, nqr = rows.Q.shape
+        nbc, nqc = cols.Q.shape
+        G, M = nbr * nbc, n * nqr * nqc
+        keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
+        keys_t = chunk.new_empty(G, D + 2, M)  # [key; |key|^2; 1], transposed
+        keys_t[:, D + 1] = 1.0
+        keys_t[:, :D].view(nbr, nbc, C, k, k, n, nqr, nqc).copy_(keys.permute(2, 4, 1, 6, 7, 0, 3, 5))
+        sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]
+        keys_t[:, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
+        centres = select_blocks(chunk, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc]
+        centres = centres.permute(2, 4, 0, 3, 5, 1).reshape(G, M, C)
+        return keys_t, augment_values(centres)
+
+    @staticmethod
+    def _candidate_ids(rows: AxisBlocks, cols: AxisBlocks, img: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """``id = (image * H + q_row) * W + q_col`` of one group's candidates: ``[G, M]``."""
+        Qr = rows.Q.to(img.device)[:, None, None, :, None]  # [nbr, 1, 1, nqr, 1]
+        Qc = cols.Q.to(img.device)[None, :, None, None, :]  # [1, nbc, 1, 1, nqc]
+        ids = _patch_ids(img[None, None, :, None, None], Qr, Qc, H, W)  # [nbr, nbc, n, nqr, nqc]
+        return ids.reshape(rows.Q.shape[0] * cols.Q.shape[0], -1)
 
     @staticmethod
     def _update_compacted(
@@ -550,226 +856,70 @@ class ScoreMachine:
         device = self.images.device if not found else found[0][0].device
         return [tuple(t.to(device) for t in f) for part in gathered for f in part]
 
-    def _reduce(self, states: list[SoftmaxMean]) -> None:
-        """Merge the partial states of all shards (no-op in a single process)."""
-        if self.world > 1:
-            for state in states:
-                state.all_reduce()
 
-    def _chunks(
-        self, train: torch.Tensor, per_image: int, like: torch.Tensor
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, images)``: training images in chunks of at most ``chunk_elements / per_image``.
 
-        ``per_image`` must not depend on the query batch, so that every sample's
-        result is independent of which other samples share its batch.
-        """
-        n = max(1, self.chunk_elements // max(1, per_image))
-        for start in range(0, train.shape[0], n):
-            yield start, train[start : start + n].to(device=like.device, dtype=like.dtype)
+class LocalScoreMachine(_PatchMachine):
+    """LS: pixel p's candidates are the training patches centred at p (locality only)."""
 
-    def _denoise_global(
-        self,
-        x_t: torch.Tensor,
-        coeffs: tuple[torch.Tensor, torch.Tensor],
-        train: torch.Tensor,
-        train_ids: torch.Tensor,
-        track: int | None,
-    ) -> tuple[torch.Tensor, Provenance | None]:
-        """IS and ES: candidates are whole (shifted) training images."""
-        B, C, H, W = x_t.shape
-        queries = augment_queries(x_t.reshape(1, B, C * H * W), *coeffs)  # [1, B, CHW+2]
-        state = SoftmaxMean(queries, C * H * W, max_logits=self.chunk_elements, track=track)
-        shifts = 1 if self.kind == "ideal" else H * W
-        if self.kind == "es":
-            # roll(X, (sy, sx))[y, x] = X[(y - sy) % H, (x - sx) % W]
-            ys = (torch.arange(H)[None, :] - torch.arange(H)[:, None]) % H  # [sy, y]
-            xs = (torch.arange(W)[None, :] - torch.arange(W)[:, None]) % W  # [sx, x]
-            ys, xs = ys.to(x_t.device), xs.to(x_t.device)
-        per_image = shifts * C * H * W  # key elements of one training image
-        for start, chunk in self._chunks(train, per_image, x_t):
-            n = chunk.shape[0]
-            if self.kind == "ideal":
-                cand = chunk.reshape(1, n, C * H * W)  # [1, n, CHW]
-            else:
-                rolled = chunk[:, :, ys[:, None, :, None], xs[None, :, None, :]]  # [n, C, sy, sx, y, x]
-                cand = rolled.permute(0, 2, 3, 1, 4, 5).reshape(1, n * H * W, C * H * W)
-            ids = None
-            if track:  # image id, times the shift (sy, sx) for ES: [1, n * shifts]
-                img = train_ids[start : start + n].to(x_t.device)
-                ids = (img[:, None] * shifts + torch.arange(shifts, device=x_t.device)).reshape(1, -1)
-            state.update(augment_keys(cand.transpose(1, 2)), augment_values(cand), ids=ids)
-        self._reduce([state])
-        x0 = state.mean().reshape(B, C, H, W)
-        if track is None:
-            return x0, None
-        return x0, Provenance.from_global(state, self.kind, H, W)
+    kind = "ls"
 
-    def _denoise_patches(
-        self,
-        x_t: torch.Tensor,
-        coeffs: tuple[torch.Tensor, torch.Tensor],
-        train: torch.Tensor,
-        train_ids: torch.Tensor,
-        geometry: Geometry,
-        track: int | None,
-    ) -> tuple[torch.Tensor, Provenance | None]:
-        """LS and ELS: per-pixel softmax over admissible training patches."""
-        B, C, H, W = x_t.shape
-        r, pad = geometry.radius, geometry.padding
-        k = 2 * r + 1
-        D = C * k * k
-        scale, bias = coeffs  # [B], [B]
-        x_win = patch_windows(x_t, r, pad)  # [B, C, H, W, k, k]
-        plan = []  # (rows, cols, augmented queries, state) per group
-        per_image = (C + 1) * (H + 2 * r) * (W + 2 * r)  # padded copy of one training image
-        for rows, cols in geometry.groups():
-            nbr, npr = rows.P.shape
-            nbc, npc = cols.P.shape
-            q = select_blocks(x_win, rows, cols, "P")  # [B, C, nbr, npr, nbc, npc, k, k]
-            q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)
-            rep = npr * npc
-            queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
-            plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements, track=track)))
-            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(rep, D + 2))
-        shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
-        compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
-        for start, chunk in self._chunks(train, per_image, x_t):
-            img = train_ids[start : start + chunk.shape[0]].to(x_t.device)  # [n] global image ids
-            t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
-            norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
-            flat = flat_patches(chunk, r, pad)[:, None] if compact else None  # [n, 1, H, W]
-            for i, (rows, cols, state) in enumerate(plan):
-                if track is None:
-                    if i in compact and self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, compact[i]):
-                        continue
-                    state.update(*self._group_candidates(rows, cols, chunk, t_win, norms))
-                    continue
-                if i in shared:
-                    self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, compact[i], img)
-                    continue
-                keys_t, values = self._group_candidates(rows, cols, chunk, t_win, norms)
-                ids = self._candidate_ids(rows, cols, img, H, W)  # [G, M]
-                is_flat = select_blocks(flat, rows, cols, "Q")[:, 0].permute(1, 3, 0, 2, 4).reshape(ids.shape)
-                self._update_tracked(state, keys_t, values[..., :-1], ids, is_flat, compact[i])
-        for i, found in compact.items():
-            if track is not None:
-                found = self._gather_tallies(found)  # one entry per value over all shards
-            if found:
-                rows, cols, state = plan[i]
-                self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
-        self._reduce([state for _, _, state in plan])
-        out = torch.empty_like(x_t)
-        out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
-        for rows, cols, state in plan:
-            scatter_pixels(out_hwc, state.mean(), rows, cols)
-        if track is None:
-            return out, None
-        return out, Provenance.from_patches(plan, B, H, W, track)
 
-    @staticmethod
-    def _group_candidates(
-        rows: AxisBlocks, cols: AxisBlocks, chunk: torch.Tensor, t_win: torch.Tensor, norms: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augmented keys ``[G, D + 2, M]`` and values ``[G, M, C + 1]`` of one group's candidates.
+class EquivariantLocalScoreMachine(_PatchMachine):
+    """ELS: pixel p's candidates are training patches centred anywhere the geometry admits."""
 
-        Candidates are ordered (image, q_row, q_col) within each block g = (row block, column block).
-        """
-        n, C = chunk.shape[:2]
-        k = t_win.shape[-1]
-        D = C * k * k
-        nbr, nqr = rows.Q.shape
-        nbc, nqc = cols.Q.shape
-        G, M = nbr * nbc, n * nqr * nqc
-        keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
-        keys_t = chunk.new_empty(G, D + 2, M)  # [key; |key|^2; 1], transposed
-        keys_t[:, D + 1] = 1.0
-        keys_t[:, :D].view(nbr, nbc, C, k, k, n, nqr, nqc).copy_(keys.permute(2, 4, 1, 6, 7, 0, 3, 5))
-        sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]
-        keys_t[:, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
-        centres = select_blocks(chunk, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc]
-        centres = centres.permute(2, 4, 0, 3, 5, 1).reshape(G, M, C)
-        return keys_t, augment_values(centres)
+    kind = "els"
 
-    @staticmethod
-    def _candidate_ids(rows: AxisBlocks, cols: AxisBlocks, img: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """``id = (image * H + q_row) * W + q_col`` of one group's candidates: ``[G, M]``."""
-        Qr = rows.Q.to(img.device)[:, None, None, :, None]  # [nbr, 1, 1, nqr, 1]
-        Qc = cols.Q.to(img.device)[None, :, None, None, :]  # [1, nbc, 1, 1, nqc]
-        ids = _patch_ids(img[None, None, :, None, None], Qr, Qc, H, W)  # [nbr, nbc, n, nqr, nqc]
-        return ids.reshape(rows.Q.shape[0] * cols.Q.shape[0], -1)
 
-    # ------------------------------------------------------ denoiser protocol
-    def bind(
-        self,
-        *,
-        patch_sizes: PatchSchedule | Sequence[int] | str | None = None,
-        label: int | torch.Tensor | None = None,
-        steps: int | None = None,
-        schedule: CosineSchedule = CosineSchedule(),
-    ) -> "MachineDenoiser":
-        """A ``D(x_t, t) -> x0_hat`` denoiser with a locality schedule k(t) and label bound."""
-        if self.kind in ("ls", "els") and patch_sizes is None:
-            raise ValueError(f"kind={self.kind!r} needs patch_sizes (a schedule k(t))")
-        if self.kind in ("ideal", "es") and patch_sizes is not None:
-            raise ValueError(f"patch_sizes do not apply to kind={self.kind!r}")
-        ps: PatchSchedule | None = None
-        if patch_sizes is not None:
-            if isinstance(patch_sizes, PatchSchedule):
-                ps = patch_sizes
-            elif isinstance(patch_sizes, str):
-                ps = PatchSchedule.parse(patch_sizes)
-            else:
-                ps = PatchSchedule(tuple(patch_sizes))
-            if steps is not None and ps.steps != steps:
-                raise ValueError(
-                    f"the patch-size schedule has {ps.steps} sizes but the sampler runs {steps} "
-                    f"steps; they must match (sizes[i-1] is used at t = i/steps)"
-                )
-            _, H, W = self.image_shape
-            for k in sorted(set(ps.sizes)):
-                make_geometry(self.kind, self.padding, H, W, k, wrap=self.wrap_training_patches)
-        if label is not None:
-            lab = torch.as_tensor(label)
-            self._label_vector(label, int(lab.numel()) if lab.ndim else 1)
-        return MachineDenoiser(self, ps, label, schedule)
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """Denoiser protocol for ``"ideal"``/``"es"``; LS/ELS need :meth:`bind`."""
-        return self.bind()(x_t, t)
+_MACHINES: dict[str, type[ScoreMachine]] = {
+    cls.kind: cls
+    for cls in (IdealScoreMachine, EquivariantScoreMachine, LocalScoreMachine, EquivariantLocalScoreMachine)
+}
 
 
 @dataclass(frozen=True)
 class MachineDenoiser:
-    """A :class:`ScoreMachine` bound to a noise schedule, a k(t) and a label.
+    """A score machine with its locality schedule k(sigma) and label bound: ``D(x, sigma) -> x0_hat``.
 
-    Calling it with ``(x_t, t)`` implements the denoiser protocol
-    ``D(x_t, t) -> x0_hat`` that :func:`patchmosaic.sample` drives.
+    Rows of a batch whose sigmas map to different patch sizes are denoised in
+    one call per size.
     """
 
     machine: ScoreMachine
     patch_sizes: PatchSchedule | None
     label: int | torch.Tensor | None
-    schedule: CosineSchedule
 
-    def patch_size_at(self, t: float) -> int | None:
-        """k at time ``t``, or None for machines without patches."""
-        return None if self.patch_sizes is None else self.patch_sizes.at(t)
+    def patch_size_at(self, sigma: float | torch.Tensor) -> int | None:
+        """k at noise level ``sigma``, or None for machines without patches."""
+        return None if self.patch_sizes is None else self.patch_sizes.size_at(sigma)
 
-    def _time(self, t: torch.Tensor | float) -> tuple[float, float]:
-        """``(t, alpha_bar(t))`` for a valid time ``t`` in (0, 1]."""
-        t = float(t)
-        if not 0.0 < t <= 1.0 or math.isnan(t):
-            raise ValueError(f"t must lie in (0, 1], got {t}")
-        return t, float(self.schedule.alpha_bar(t))
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        return self._apply(x, sigma, track=None)[0]
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        t, ab = self._time(t)
-        return self.machine.denoise(x_t, ab, patch_size=self.patch_size_at(t), label=self.label)
+    def bind(self, *, label: int | torch.Tensor | None = None, **_: object) -> "MachineDenoiser":
+        """The same machine and locality schedule with ``label`` bound instead."""
+        return self.machine.bind(patch_sizes=self.patch_sizes, label=label)
 
     def with_provenance(
-        self, x_t: torch.Tensor, t: torch.Tensor | float, *, top: int = 8
+        self, x: torch.Tensor, sigma: torch.Tensor | float, *, top: int = 8
     ) -> tuple[torch.Tensor, Provenance]:
-        """``(x0_hat, provenance)`` at ``t`` (:meth:`ScoreMachine.denoise_provenance`)."""
-        t, ab = self._time(t)
-        return self.machine.denoise_provenance(x_t, ab, patch_size=self.patch_size_at(t), label=self.label, top=top)
+        """``(x0_hat, provenance)`` at ``sigma`` (see :meth:`ScoreMachine.denoise_provenance`)."""
+        return self._apply(x, sigma, track=self.machine._check_top(top))
+
+    def _apply(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, track: int | None
+    ) -> tuple[torch.Tensor, Provenance | None]:
+        self.machine._check_query(x, "x")
+        sig = sigma_vector(sigma, x)  # [B]
+        sizes = [self.patch_size_at(s) for s in sig.tolist()]
+        if len(set(sizes)) == 1:
+            return self.machine._call_ve(x, sig, sizes[0], self.label, track)
+        label = self.label
+        if label is not None and torch.as_tensor(label).ndim:
+            label = torch.as_tensor(label).to(torch.long)
+        out, parts = torch.empty_like(x), []
+        for k in sorted(set(sizes)):
+            rows = torch.tensor([i for i, size in enumerate(sizes) if size == k], device=x.device)  # [B_k]
+            lab = label[rows.cpu()] if torch.is_tensor(label) and label.ndim else label
+            out[rows], prov = self.machine._call_ve(x[rows], sig[rows], k, lab, track)
+            parts.append((rows, prov))
+        return out, None if track is None else Provenance.scatter(parts, x.shape[0])
