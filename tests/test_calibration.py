@@ -11,6 +11,8 @@ import json
 import numpy as np
 import pytest
 import torch
+
+from patchmosaic.schedules import sigmas_cosine
 from click.testing import CliRunner
 
 from patchmosaic import PatchSchedule, ScoreMachine, noise_for_seeds, sample
@@ -77,7 +79,7 @@ def test_candidates_beyond_the_machine_are_errors(train64):
     images, _ = train64
     els = ScoreMachine(images, kind="els", padding="zeros")
     assert check_candidates(els, [7, 3]) == (3, 7)
-    with pytest.raises(ValueError, match="exceeds what the els machine allows.*at most 15"):
+    with pytest.raises(ValueError, match="patch size 17 is larger than the 8x8 image.*at most 7"):
         check_candidates(els, [3, 17])
     circ = ScoreMachine(images, kind="els", padding="circular", wrap_training_patches=False)
     with pytest.raises(ValueError, match="no non-wrapping training patch"):
@@ -95,13 +97,14 @@ KNOWN = (3, 5, 7, 3)  # asymmetric on purpose: reading row i instead of i-1 woul
 def test_calibration_recovers_the_schedule_of_a_machine_network(train64, metric):
     images, _ = train64
     machine = ScoreMachine(images, kind="els", padding="zeros")
-    fake_network = machine.bind(patch_sizes=KNOWN, steps=len(KNOWN))
+    fake_network = machine.bind(patch_sizes=KNOWN)
     noise = noise_for_seeds([0, 1, 2], (1, H, W), dtype=torch.float64)  # [3, 1, H, W]
     result = calibrate(fake_network, machine, noise, candidates=(3, 5, 7), steps=len(KNOWN), metric=metric,
                        seeds=[0, 1, 2])
     assert result.schedule.sizes == KNOWN
     assert (result.choices == np.array(KNOWN)[:, None]).all()  # every seed agrees at every step
-    assert result.times == [0.25, 0.5, 0.75, 1.0]  # row i-1 <-> t = i/n
+    assert result.sigmas == sigmas_cosine(4).flip(0)[1:].tolist()  # row i-1 <-> t = i/n, ascending
+    assert result.schedule.sigmas == tuple(result.sigmas)
     # the winning score is exact: cosine 1 / distance 0
     best = result.scores[np.arange(4), [(3, 5, 7).index(k) for k in KNOWN]]  # [4, S]
     np.testing.assert_allclose(best, 1.0 if metric == "cosine" else 0.0, atol=1e-12)
@@ -116,14 +119,14 @@ def test_calibration_round_trip_conditional_and_saved(train64, tmp_path):
     machine = ScoreMachine(images, kind="els", padding="zeros", labels=labels)
     seeds = [0, 1, 2, 3]
     label = torch.tensor([s % 3 for s in seeds])  # label_for_seed
-    fake_network = machine.bind(patch_sizes=KNOWN, steps=4, label=label)
+    fake_network = machine.bind(patch_sizes=KNOWN, label=label)
     noise = noise_for_seeds(seeds, (1, H, W), dtype=torch.float64)
     result = calibrate(fake_network, machine, noise, candidates=(3, 5, 7), steps=4, label=label, seeds=seeds)
     assert result.schedule.sizes == KNOWN and result.labels == [0, 1, 2, 0]
     path = tmp_path / "schedule.json"
     result.save(path, model="fake")
     loaded = PatchSchedule.load(path)
-    assert loaded.sizes == KNOWN and [loaded.at(i / 4) for i in (1, 2, 3, 4)] == list(KNOWN)
+    assert loaded.sizes == KNOWN and [loaded(s) for s in sigmas_cosine(4)[:-1].flip(0)] == list(KNOWN)
     meta = json.loads(path.read_text())
     cal = meta["calibration"]
     assert meta["model"] == "fake" and cal["candidates"] == [3, 5, 7] and cal["seeds"] == seeds
@@ -136,9 +139,9 @@ def test_calibration_round_trip_conditional_and_saved(train64, tmp_path):
 def test_calibration_rejects_bad_inputs(train64):
     images, _ = train64
     machine = ScoreMachine(images, kind="els", padding="zeros")
-    net = machine.bind(patch_sizes=(3, 3), steps=2)
+    net = machine.bind(patch_sizes=(3, 3))
     noise = noise_for_seeds([0], (1, H, W), dtype=torch.float64)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ValueError, match="larger than the 8x8 image"):
         calibrate(net, machine, noise, candidates=(3, 99), steps=2)
     with pytest.raises(ValueError, match="unknown metric"):
         calibrate(net, machine, noise, candidates=(3,), steps=2, metric="l1")
@@ -197,7 +200,7 @@ def test_calibrate_command_writes_a_schedule_that_sample_accepts(tiny_model, tmp
     ("args", "fragment"),
     [
         (["--candidates", "3,4"], "must be odd"),
-        (["--candidates", "3,17"], "exceeds what the els machine allows"),
+        (["--candidates", "3,17"], "patch size 17 is larger than the 8x8 image"),
         (["--metric", "l1"], "'l1' is not one of"),
         (["--seeds", "3-1"], "reversed"),
     ],

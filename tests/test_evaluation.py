@@ -166,7 +166,7 @@ def test_evaluate_end_to_end(tmp_path, conditional):
     np.testing.assert_array_equal(network["images"], expected.numpy())
     machine = ScoreMachine(images.images, kind="els", padding="zeros", labels=images.labels if conditional else None)
     els = sample(machine, noise, steps=2, patch_sizes=[3, 5], label=lab)
-    np.testing.assert_allclose(load_samples(out / "samples_els.npz")["images"], els.numpy(), atol=1e-6)
+    np.testing.assert_allclose(load_samples(out / "samples_els.npz")["images"], els.numpy(), atol=1e-5)  # float32
     row = metrics["per_seed"][0]
     r = np.corrcoef(network["images"][0].ravel(), load_samples(out / "samples_els.npz")["images"][0].ravel())[0, 1]
     assert row["pearson_r_els"] == pytest.approx(r, abs=1e-6)

@@ -20,6 +20,7 @@ from patchmosaic.explain import (
 )
 from patchmosaic.provenance import ProvenanceRecorder
 from patchmosaic.runs import load_provenance
+from patchmosaic.schedules import sigmas_cosine
 from patchmosaic.runs import load_samples
 from patchmosaic.samplers import sample
 
@@ -51,7 +52,7 @@ def test_sample_provenance_records_the_final_step(dataset, tmp_path):
     assert "provenance.npz" in result.output
     prov = load_provenance(out / "provenance.npz", n_train=N)
     assert prov["index"].shape == (3, H, W, 4) and prov["n_eff"].shape == (6, 3, H, W)
-    assert prov["t"].tolist() == pytest.approx([1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert prov["sigma"].tolist() == pytest.approx(sigmas_cosine(6)[:-1].tolist())
     assert prov["step_patch_sizes"].tolist() == [7, 5, 5, 5, 3, 3] and int(prov["patch_size"]) == 3
     config = json.loads((out / "config.json").read_text())
     assert config["provenance"]["top"] == 4 and config["provenance"]["file"] == "provenance.npz"
@@ -65,7 +66,7 @@ def test_sample_provenance_records_the_final_step(dataset, tmp_path):
 
     train = load_dataset(str(dataset), size=None).images
     machine = ScoreMachine(train, kind="els", padding="zeros")
-    recorder = ProvenanceRecorder(machine.bind(patch_sizes="3,3,5,5,5,7", steps=6), steps=6, top=4)
+    recorder = ProvenanceRecorder(machine.bind(patch_sizes="3,3,5,5,5,7"), steps=6, top=4)
     sample(recorder, noise_for_seeds([0, 1, 2], (1, H, W)), steps=6)
     direct = recorder.arrays()
     np.testing.assert_array_equal(prov["index"], direct["index"])
@@ -86,11 +87,11 @@ def test_recorder_checks_its_use(dataset):
     from patchmosaic.data import load_dataset
 
     machine = ScoreMachine(load_dataset(str(dataset), size=None).images, kind="els")
-    recorder = ProvenanceRecorder(machine.bind(patch_sizes="3,3", steps=2), steps=2, top=2)
-    with pytest.raises(ValueError, match="saw 0 of 2 steps"):
+    recorder = ProvenanceRecorder(machine.bind(patch_sizes="3,3"), steps=2, top=2)
+    with pytest.raises(ValueError, match="saw 0 of 2 calls"):
         recorder.arrays()
     sample(recorder, noise_for_seeds([0], (1, H, W)), steps=2)
-    with pytest.raises(ValueError, match="one run of 2 steps"):
+    with pytest.raises(ValueError, match="one run of 2 calls"):
         recorder(torch.zeros(1, 1, H, W), 0.5)
 
 
@@ -111,7 +112,7 @@ def test_explain_end_to_end(dataset, tmp_path):
         assert 1 <= row["images_for_90pct"] <= row["distinct_images"] <= N
         assert row["ideal_nn_rms"] < 0.05, "the ideal machine memorises: its samples are (near) training images"
         assert row["nn_shift_rms"] <= row["nn_rms"] + 1e-9
-    assert len(data["n_eff_over_time"]["median_n_eff"]) == 3 and len(data["n_eff_over_time"]["t"]) == 6
+    assert len(data["n_eff_over_time"]["median_n_eff"]) == 3 and len(data["n_eff_over_time"]["sigma"]) == 6
     # Never overwrites without asking; --overwrite replaces only explain's own files.
     again = CliRunner().invoke(main, ["explain", str(out)])
     assert again.exit_code != 0 and "--overwrite" in again.output

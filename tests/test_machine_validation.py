@@ -45,7 +45,7 @@ def test_bad_training_images(train, match):
     (torch.randn(1, 2, 6, 6), "2 channels but the training images have 1"),
     (torch.randn(1, 1, 6, 7), "x_t is 6x7 but the training images are 6x6"),
     (torch.full((1, 1, 6, 6), float("nan")), "x_t contains NaN"),
-    (torch.ones(1, 1, 6, 6, dtype=torch.int64), "x_t must be floating point"),
+    (torch.ones(1, 1, 6, 6, dtype=torch.int64), "x_t is torch.int64: closed-form denoisers compute in float32 or float64"),
     (torch.randn(1, 1, 6, 6, dtype=torch.bfloat16), "float32 or float64"),
 ])
 def test_bad_queries(x, match):

@@ -141,13 +141,15 @@ class FakeEps(nn.Module):
 
 
 def test_eps_denoiser_inverts_the_forward_process():
+    """D(x, sigma) at x = x_t / sqrt(abar) equals the VP inversion (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
     model = FakeEps()
-    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    x_t = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     t = 0.3
-    ab = float(CosineSchedule().alpha_bar(t))
-    x0 = EpsDenoiser(model)(x, t)
-    expected = (x - math.sqrt(1 - ab) * (0.5 * x + t)) / math.sqrt(ab)
-    torch.testing.assert_close(x0, expected, rtol=0, atol=1e-14)
+    sched = CosineSchedule()
+    ab, sigma = float(sched.alpha_bar(t)), float(sched.sigma(t))
+    x0 = EpsDenoiser(model)(x_t / math.sqrt(ab), sigma)
+    expected = (x_t - math.sqrt(1 - ab) * (0.5 * x_t + t)) / math.sqrt(ab)
+    torch.testing.assert_close(x0, expected, rtol=0, atol=1e-12)
     assert x0.dtype == torch.float64
     assert model.seen_training is False and model.training  # eval during the call, restored after
 
@@ -155,19 +157,20 @@ def test_eps_denoiser_inverts_the_forward_process():
 def test_eps_denoiser_clip_and_labels():
     model = FakeEps(num_classes=3)
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
-    ab = float(CosineSchedule().alpha_bar(1.0))
-    x0 = EpsDenoiser(model, label=torch.tensor([0, 2]))(x, 1.0)
+    sched = CosineSchedule()
+    ab, sigma = float(sched.alpha_bar(1.0)), float(sched.sigma(1.0))
+    x0 = EpsDenoiser(model, label=torch.tensor([0, 2]))(x / math.sqrt(ab), sigma)
     eps = 0.5 * x + 1.0 + torch.tensor([0.0, 2.0], dtype=torch.float64)[:, None, None, None]
-    torch.testing.assert_close(x0, (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab), rtol=0, atol=1e-10)
+    torch.testing.assert_close(x0, (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab), rtol=0, atol=1e-9)
     assert x0.abs().max() > 1
-    clipped = EpsDenoiser(model, label=1, clip=True)(x, 1.0)
+    clipped = EpsDenoiser(model, label=1, clip=True)(x / math.sqrt(ab), sigma)
     assert clipped.abs().max() <= 1
 
 
 def test_bind_errors():
     uncond, cond = EpsDenoiser(FakeEps()), EpsDenoiser(FakeEps(num_classes=3))
     with pytest.raises(ValueError, match="no locality schedule"):
-        uncond.bind(patch_sizes=[3, 3], steps=2)
+        uncond.bind(patch_sizes=[3, 3])
     with pytest.raises(ValueError, match="unconditional"):
         uncond.bind(label=1)
     with pytest.raises(ValueError, match="pass a label"):
@@ -182,9 +185,9 @@ def test_bind_errors():
         cond(torch.zeros(1, 1, 4, 4), 0.5)
     with pytest.raises(ValueError, match=r"\[B\] = \[3\]"):
         cond.bind(label=torch.tensor([0, 1]))(torch.zeros(3, 1, 4, 4), 0.5)
-    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"sigma must be finite and > 0"):
         uncond(torch.zeros(1, 1, 4, 4), 0.0)
-    bound = cond.bind(label=2, steps=5)
+    bound = cond.bind(label=2)
     assert bound.label == 2 and cond.label is None
 
 

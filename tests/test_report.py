@@ -14,6 +14,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from patchmosaic.schedules import CosineSchedule
 import pytest
 from browser import launch_chromium
 from click.testing import CliRunner
@@ -153,7 +155,9 @@ def test_explorer_data_matches_the_run(tmp_path):
     with np.load(run / PROVENANCE_FILE) as archive:
         prov = {key: archive[key] for key in archive.files}
     assert (data["H"], data["W"], data["C"], data["m"], data["patch_size"]) == (H, W, C, M, 3)
-    assert data["seeds"] == list(range(B)) and data["t_final"] == 0.25 and data["k_final"] == 3
+    # make_run writes the provenance format of older runs (times "t"): they load as cosine-grid sigmas
+    assert data["seeds"] == list(range(B)) and data["k_final"] == 3
+    assert data["sigma_final"] == pytest.approx(float(CosineSchedule().sigma(0.25)))
     for key in ("index", "source", "weight", "count"):
         np.testing.assert_array_equal(unpack(data[key]), prov[key])
     np.testing.assert_array_equal(unpack(data["n_eff"]), prov["n_eff"][-1])
