@@ -15,10 +15,11 @@ from patchmosaic.explain import (
     _consistency,
     _Run,
     coverage_count,
-    nearest_training_images,
+    nearest_over_shifts,
     signed_displacement,
 )
 from patchmosaic.provenance import ProvenanceRecorder
+from patchmosaic.evaluation import nearest_training_images
 from patchmosaic.runs import load_provenance
 from patchmosaic.schedules import sigmas_cosine
 from patchmosaic.runs import load_samples
@@ -147,8 +148,9 @@ def test_nearest_training_images_brute_force():
     g = torch.Generator().manual_seed(0)
     train = torch.rand(5, 2, 4, 5, generator=g) * 2 - 1
     x = torch.stack([train[3] + 0.01, torch.roll(train[1], (1, 3), dims=(1, 2))])
-    idx, rms, sidx, srms, shift = nearest_training_images(x, train)
-    assert idx[0] == 3 and rms[0] == pytest.approx(0.01, abs=1e-6)
+    idx, dist = nearest_training_images(x, train)
+    sidx, srms, shift = nearest_over_shifts(x, train)
+    assert idx[0] == 3 and dist[0] / np.sqrt(x[0].numel()) == pytest.approx(0.01, abs=1e-6)
     assert sidx[1] == 1 and srms[1] == pytest.approx(0.0, abs=1e-6) and shift[1].tolist() == [1, 3]
     for b in range(2):  # brute force over images and shifts
         best = min(((x[b] - torch.roll(t, (sy, sx), dims=(1, 2))) ** 2).mean().sqrt().item()

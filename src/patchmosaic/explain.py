@@ -38,6 +38,7 @@ import torch
 from patchmosaic.data import ImageDataset, load_dataset
 from patchmosaic.denoisers import ScoreMachine
 from patchmosaic.runs import CONFIG_FILE, EXPLAIN_FIGURES, EXPLAIN_FILE, PROVENANCE_FILE, load_samples
+from patchmosaic.evaluation import nearest_training_images
 from patchmosaic.runs import load_provenance
 from patchmosaic.samplers import sample_seeds
 from patchmosaic.schedules import sigmas_cosine
@@ -47,7 +48,7 @@ __all__ = [
     "coverage_count",
     "explain_run",
     "load_run_config",
-    "nearest_training_images",
+    "nearest_over_shifts",
     "run_training_set",
     "signed_displacement",
 ]
@@ -110,24 +111,21 @@ def coverage_count(sources: np.ndarray, fraction: float = COVERAGE) -> int:
     return int(np.searchsorted(np.cumsum(counts), math.ceil(fraction * sources.size - 1e-9)) + 1)
 
 
-def nearest_training_images(
-    images: torch.Tensor, train: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest training image of each sample, as is and over all circular shifts.
+def nearest_over_shifts(images: torch.Tensor, train: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest training image of each sample over all circular shifts ``roll(X, (sy, sx))``.
+
+    (The plain nearest image is :func:`patchmosaic.evaluation.nearest_training_images`.)
 
     Args:
         images: ``[B, C, H, W]`` samples; train ``[N, C, H, W]``.
 
     Returns:
-        ``(index [B], rms [B], shift_index [B], shift_rms [B], shift [B, 2])``: the
-        nearest image and its RMS distance ``sqrt(mean (x - X)^2)``, and the same
-        minimised over circular shifts ``roll(X, (sy, sx))`` (cross-correlation by FFT).
+        ``(index [B], rms [B], shift [B, 2])``: the image and shift minimising the
+        RMS distance ``sqrt(mean (x - roll(X, s))^2)`` (cross-correlation by FFT).
     """
     x = images.double().flatten(1)  # [B, CHW]
     X = train.double().flatten(1)  # [N, CHW]
     D = x.shape[1]
-    sq = (x * x).sum(1)[:, None] + (X * X).sum(1)[None] - 2 * x @ X.T  # [B, N]
-    d2, idx = sq.clamp_min(0).min(1)
     B, C, H, W = images.shape
     fx = torch.fft.rfft2(images.double())  # [B, C, H, W//2+1]
     fX = torch.fft.rfft2(train.double())  # [N, C, H, W//2+1]
@@ -139,10 +137,15 @@ def nearest_training_images(
         flat = int(d2s.flatten().argmin())
         n, s = divmod(flat, H * W)
         out.append((n, float(d2s.flatten()[flat].clamp_min(0)), s // W, s % W))
-    shift_index = np.array([o[0] for o in out])
-    shift_rms = np.sqrt(np.array([o[1] for o in out]) / D)
-    shift = np.array([[o[2], o[3]] for o in out])
-    return idx.numpy(), np.sqrt(d2.numpy() / D), shift_index, shift_rms, shift
+    index = np.array([o[0] for o in out])
+    rms = np.sqrt(np.array([o[1] for o in out]) / D)
+    return index, rms, np.array([[o[2], o[3]] for o in out])
+
+
+def _nearest(images: torch.Tensor, train: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """``(index, rms, shift_index, shift_rms, shift)``: nearest image as is and over circular shifts."""
+    idx, dist = nearest_training_images(images, train)
+    return (idx, dist / np.sqrt(images[0].numel()), *nearest_over_shifts(images, train))
 
 
 @dataclass(frozen=True)
@@ -249,8 +252,8 @@ def explain_run(
     single = ~constant & (prov["weight"][..., 0] >= min_weight)  # a dominant single source patch
     disp = signed_displacement(prov["source"][..., 0, :], H, W, run.config["padding"] == "circular")
     dist = np.hypot(disp[..., 0], disp[..., 1])  # [B, H, W]
-    nn = nearest_training_images(run.images, train)
-    ideal_nn = nearest_training_images(_ideal_samples(run, train, labels, batch_size), train) if compare_ideal else None
+    nn = _nearest(run.images, train)
+    ideal_nn = _nearest(_ideal_samples(run, train, labels, batch_size), train) if compare_ideal else None
     consistency = _consistency(run, train, labels, tolerance)
     per_seed = []
     for b in range(B):
