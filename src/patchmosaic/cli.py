@@ -22,6 +22,7 @@ from click.core import ParameterSource
 from tqdm import tqdm
 
 from patchmosaic import __version__
+from patchmosaic.cli_eval import check_out_flag, open_sample_run, parse_seeds_flag, report_kept_samples
 from patchmosaic.data import BUNDLED, ImageDataset, load_dataset
 from patchmosaic.geometry import PADDINGS, make_geometry
 from patchmosaic.machines import DEFAULT_CHUNK_ELEMENTS, KINDS, MachineDenoiser, ScoreMachine
@@ -32,10 +33,9 @@ from patchmosaic.runs import (
     GRID_FILE,
     PROVENANCE_FILE,
     SAMPLES_FILE,
-    check_run_dir,
-    parse_seeds,
-    prepare_run_dir,
-    write_sample_run,
+    BATCH_DIR,
+    sample_settings,
+    undo_new_dir_on_failure,
 )
 from patchmosaic.sampler import noise_for_seeds, sample
 from patchmosaic.schedules import PRESETS, CosineSchedule, PatchSchedule
@@ -170,6 +170,14 @@ def main() -> None:
     help="Reuse a non-empty --out: replace grid.png, samples.npz and config.json, keep every other file.",
 )
 @click.option(
+    "--resume",
+    is_flag=True,
+    default=False,
+    help="Continue an interrupted run in --out: keep its finished samples (finished batches are written as they "
+    "complete, to --out/batches/) and sample only the missing seeds. The other flags must match the run's "
+    "config.json (the differing keys are named); --seeds may add seeds and --batch-size may change.",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     default=8,
@@ -233,6 +241,7 @@ def sample_command(
     label: int | None,
     out: Path,
     overwrite: bool,
+    resume: bool,
     batch_size: int,
     dtype: str,
     wrap_training_patches: bool,
@@ -263,55 +272,58 @@ def sample_command(
     }
     label_classes = 0
     extra_config: dict = {}
-    try:
-        if model is not None and like is not None:
-            raise click.BadParameter("--model and --like exclude each other", param_hint="'--model'")
-        if model is not None and provenance:
-            raise click.BadParameter("--provenance records a machine's source patches; it does not apply to --model",
-                                     param_hint="'--provenance'")
-        if model is not None and distributed:
-            raise click.BadParameter("--distributed shards a machine's training set; it does not apply to --model",
-                                     param_hint="'--distributed'")
-        if model is not None:
-            from patchmosaic.cli_eval import run_network_sample
+    # A failure leaves no new empty --out behind; finished batches stay for --resume.
+    with undo_new_dir_on_failure(out, files=(CONFIG_FILE,), keep_if=BATCH_DIR):
+        try:
+            if model is not None and like is not None:
+                raise click.BadParameter("--model and --like exclude each other", param_hint="'--model'")
+            if model is not None and provenance:
+                raise click.BadParameter("--provenance records a machine's source patches; it does not apply to --model",
+                                         param_hint="'--provenance'")
+            if model is not None and distributed:
+                raise click.BadParameter("--distributed shards a machine's training set; it does not apply to --model",
+                                         param_hint="'--distributed'")
+            if model is not None:
+                from patchmosaic.cli_eval import run_network_sample
 
-            run_network_sample(spec=model, explicit=explicit, steps=steps, seed_spec=seeds, label=label, out=out,
-                               overwrite=overwrite, batch_size=batch_size, dtype=dtype)
-            return
-        if like is not None:
-            from patchmosaic.cli_eval import resolve_like
+                run_network_sample(spec=model, explicit=explicit, steps=steps, seed_spec=seeds, label=label, out=out,
+                                   overwrite=overwrite, resume=resume, batch_size=batch_size, dtype=dtype)
+                return
+            if like is not None:
+                from patchmosaic.cli_eval import resolve_like
 
-            resolved = resolve_like(like, machine=machine, explicit=explicit, patch_sizes=patch_sizes, label=label)
-            dataset, n_train, size, padding = (resolved[k] for k in ("dataset", "n_train", "size", "padding"))
-            patch_sizes = resolved["patch_sizes"]
-            if "steps" not in explicit:
-                steps = resolved["steps"]
-            if label is None:
-                label_classes = resolved["num_classes"]
-            extra_config = resolved["record"]
-        _run_sample(
-            dataset=dataset,
-            n_train=n_train,
-            size=size,
-            kind=machine,
-            padding=padding,
-            patch_sizes=patch_sizes,
-            steps=steps,
-            seed_spec=seeds,
-            label=label,
-            out=out,
-            overwrite=overwrite,
-            batch_size=batch_size,
-            dtype=dtype,
-            wrap=wrap_training_patches,
-            chunk_elements=chunk_elements,
-            label_classes=label_classes,
-            extra_config=extra_config,
-            distributed=distributed,
-            provenance_top=provenance_top if provenance else None,
-        )
-    except LIBRARY_ERRORS as err:
-        raise click.ClickException(str(err)) from err
+                resolved = resolve_like(like, machine=machine, explicit=explicit, patch_sizes=patch_sizes, label=label)
+                dataset, n_train, size, padding = (resolved[k] for k in ("dataset", "n_train", "size", "padding"))
+                patch_sizes = resolved["patch_sizes"]
+                if "steps" not in explicit:
+                    steps = resolved["steps"]
+                if label is None:
+                    label_classes = resolved["num_classes"]
+                extra_config = resolved["record"]
+            _run_sample(
+                dataset=dataset,
+                n_train=n_train,
+                size=size,
+                kind=machine,
+                padding=padding,
+                patch_sizes=patch_sizes,
+                steps=steps,
+                seed_spec=seeds,
+                label=label,
+                out=out,
+                overwrite=overwrite,
+                resume=resume,
+                batch_size=batch_size,
+                dtype=dtype,
+                wrap=wrap_training_patches,
+                chunk_elements=chunk_elements,
+                label_classes=label_classes,
+                extra_config=extra_config,
+                distributed=distributed,
+                provenance_top=provenance_top if provenance else None,
+            )
+        except LIBRARY_ERRORS as err:
+            raise click.ClickException(str(err)) from err
 
 
 def _resolve_schedule(kind: str, padding: str, spec: str | None, steps: int, wrap: bool) -> PatchSchedule | None:
@@ -412,6 +424,7 @@ def _run_sample(
     label: int | None,
     out: Path,
     overwrite: bool,
+    resume: bool,
     batch_size: int,
     dtype: str,
     wrap: bool,
@@ -427,13 +440,10 @@ def _run_sample(
     :func:`~patchmosaic.pretrained.label_for_seed` instead of one ``label``.
     """
     # 1. Cheap validation of the flags, then the output directory: no work yet.
-    try:
-        seeds = parse_seeds(seed_spec)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="'--seeds'") from err
+    seeds = parse_seeds_flag(seed_spec)
     schedule = _resolve_schedule(kind, padding, patch_sizes, steps, wrap)
     writes = (GRID_FILE, SAMPLES_FILE, CONFIG_FILE) + ((PROVENANCE_FILE,) if provenance_top is not None else ())
-    check_run_dir(out, overwrite=overwrite, files=writes)
+    check_out_flag(out, overwrite, writes, resume=resume)
     rank = _init_distributed() if distributed else 0
 
     # 2. Data, machine and the geometry of every patch size (fails before sampling).
@@ -458,29 +468,55 @@ def _run_sample(
     )
     noise_schedule = CosineSchedule()
     denoiser = score_machine.bind(patch_sizes=schedule, label=label, steps=steps, schedule=noise_schedule)
-    run_dir = prepare_run_dir(out, overwrite=overwrite, files=writes) if rank == 0 else out
+    labels = seed_labels if seed_labels is not None else (None if label is None else [label] * len(seeds))
+    label_of = dict(zip(seeds, labels)) if labels is not None else None
+    if provenance_top is not None:
+        extra_config = {**(extra_config or {}), "provenance": {
+            "file": PROVENANCE_FILE, "top": provenance_top,
+            "contents": "top source patches per pixel at the final step; N_eff and entropy at every step"}}
+    settings = sample_settings(steps=steps, dtype=dtype, record={
+        "dataset": dataset,
+        "dataset_name": data.name,
+        "n_train": len(data),
+        "size": "native" if size is None else size,
+        "image_shape": [C, H, W],
+        "classes": None if data.classes is None else list(data.classes),
+        "machine": kind,
+        "padding": padding,
+        "wrap_training_patches": wrap if (kind == "els" and padding == "circular") else None,
+        "patch_sizes": None if schedule is None else list(schedule.sizes),
+        "patch_sizes_source": None if schedule is None else schedule.name,
+        "patch_sizes_spec": patch_sizes,
+        "label": label,
+        "label_name": label_name,
+        "chunk_elements": chunk_elements,
+        **({"labels": seed_labels, "label_rule": LABEL_RULE} if seed_labels is not None else {}),
+        **(extra_config or {}),
+    })
+    run = open_sample_run(out, seeds, settings, provenance_top=provenance_top, resume=resume, writer=rank == 0)
 
-    # 3. Sample the seeds in batches; each seed's noise depends on the seed only.
-    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
-    results, records = [], []
+    # 3. Sample the pending seeds in batches (each seed's noise depends on the seed only);
+    #    every finished batch is on disk at once, so an interruption loses nothing finished.
+    batches = run.batches(batch_size)
     start = time.perf_counter()
     with tqdm(total=steps * len(batches), desc="sampling", unit="call", file=sys.stderr, dynamic_ncols=True,
-              disable=rank != 0) as bar:
+              disable=rank != 0) as bar, report_kept_samples(run, out):
         callback = _progress_callback(bar, denoiser)
-        for b, batch in enumerate(batches):
+        for batch in batches:
             noise = noise_for_seeds(batch, (C, H, W), dtype=torch_dtype)  # [b, C, H, W]
+            batch_labels = None if label_of is None else [label_of[s] for s in batch]
             bound = denoiser
             if seed_labels is not None:  # one class per seed: bind this batch's [b] labels
-                batch_labels = torch.tensor(seed_labels[b * batch_size : b * batch_size + len(batch)])  # [b]
-                bound = score_machine.bind(patch_sizes=schedule, label=batch_labels, steps=steps, schedule=noise_schedule)
+                bound = score_machine.bind(patch_sizes=schedule, label=torch.tensor(batch_labels), steps=steps,
+                                           schedule=noise_schedule)
+            record = None
             if provenance_top is not None:  # same sampler, through a recording denoiser
-                recorder = ProvenanceRecorder(bound, steps=steps, top=provenance_top)
-                results.append(sample(recorder, noise, steps=steps, schedule=noise_schedule, callback=callback))
-                records.append(recorder.arrays())
-            else:
-                results.append(sample(bound, noise, steps=steps, schedule=noise_schedule, callback=callback))
+                bound = recorder = ProvenanceRecorder(bound, steps=steps, top=provenance_top)
+            images = sample(bound, noise, steps=steps, schedule=noise_schedule, callback=callback)  # [b, C, H, W]
+            if provenance_top is not None:
+                record = recorder.arrays()
+            run.add_batch(batch, images, batch_labels, record)
     wall = time.perf_counter() - start
-    images = torch.cat(results)  # [B, C, H, W]
     if distributed:
         import torch.distributed as dist
 
@@ -488,47 +524,12 @@ def _run_sample(
         dist.destroy_process_group()
         if rank != 0:  # every rank holds the merged result; rank 0 writes it
             return
-        extra_config = {**(extra_config or {}), "distributed": {"backend": "gloo", "world_size": world}}
+        run.settings["distributed"] = {"backend": "gloo", "world_size": world}
 
-    # 4. Outputs.
-    labels = seed_labels if seed_labels is not None else (None if label is None else [label] * len(seeds))
+    # 4. Outputs, in the order of --seeds.
+    click.echo(f"wrote {run.finish(batch_size=batch_size, wall=wall)}")
     if provenance_top is not None:
-        save_provenance(run_dir / PROVENANCE_FILE, records, seeds, provenance_top)
-        extra_config = {**(extra_config or {}), "provenance": {
-            "file": PROVENANCE_FILE, "top": provenance_top,
-            "contents": "top source patches per pixel at the final step; N_eff and entropy at every step"}}
-    summary = write_sample_run(
-        run_dir,
-        images,
-        seeds,
-        labels,
-        steps=steps,
-        dtype=dtype,
-        batch_size=batch_size,
-        wall=wall,
-        record={
-            "dataset": dataset,
-            "dataset_name": data.name,
-            "n_train": len(data),
-            "size": "native" if size is None else size,
-            "image_shape": [C, H, W],
-            "classes": None if data.classes is None else list(data.classes),
-            "machine": kind,
-            "padding": padding,
-            "wrap_training_patches": wrap if (kind == "els" and padding == "circular") else None,
-            "patch_sizes": None if schedule is None else list(schedule.sizes),
-            "patch_sizes_source": None if schedule is None else schedule.name,
-            "patch_sizes_spec": patch_sizes,
-            "label": label,
-            "label_name": label_name,
-            "chunk_elements": chunk_elements,
-            **({"labels": seed_labels, "label_rule": LABEL_RULE} if seed_labels is not None else {}),
-            **(extra_config or {}),
-        },
-    )
-    click.echo(f"wrote {summary}")
-    if provenance_top is not None:
-        click.echo(f"wrote provenance (top {provenance_top} source patches per pixel) to {run_dir / PROVENANCE_FILE}")
+        click.echo(f"wrote provenance (top {provenance_top} source patches per pixel) to {out / PROVENANCE_FILE}")
 
 
 def _register() -> None:

@@ -17,9 +17,11 @@ These commands are registered into the main group by :mod:`patchmosaic.cli`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +58,33 @@ from patchmosaic.pretrained import (
     training_set,
 )
 from patchmosaic.runs import (
+    BATCH_DIR,
     CONFIG_FILE,
     GRID_FILE,
     SAMPLES_FILE,
+    ResumeError,
+    SampleRun,
     check_run_dir,
     load_samples,
     parse_seeds,
+    sample_settings,
     save_samples,
     write_config,
-    write_sample_run,
 )
 from patchmosaic.sampler import NOISE_RULE, noise_for_seeds
 from patchmosaic.schedules import PatchSchedule
 
-__all__ = ["calibrate_command", "evaluate_command", "pretrained_group", "resolve_like", "run_network_sample"]
+__all__ = [
+    "calibrate_command",
+    "check_out_flag",
+    "evaluate_command",
+    "open_sample_run",
+    "parse_seeds_flag",
+    "pretrained_group",
+    "report_kept_samples",
+    "resolve_like",
+    "run_network_sample",
+]
 
 LIBRARY_ERRORS = (ValueError, OSError, ImportError)
 PATCH_MACHINES = ("els", "ls")
@@ -85,19 +100,53 @@ EVALUATE_FILES = (METRICS_FILE, "scatter.png", "comparison.png", "samples_networ
 # ------------------------------------------------------------------ shared
 
 
-def _check_out(path: Path, overwrite: bool, files: tuple[str, ...]) -> Path:
-    """:func:`patchmosaic.runs.check_run_dir` as a ``--out`` parameter error (nothing is deleted)."""
+def check_out_flag(path: Path, overwrite: bool, files: tuple[str, ...], *, resume: bool = False) -> Path:
+    """:func:`patchmosaic.runs.check_run_dir` as a usage error (exit 2) naming ``--out``; nothing is created.
+
+    Every command with ``--out`` checks it with this, before any work.
+    """
+    if resume and overwrite:
+        raise click.BadParameter("--resume continues the run in --out and --overwrite replaces it; pass one",
+                                 param_hint="'--resume'")
     try:
-        return check_run_dir(path, overwrite=overwrite, files=files)
+        return check_run_dir(path, overwrite=overwrite, files=files, resume=resume)
+    except FileNotFoundError as err:
+        raise click.BadParameter(str(err), param_hint="'--resume'") from err
     except FileExistsError as err:
         raise click.BadParameter(str(err), param_hint="'--out'") from err
 
 
-def _seeds(spec: str) -> list[int]:
+def parse_seeds_flag(spec: str) -> list[int]:
+    """:func:`patchmosaic.runs.parse_seeds` as a ``--seeds`` usage error (exit 2); every command uses this."""
     try:
         return parse_seeds(spec)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--seeds'") from err
+
+
+def open_sample_run(out: Path, seeds: list[int], settings: dict, **kwargs: object) -> SampleRun:
+    """:class:`SampleRun` with a failed ``--resume`` as a usage error; writes the starting config.json."""
+    try:
+        run = SampleRun(out, seeds, settings, **kwargs)  # type: ignore[arg-type]
+    except ResumeError as err:
+        raise click.BadParameter(str(err), param_hint="'--resume'") from err
+    if run.resume and run.done:
+        click.echo(f"resuming {out}: {len(run.done)} of {len(seeds)} seeds already sampled, "
+                   f"{len(run.pending)} to go", err=True)
+    run.start()
+    return run
+
+
+@contextlib.contextmanager
+def report_kept_samples(run: SampleRun, out: Path) -> Iterator[None]:
+    """On an interruption or error, say how many finished samples are kept and how to continue."""
+    try:
+        yield
+    except BaseException:
+        if run.writer and run.done:
+            click.echo(f"\n{len(run.done)} finished samples are kept in {out}/{BATCH_DIR}; continue with the same "
+                       "command and --resume", err=True)
+        raise
 
 
 class LoadedModel:
@@ -232,6 +281,7 @@ def run_network_sample(
     label: int | None,
     out: Path,
     overwrite: bool,
+    resume: bool,
     batch_size: int,
     dtype: str,
 ) -> None:
@@ -242,8 +292,8 @@ def run_network_sample(
             f"--model samples a trained network; {', '.join(clashes)} describe a score machine and do not apply",
             param_hint="'--model'",
         )
-    seeds = _seeds(seed_spec)
-    check = _check_out(out, overwrite, (GRID_FILE, SAMPLES_FILE, CONFIG_FILE))
+    seeds = parse_seeds_flag(seed_spec)
+    check_out_flag(out, overwrite, (GRID_FILE, SAMPLES_FILE, CONFIG_FILE), resume=resume)
     model = LoadedModel(spec)
     if label is not None:
         if not model.num_classes:
@@ -253,35 +303,29 @@ def run_network_sample(
         labels = [label] * len(seeds)
     else:
         labels = model.labels(seeds)
+    label_of = None if labels is None else dict(zip(seeds, labels))
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
-    check.mkdir(parents=True, exist_ok=True)
-    n_batches = -(-len(seeds) // batch_size)
+    settings = sample_settings(steps=steps, dtype=dtype, record={
+        "denoiser": "network",
+        **model.record(),
+        "machine": None,
+        "image_shape": list(model.shape),
+        "label": label,
+        "labels": labels,
+        "label_rule": None if labels is None else (f"--label {label}" if label is not None else LABEL_RULE),
+    })
+    run = open_sample_run(out, seeds, settings, resume=resume)
+    batches = run.batches(batch_size)
     start = time.perf_counter()
-    with tqdm(total=steps * n_batches, desc="sampling", unit="call", file=sys.stderr, dynamic_ncols=True) as bar:
-        images = run_sampler(model.denoiser, seeds, model.shape, steps=steps, labels=labels,
-                             batch_size=batch_size, dtype=torch_dtype, bar=bar)  # [S, C, H, W]
+    with tqdm(total=steps * len(batches), desc="sampling", unit="call", file=sys.stderr,
+              dynamic_ncols=True) as bar, report_kept_samples(run, out):
+        for batch in batches:  # each finished batch is on disk at once
+            batch_labels = None if label_of is None else [label_of[s] for s in batch]
+            images = run_sampler(model.denoiser, batch, model.shape, steps=steps, labels=batch_labels,
+                                 batch_size=len(batch), dtype=torch_dtype, bar=bar)  # [b, C, H, W]
+            run.add_batch(batch, images, batch_labels)
     wall = time.perf_counter() - start
-    summary = write_sample_run(
-        check,
-        images,
-        seeds,
-        labels,
-        steps=steps,
-        dtype=dtype,
-        batch_size=batch_size,
-        wall=wall,
-        record={
-            "denoiser": "network",
-            **model.record(),
-            "machine": None,
-            "image_shape": list(model.shape),
-            "label": label,
-            "labels": labels,
-            "label_rule": None if labels is None else (f"--label {label}" if label is not None else LABEL_RULE),
-        },
-        noun="network samples",
-    )
-    click.echo(f"wrote {summary}")
+    click.echo(f"wrote {run.finish(batch_size=batch_size, wall=wall, noun='network samples')}")
 
 
 # ------------------------------------------------------------------ calibrate
@@ -345,8 +389,8 @@ def calibrate_command(
     try:
         _threads(threads)
         cands = _parse_candidates(candidates)
-        seed_list = _seeds(seeds)
-        out = _check_out(out, overwrite, CALIBRATE_FILES)
+        seed_list = parse_seeds_flag(seeds)
+        out = check_out_flag(out, overwrite, CALIBRATE_FILES)
         model = LoadedModel(model_spec)
         score_machine, data, ts = _machine_for(model, machine, chunk_elements)
         try:
@@ -529,8 +573,8 @@ def evaluate_command(
     """
     try:
         _threads(threads)
-        seed_list = _seeds(seeds)
-        out = _check_out(out, overwrite, EVALUATE_FILES)
+        seed_list = parse_seeds_flag(seeds)
+        out = check_out_flag(out, overwrite, EVALUATE_FILES)
         model = LoadedModel(model_spec)
         spec = patch_sizes
         if spec is None:

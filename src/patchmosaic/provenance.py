@@ -27,7 +27,8 @@ from patchmosaic.engine import SoftmaxMean
 from patchmosaic.geometry import AxisBlocks, scatter_pixels
 from patchmosaic.runs import PROVENANCE_FILE
 
-__all__ = ["PROVENANCE_FILE", "Provenance", "ProvenanceRecorder", "load_provenance", "save_provenance"]
+__all__ = ["PROVENANCE_FILE", "Provenance", "ProvenanceRecorder", "load_provenance", "save_provenance",
+           "split_provenance"]
 
 
 
@@ -184,6 +185,21 @@ class ProvenanceRecorder:
 
 _BATCHED = ("index", "source", "weight", "count")  # [B, ...]
 _STEPPED = ("n_eff", "entropy")  # [S, B, ...]
+
+
+def split_provenance(record: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """One record per sample (batch size 1) of a batch record or a loaded ``provenance.npz``.
+
+    :func:`save_provenance` of the rows, in any order, writes those samples' provenance.
+    """
+    n = record["index"].shape[0]
+    rows = []
+    for b in range(n):
+        row = {name: record[name][b : b + 1] for name in _BATCHED}  # [1, ...]
+        row.update({name: record[name][:, b : b + 1] for name in _STEPPED})  # [S, 1, ...]
+        row["t"], row["step_patch_sizes"] = record["t"], record["step_patch_sizes"]
+        rows.append(row)
+    return rows
 
 
 def save_provenance(path: str | Path, records: Sequence[dict[str, np.ndarray]], seeds: Sequence[int], top: int) -> None:
