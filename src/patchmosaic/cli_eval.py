@@ -69,6 +69,7 @@ from patchmosaic.runs import (
     parse_seeds,
     sample_settings,
     save_samples,
+    undo_new_dir_on_failure,
     write_config,
 )
 from patchmosaic.sampler import NOISE_RULE, noise_for_seeds
@@ -411,23 +412,24 @@ def calibrate_command(
                 label=None if labels is None else torch.tensor(labels), seeds=seed_list, progress=progress,
             )
         wall = time.perf_counter() - start
-        out.mkdir(parents=True, exist_ok=True)
-        settings = {
-            **model.record(),
-            "machine": machine,
-            "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
-            "label_rule": None if labels is None else LABEL_RULE,
-            "steps": steps,
-            "threads": torch.get_num_threads(),
-            "wall_time_s": round(wall, 3),
-        }
-        result.extra.update({"model": model.source.describe(), "machine": machine,
-                             "training_set": settings["training_set"], "wall_time_s": round(wall, 3),
-                             "threads": torch.get_num_threads()})
-        result.save(out / SCHEDULE_FILE)
-        write_config(out / CONFIG_FILE, {**settings, "candidates": list(cands), "metric": metric, "seeds": seed_list,
-                                         "patch_sizes": list(result.schedule.sizes),
-                                         "files": {"schedule": SCHEDULE_FILE, "config": CONFIG_FILE}})
+        with undo_new_dir_on_failure(out, files=CALIBRATE_FILES):  # no half-written --out on a failed write
+            out.mkdir(parents=True, exist_ok=True)
+            settings = {
+                **model.record(),
+                "machine": machine,
+                "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
+                "label_rule": None if labels is None else LABEL_RULE,
+                "steps": steps,
+                "threads": torch.get_num_threads(),
+                "wall_time_s": round(wall, 3),
+            }
+            result.extra.update({"model": model.source.describe(), "machine": machine,
+                                 "training_set": settings["training_set"], "wall_time_s": round(wall, 3),
+                                 "threads": torch.get_num_threads()})
+            result.save(out / SCHEDULE_FILE)
+            write_config(out / CONFIG_FILE, {**settings, "candidates": list(cands), "metric": metric, "seeds": seed_list,
+                                             "patch_sizes": list(result.schedule.sizes),
+                                             "files": {"schedule": SCHEDULE_FILE, "config": CONFIG_FILE}})
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     cost = result.cost()
@@ -608,49 +610,51 @@ def evaluate_command(
             resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed,
         )
         wall = time.perf_counter() - start
-        out.mkdir(parents=True, exist_ok=True)
-        files = {"metrics": METRICS_FILE, "scatter": "scatter.png", "comparison": "comparison.png"}
-        for name, images in result.images.items():
-            files[f"samples_{name}"] = f"samples_{name}.npz"
-            save_samples(out / f"samples_{name}.npz", images, seed_list, labels)
-        summary = result.summary
-        per = {row["seed"]: row for row in summary["per_seed"]}
-        save_scatter(out / "scatter.png", [per[s][f"pearson_r_{machine}"] for s in seed_list],
-                     [per[s]["pearson_r_ideal"] for s in seed_list], machine=machine.upper(), baseline="IS")
-        nearest = data.images.numpy()[[per[s]["nearest_train_index"] for s in seed_list]]  # [S, C, H, W]
-        save_comparison(out / "comparison.png",
-                        [("network", result.images["network"]), (machine.upper(), result.images[machine]),
-                         ("IS", result.images["ideal"]), ("nearest train", nearest)],
-                        seed_list, labels=labels, rows=comparison_rows)
-        config = {
-            **model.record(),
-            "machine": machine,
-            "baseline": "ideal",
-            "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
-            "patch_sizes": list(schedule.sizes),
-            "patch_sizes_source": schedule.name,
-            "steps": schedule.steps,
-            "seeds": seed_list,
-            "labels": labels,
-            "label_rule": None if labels is None else LABEL_RULE,
-            "reuse": {name: str(d) for d, name in zip(reuse_dirs, reuse)},
-            "batch_size": batch_size,
-            "threads": torch.get_num_threads(),
-            "noise_rule": NOISE_RULE,
-            "metrics": {
-                "pearson_r": "Pearson correlation of the flattened final images (reported as 'r^2' by the paper's code)",
-                "r_squared": "pearson_r ** 2",
-                "R2": "1 - SS_res / SS_tot, network as the reference",
-                "aggregate": f"median over seeds, percentile bootstrap 95% interval ({bootstrap_resamples} resamples, "
-                f"numpy default_rng({bootstrap_seed}))",
-                "nearest_train": "L2-nearest training image to the network's sample (whole training subset)",
-            },
-            "wall_time_s": round(wall, 3),
-            "seconds_per_seed": {k: None if v is None else round(v, 4) for k, v in result.seconds_per_seed.items()},
-            "files": files,
-        }
-        payload = {"config": config, **summary}
-        write_config(out / METRICS_FILE, payload)
+        written = (METRICS_FILE, "scatter.png", "comparison.png", *(f"samples_{n}.npz" for n in result.images))
+        with undo_new_dir_on_failure(out, files=written):  # no half-written --out on a failed write
+            out.mkdir(parents=True, exist_ok=True)
+            files = {"metrics": METRICS_FILE, "scatter": "scatter.png", "comparison": "comparison.png"}
+            for name, images in result.images.items():
+                files[f"samples_{name}"] = f"samples_{name}.npz"
+                save_samples(out / f"samples_{name}.npz", images, seed_list, labels)
+            summary = result.summary
+            per = {row["seed"]: row for row in summary["per_seed"]}
+            save_scatter(out / "scatter.png", [per[s][f"pearson_r_{machine}"] for s in seed_list],
+                         [per[s]["pearson_r_ideal"] for s in seed_list], machine=machine.upper(), baseline="IS")
+            nearest = data.images.numpy()[[per[s]["nearest_train_index"] for s in seed_list]]  # [S, C, H, W]
+            save_comparison(out / "comparison.png",
+                            [("network", result.images["network"]), (machine.upper(), result.images[machine]),
+                             ("IS", result.images["ideal"]), ("nearest train", nearest)],
+                            seed_list, labels=labels, rows=comparison_rows)
+            config = {
+                **model.record(),
+                "machine": machine,
+                "baseline": "ideal",
+                "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
+                "patch_sizes": list(schedule.sizes),
+                "patch_sizes_source": schedule.name,
+                "steps": schedule.steps,
+                "seeds": seed_list,
+                "labels": labels,
+                "label_rule": None if labels is None else LABEL_RULE,
+                "reuse": {name: str(d) for d, name in zip(reuse_dirs, reuse)},
+                "batch_size": batch_size,
+                "threads": torch.get_num_threads(),
+                "noise_rule": NOISE_RULE,
+                "metrics": {
+                    "pearson_r": "Pearson correlation of the flattened final images (reported as 'r^2' by the paper's code)",
+                    "r_squared": "pearson_r ** 2",
+                    "R2": "1 - SS_res / SS_tot, network as the reference",
+                    "aggregate": f"median over seeds, percentile bootstrap 95% interval ({bootstrap_resamples} resamples, "
+                    f"numpy default_rng({bootstrap_seed}))",
+                    "nearest_train": "L2-nearest training image to the network's sample (whole training subset)",
+                },
+                "wall_time_s": round(wall, 3),
+                "seconds_per_seed": {k: None if v is None else round(v, 4) for k, v in result.seconds_per_seed.items()},
+                "files": files,
+            }
+            payload = {"config": config, **summary}
+            write_config(out / METRICS_FILE, payload)
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     agg = summary["aggregates"]

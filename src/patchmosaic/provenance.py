@@ -246,7 +246,7 @@ def load_provenance(path: str | Path, *, n_train: int | None = None) -> dict[str
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as err:
+    except Exception as err:  # zipfile.BadZipFile, OSError, ValueError, EOFError, ...: one clear error naming the file
         raise ValueError(f"{path}: not a readable provenance file ({err})") from err
     kinds = {"index": "i", "source": "i", "count": "i", "seeds": "i", "top": "i", "patch_size": "i",
              "step_patch_sizes": "i", "weight": "f", "n_eff": "f", "entropy": "f", "t": "f"}

@@ -388,7 +388,7 @@ def load_samples(path: str | Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             data = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError) as err:
+    except Exception as err:  # zipfile.BadZipFile, OSError, ValueError, EOFError, ...: one clear error naming the file
         raise ValueError(f"{path}: not a readable .npz archive ({err})") from err
     missing = [key for key in ("images", "seeds") if key not in data]
     if missing:
