@@ -675,9 +675,12 @@ def evaluate_command(
 
 
 def _describe(name: str) -> str:
-    """One line per pretrained model: training set, schedule, headline metrics."""
-    d = pretrained_dir(name)
+    """One line per pretrained model: training set, schedule, headline metrics (or why they are unreadable)."""
     parts = [name]
+    try:
+        d = pretrained_dir(name)
+    except (ValueError, OSError) as err:
+        return f"{name} | unusable: {err}"
     try:
         _, config, meta = load_checkpoint(d)
         ts = training_set(config, meta["train_config"])
@@ -687,14 +690,21 @@ def _describe(name: str) -> str:
     except (ValueError, OSError) as err:
         parts.append(f"unreadable: {err}")
     if (d / SCHEDULE_FILE).is_file():
-        parts.append("schedule " + ",".join(map(str, PatchSchedule.load(d / SCHEDULE_FILE).sizes)))
+        try:
+            parts.append("schedule " + ",".join(map(str, PatchSchedule.load(d / SCHEDULE_FILE).sizes)))
+        except ValueError as err:
+            parts.append(f"unreadable {d / SCHEDULE_FILE}: {err}")
     else:
         parts.append(f"no {SCHEDULE_FILE}")
     if (d / METRICS_FILE).is_file():
-        agg = json.loads((d / METRICS_FILE).read_text()).get("aggregates", {})
-        rs = [f"{n} r={agg[n]['pearson_r']['median']:.3f}" for n in ("els", "ideal") if n in agg]
-        if rs:
-            parts.append("median " + ", ".join(rs))
+        try:
+            agg = json.loads((d / METRICS_FILE).read_text())["aggregates"]
+            rs = [f"{n} r={float(agg[n]['pearson_r']['median']):.3f}" for n in ("els", "ideal") if n in agg]
+        except (ValueError, KeyError, TypeError) as err:
+            parts.append(f"unreadable {d / METRICS_FILE} ({type(err).__name__}: {err})")
+        else:
+            if rs:
+                parts.append("median " + ", ".join(rs))
     return " | ".join(parts)
 
 
