@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,9 @@ def load_checkpoint(path: str | Path) -> tuple[MinimalResNet | MinimalUNet, Mode
     """
     path = resolve_checkpoint_path(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # garbage bytes make torch warn about an odd pickle protocol first
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by failure mode
         raise ValueError(f"corrupt checkpoint {path}: {type(err).__name__}: {err}") from err
     if not isinstance(data, dict):
