@@ -6,9 +6,9 @@ each seed, sample once unconditionally and once conditioned on class
 images (r = 1: the label changed nothing). A low r means the class restriction
 changed the sample.
 
-Usage (N = 1,000 bundled digits, 8 seeds, one CPU thread, ~1-2 minutes)::
+Usage (N = 1,000 bundled digits, 8 seeds, one CPU thread, ~4 minutes; ~11 with --large-k 15)::
 
-    python benchmarks/label_effect.py
+    python benchmarks/label_effect.py --large-k 15
     python benchmarks/label_effect.py --dataset fashion-mnist --schedule fashion-resnet-zeros
 """
 
@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=8, help="seeds 0..S-1; seed s is conditioned on s % 10")
     parser.add_argument("--schedule", default="mnist-resnet-zeros", help="locality schedule of ELS and LS")
-    parser.add_argument("--large-k", type=int, default=15,
-                        help="also run ELS with this patch size at every step (0: skip)")
+    parser.add_argument("--large-k", type=int, default=0,
+                        help="also run ELS with this patch size at every step, e.g. 15 (0: skip; ~7 more minutes)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

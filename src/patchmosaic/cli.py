@@ -154,7 +154,13 @@ def main() -> None:
     "--label",
     type=click.IntRange(min=0),
     default=None,
-    help="Condition every sample on this class index (needs a labelled dataset).  [default: unconditional]",
+    help="Condition every sample on this class index (needs a labelled dataset): the machine only uses that "
+    "class's training images. Expect a weak effect with ELS at small patch sizes: its posterior at each pixel "
+    "is over small patches from anywhere in every training image, and small patches of different classes look "
+    "alike (strokes, edges, background), so removing the other classes barely changes the candidates. LS "
+    "(position-bound patches), the ideal machine and ELS at large patch sizes respond much more (on 1,000 MNIST "
+    "digits, conditional vs unconditional sample r: ELS 0.88, ELS k=15 0.62, LS 0.64, ideal 0.42; "
+    "benchmarks/label_effect.py).  [default: unconditional]",
 )
 @click.option(
     "--out",
