@@ -168,3 +168,37 @@ def test_resume_of_a_complete_run_adds_seeds_with_another_batch_size(tiny, tmp_p
     assert result.exit_code == 0, result.output
     assert "3 of 5 seeds already sampled" in result.output
     np.testing.assert_array_equal(load_samples(full)["images"], load_samples(out)["images"])
+
+
+def test_network_sample_resumes(tiny, tmp_path, monkeypatch):
+    """`sample --model` writes batches and resumes the same way."""
+    import patchmosaic.cli_eval as cli_eval
+    from patchmosaic.checkpoints import save_checkpoint
+    from patchmosaic.models import ResNetConfig, build_model
+    from patchmosaic.training import TrainConfig
+
+    config = ResNetConfig(in_channels=1, image_size=H, width=4, depth=1, norm_groups=0, num_classes=3)
+    model = tmp_path / "model.pt"
+    train = TrainConfig(dataset=str(tiny), n_train=6, image_size=None, conditional=True, model=config, steps=1)
+    save_checkpoint(model, build_model(config), config, step=1, train_config=train.to_dict())
+    args = ["--model", model, "--steps", "3", "--batch-size", "2", "--seeds", "0-4"]
+    assert run(*args, "--out", tmp_path / "full").exit_code == 0
+
+    real, seen = cli_eval.run_sampler, []
+
+    def flaky(*a, **k):
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(1)
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(cli_eval, "run_sampler", flaky)
+        result = run(*args, "--out", tmp_path / "net")
+    assert result.exit_code != 0 and "2 finished samples are kept" in result.output
+    assert [p.name for p in (tmp_path / "net" / BATCH_DIR).iterdir()] == ["batch-s0-n2.npz"]
+    resumed = run(*args, "--out", tmp_path / "net", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    a, b = load_samples(tmp_path / "full"), load_samples(tmp_path / "net")
+    np.testing.assert_array_equal(a["images"], b["images"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
