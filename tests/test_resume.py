@@ -10,16 +10,9 @@ import patchmosaic.cli as cli
 from patchmosaic.cli import main
 from patchmosaic.runs import BATCH_DIR, load_samples
 
-N, H, W = 6, 8, 8
+from test_cli import H, tiny  # noqa: F401 - the 6-image labelled dataset fixture
+
 FAST = ["--size", "native", "--patch-sizes", "3,3", "--steps", "2", "--batch-size", "2"]
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, images=rng.integers(0, 256, (N, H, W), dtype=np.uint8), labels=np.array([0, 1, 2, 0, 1, 2]))
-    return path
 
 
 def run(*args):

@@ -22,11 +22,17 @@ from click.core import ParameterSource
 from tqdm import tqdm
 
 from patchmosaic import __version__
-from patchmosaic.cli_eval import check_out_flag, open_sample_run, parse_seeds_flag, report_kept_samples
+from patchmosaic.cli_eval import (
+    check_out_flag,
+    open_sample_run,
+    parse_seeds_flag,
+    report_kept_samples,
+    undo_new_out_on_failure,
+)
 from patchmosaic.data import BUNDLED, ImageDataset, load_dataset
 from patchmosaic.geometry import PADDINGS, make_geometry
 from patchmosaic.machines import DEFAULT_CHUNK_ELEMENTS, KINDS, MachineDenoiser, ScoreMachine
-from patchmosaic.provenance import ProvenanceRecorder, save_provenance
+from patchmosaic.provenance import ProvenanceRecorder
 from patchmosaic.pretrained import LABEL_RULE, labels_for_seeds, resolve_schedule_spec
 from patchmosaic.runs import (
     CONFIG_FILE,
@@ -35,7 +41,6 @@ from patchmosaic.runs import (
     SAMPLES_FILE,
     BATCH_DIR,
     sample_settings,
-    undo_new_dir_on_failure,
 )
 from patchmosaic.sampler import noise_for_seeds, sample
 from patchmosaic.schedules import PRESETS, CosineSchedule, PatchSchedule
@@ -78,6 +83,7 @@ def main() -> None:
 
 
 @main.command("sample")
+@undo_new_out_on_failure(files=(CONFIG_FILE,), keep_if=BATCH_DIR)  # finished batches stay for --resume
 @click.option(
     "--model",
     default=None,
@@ -278,58 +284,56 @@ def sample_command(
     }
     label_classes = 0
     extra_config: dict = {}
-    # A failure leaves no new empty --out behind; finished batches stay for --resume.
-    with undo_new_dir_on_failure(out, files=(CONFIG_FILE,), keep_if=BATCH_DIR):
-        try:
-            if model is not None and like is not None:
-                raise click.BadParameter("--model and --like exclude each other", param_hint="'--model'")
-            if model is not None and provenance:
-                raise click.BadParameter("--provenance records a machine's source patches; it does not apply to --model",
-                                         param_hint="'--provenance'")
-            if model is not None and distributed:
-                raise click.BadParameter("--distributed shards a machine's training set; it does not apply to --model",
-                                         param_hint="'--distributed'")
-            if model is not None:
-                from patchmosaic.cli_eval import run_network_sample
+    try:
+        if model is not None and like is not None:
+            raise click.BadParameter("--model and --like exclude each other", param_hint="'--model'")
+        if model is not None and provenance:
+            raise click.BadParameter("--provenance records a machine's source patches; it does not apply to --model",
+                                     param_hint="'--provenance'")
+        if model is not None and distributed:
+            raise click.BadParameter("--distributed shards a machine's training set; it does not apply to --model",
+                                     param_hint="'--distributed'")
+        if model is not None:
+            from patchmosaic.cli_eval import run_network_sample
 
-                run_network_sample(spec=model, explicit=explicit, steps=steps, seed_spec=seeds, label=label, out=out,
-                                   overwrite=overwrite, resume=resume, batch_size=batch_size, dtype=dtype)
-                return
-            if like is not None:
-                from patchmosaic.cli_eval import resolve_like
+            run_network_sample(spec=model, explicit=explicit, steps=steps, seed_spec=seeds, label=label, out=out,
+                               overwrite=overwrite, resume=resume, batch_size=batch_size, dtype=dtype)
+            return
+        if like is not None:
+            from patchmosaic.cli_eval import resolve_like
 
-                resolved = resolve_like(like, machine=machine, explicit=explicit, patch_sizes=patch_sizes, label=label)
-                dataset, n_train, size, padding = (resolved[k] for k in ("dataset", "n_train", "size", "padding"))
-                patch_sizes = resolved["patch_sizes"]
-                if "steps" not in explicit:
-                    steps = resolved["steps"]
-                if label is None:
-                    label_classes = resolved["num_classes"]
-                extra_config = resolved["record"]
-            _run_sample(
-                dataset=dataset,
-                n_train=n_train,
-                size=size,
-                kind=machine,
-                padding=padding,
-                patch_sizes=patch_sizes,
-                steps=steps,
-                seed_spec=seeds,
-                label=label,
-                out=out,
-                overwrite=overwrite,
-                resume=resume,
-                batch_size=batch_size,
-                dtype=dtype,
-                wrap=wrap_training_patches,
-                chunk_elements=chunk_elements,
-                label_classes=label_classes,
-                extra_config=extra_config,
-                distributed=distributed,
-                provenance_top=provenance_top if provenance else None,
-            )
-        except LIBRARY_ERRORS as err:
-            raise click.ClickException(str(err)) from err
+            resolved = resolve_like(like, machine=machine, explicit=explicit, patch_sizes=patch_sizes, label=label)
+            dataset, n_train, size, padding = (resolved[k] for k in ("dataset", "n_train", "size", "padding"))
+            patch_sizes = resolved["patch_sizes"]
+            if "steps" not in explicit:
+                steps = resolved["steps"]
+            if label is None:
+                label_classes = resolved["num_classes"]
+            extra_config = resolved["record"]
+        _run_sample(
+            dataset=dataset,
+            n_train=n_train,
+            size=size,
+            kind=machine,
+            padding=padding,
+            patch_sizes=patch_sizes,
+            steps=steps,
+            seed_spec=seeds,
+            label=label,
+            out=out,
+            overwrite=overwrite,
+            resume=resume,
+            batch_size=batch_size,
+            dtype=dtype,
+            wrap=wrap_training_patches,
+            chunk_elements=chunk_elements,
+            label_classes=label_classes,
+            extra_config=extra_config,
+            distributed=distributed,
+            provenance_top=provenance_top if provenance else None,
+        )
+    except LIBRARY_ERRORS as err:
+        raise click.ClickException(str(err)) from err
 
 
 def _resolve_schedule(kind: str, padding: str, spec: str | None, steps: int, wrap: bool) -> PatchSchedule | None:
@@ -515,13 +519,11 @@ def _run_sample(
             if seed_labels is not None:  # one class per seed: bind this batch's [b] labels
                 bound = score_machine.bind(patch_sizes=schedule, label=torch.tensor(batch_labels), steps=steps,
                                            schedule=noise_schedule)
-            record = None
+            recorder = None
             if provenance_top is not None:  # same sampler, through a recording denoiser
                 bound = recorder = ProvenanceRecorder(bound, steps=steps, top=provenance_top)
             images = sample(bound, noise, steps=steps, schedule=noise_schedule, callback=callback)  # [b, C, H, W]
-            if provenance_top is not None:
-                record = recorder.arrays()
-            run.add_batch(batch, images, batch_labels, record)
+            run.add_batch(batch, images, batch_labels, None if recorder is None else recorder.arrays())
     wall = time.perf_counter() - start
     if distributed:
         import torch.distributed as dist

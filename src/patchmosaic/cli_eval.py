@@ -18,10 +18,11 @@ These commands are registered into the main group by :mod:`patchmosaic.cli`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ __all__ = [
     "report_kept_samples",
     "resolve_like",
     "run_network_sample",
+    "undo_new_out_on_failure",
 ]
 
 LIBRARY_ERRORS = (ValueError, OSError, ImportError)
@@ -123,6 +125,22 @@ def parse_seeds_flag(spec: str) -> list[int]:
         return parse_seeds(spec)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--seeds'") from err
+
+
+def undo_new_out_on_failure(
+    files: tuple[str, ...] = (), keep_if: str | None = None
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorate a command so that a failure removes the ``--out`` it created (:func:`undo_new_dir_on_failure`)."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **params: Any) -> None:
+            with undo_new_dir_on_failure(params["out"], files=files, keep_if=keep_if):
+                command(*args, **params)
+
+        return wrapper
+
+    return decorate
 
 
 def open_sample_run(out: Path, seeds: list[int], settings: dict, **kwargs: object) -> SampleRun:
