@@ -1,5 +1,6 @@
 # patchmosaic: `make demo` runs the main job on bundled data, `make test` runs the tests.
-# Both create/use the local virtualenv .venv and install what they need.
+# Both create/use the local virtualenv .venv and install the Python packages they need (pip only);
+# `make browser` installs the system Chromium for the browser test (apt-get; asked for explicitly).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,12 +20,17 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-# System Chromium for the report's browser test (apt-get as root/passwordless sudo; otherwise a
-# message and the test is skipped). Never `playwright install`: that downloads a browser.
+# System Chromium for the report's browser test: Debian's chromium and its dependencies (about 25
+# packages, ~400 MB) with apt-get as root or passwordless sudo; the script lists them first. Never
+# `playwright install`: that downloads a browser. Not a prerequisite of `make test`.
 browser:
 	bash scripts/install_chromium.sh
 
-test: install browser
+# Every test; without Chromium the browser test of tests/test_report.py is skipped (`make browser`).
+test: install
+	@[ -x "$${PATCHMOSAIC_CHROMIUM:-/usr/bin/chromium}" ] || echo "make test: no Chromium at" \
+		"$${PATCHMOSAIC_CHROMIUM:-/usr/bin/chromium}, so the report's browser test will be skipped;" \
+		"'make browser' installs it (apt-get, ~400 MB)."
 	$(PY) -m pytest -q -n 2
 
 # ELS machine, zero padding, published MNIST schedule, 8 seeds, 1,000 bundled digits, with provenance;

@@ -4,8 +4,8 @@
 # browser download, `playwright install`, is never used).
 #
 # - Chromium already there ($PATCHMOSAIC_CHROMIUM, else /usr/bin/chromium): nothing to do.
-# - Root or passwordless sudo, and apt-get: apt-get install chromium (apt-get update
-#   only if the install fails without it).
+# - Root or passwordless sudo, and apt-get: lists the packages apt-get would install (~25,
+#   ~400 MB), then apt-get install chromium (apt-get update only if the install fails without it).
 # - Otherwise: a message, exit 0; the browser test is then skipped.
 set -euo pipefail
 
@@ -32,6 +32,16 @@ else
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+# Say what will be installed, and why, before installing it.
+plan=$(apt-get -s install --no-install-recommends chromium 2>/dev/null | awk '/^Inst /{print $2}' || true)
+if [ -n "$plan" ]; then
+    echo "install_chromium: installing Debian's chromium for the browser test of tests/test_report.py" \
+         "(Playwright drives the system browser); apt-get will install $(echo "$plan" | wc -l) packages" \
+         "(about 400 MB on disk):" $plan
+else
+    echo "install_chromium: installing Debian's chromium and its dependencies (about 400 MB) with apt-get" \
+         "for the browser test of tests/test_report.py"
+fi
 apt_install() {
     ${SUDO[@]+"${SUDO[@]}"} apt-get install -y --no-install-recommends chromium
 }

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 CHROMIUM_ENV = "PATCHMOSAIC_CHROMIUM"
+REQUIRE_ENV = "PATCHMOSAIC_REQUIRE_BROWSER"  # "1" (CI): a missing browser fails the test instead of skipping it
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
 # Headless, offline and quiet: no sandbox (containers run as root), no GPU, no background requests.
 CHROMIUM_ARGS = [
@@ -37,15 +38,19 @@ def chromium_path() -> str:
 
 @contextmanager
 def launch_chromium() -> Iterator[Any]:
-    """Yield a launched headless Playwright ``Browser``; ``pytest.skip`` if none is available."""
+    """Yield a launched headless Playwright ``Browser``; ``pytest.skip`` if none is available.
+
+    With ``$PATCHMOSAIC_REQUIRE_BROWSER=1`` (set by ``.ci/run``) a missing browser is a failure.
+    """
+    skip = pytest.fail if os.environ.get(REQUIRE_ENV) == "1" else pytest.skip
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("the browser test needs playwright: `make install` (requirements-dev.txt pins "
+        skip("the browser test needs playwright: `make install` (requirements-dev.txt pins "
                     "playwright==1.65.2; its browsers are not needed, never run `playwright install`)")
     path = chromium_path()
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        pytest.skip(f"no Chromium at {path}: run `make browser` (or `sudo apt-get install chromium`), or set "
+        skip(f"no Chromium at {path}: run `make browser` (or `sudo apt-get install chromium`), or set "
                     f"{CHROMIUM_ENV} to a Chromium/Chrome binary")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)

@@ -8,10 +8,13 @@ import torch
 
 from patchmosaic.checkpoints import (
     CHECKPOINT_FILE,
+    CHECKSUM_KEY,
+    FORMAT_VERSION,
     atomic_write,
     load_checkpoint,
     load_denoiser,
     save_checkpoint,
+    tensor_sha256,
 )
 from patchmosaic.denoisers import EpsDenoiser
 from patchmosaic.models import ResNetConfig, UNetConfig, build_model, config_to_dict
@@ -37,13 +40,19 @@ def make_checkpoint(path, *, ema=True, config=CFG):
 
 
 def rewrite(path, **changes):
-    """Load the raw checkpoint dict, apply changes (None deletes), save it again."""
+    """Load the raw checkpoint dict, apply changes (None deletes), save it again.
+
+    The tensor checksum is recomputed, so the checks behind it are reached
+    (tests/test_integrity.py covers the checksum itself).
+    """
     data = torch.load(path, weights_only=True)
     for key, value in changes.items():
         if value is None:
             del data[key]
         else:
             data[key] = value
+    if CHECKSUM_KEY in data:
+        data[CHECKSUM_KEY] = tensor_sha256(data)
     torch.save(data, path)
 
 
@@ -58,7 +67,7 @@ def test_round_trip_with_ema(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(meta["raw_state_dict"][k], v)
     assert meta["step"] == 7 and meta["extra"] == {"note": "hi"} and meta["train_config"] == {"seed": 0}
-    assert meta["format_version"] == 1 and "state" in meta["optimizer"]
+    assert meta["format_version"] == FORMAT_VERSION and "state" in meta["optimizer"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]  # no temp files left
     umask = os.umask(0o022)
     os.umask(umask)

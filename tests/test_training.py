@@ -167,17 +167,24 @@ def test_cli(tiny, tmp_path):
     ]
     result = CliRunner().invoke(train_command, args)
     assert result.exit_code == 0, result.output
-    assert "trained 3 steps" in result.output
+    assert "trained steps 1-3 in" in result.output
     assert {CHECKPOINT_FILE, "config.json", LOG_FILE, SUMMARY_FILE} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["train"]["threads"] == 1
 
     again = CliRunner().invoke(train_command, args)
-    assert again.exit_code != 0 and "Error:" in again.output and "already exists" in again.output
+    assert again.exit_code == 2 and "Error:" in again.output and "pass --resume to continue it" in again.output
     assert "Traceback" not in again.output
 
     resumed = CliRunner().invoke(train_command, [*args, "--steps", "4", "--resume"])  # the last --steps wins
     assert resumed.exit_code == 0, resumed.output
+    assert "trained steps 4-4 (resumed from step 3)" in resumed.output
     assert json.loads((out / SUMMARY_FILE).read_text())["resumed_from_step"] == 3
+    changed = CliRunner().invoke(train_command, [*args, "--steps", "5", "--lr", "0.01", "--width", "4",
+                                                 "--resume"])
+    assert changed.exit_code == 2, changed.output
+    assert "resume=True" not in changed.output and "model.width" not in changed.output
+    assert "--lr 0.0002 in the run, 0.01 now" in changed.output
+    assert "--width 8 in the run, 4 now" in changed.output
 
     bad = CliRunner().invoke(train_command, ["--dataset", str(tiny), "--arch", "unet", "--depth", "3", "--out", "x"])
     assert bad.exit_code != 0 and "--depth applies to --arch resnet only" in bad.output

@@ -10,7 +10,14 @@ JSON-like values, so it loads with ``torch.load(..., weights_only=True)``
 * ``raw_state_dict``: the optimised weights, present only when EMA is on;
 * ``optimizer``: the optimizer's state dict (optional), ``step``: iterations done;
 * ``train_config``: the training configuration (dict or None), ``extra``: any
-  other JSON-like data (e.g. recent losses, elapsed seconds).
+  other JSON-like data (e.g. recent losses, elapsed seconds);
+* ``tensor_sha256`` (format 2): :func:`tensor_sha256` of every tensor above, checked
+  on load, so a file damaged after it was written (torch does not check the CRCs of
+  its zip members) is refused with a message naming it, instead of loading wrong weights.
+
+Format 1 files (before the checksum) still load, unverified; the pretrained
+models carry format 2 and are also covered by the manifest of
+:mod:`patchmosaic.pretrained`.
 
 Files are written to a temporary file in the same directory and moved into
 place with :func:`os.replace`, so a crash never leaves a half-written checkpoint.
@@ -19,8 +26,10 @@ place with :func:`os.replace`, so a crash never leaves a half-written checkpoint
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,9 +56,12 @@ __all__ = [
     "load_denoiser",
     "resolve_checkpoint_path",
     "save_checkpoint",
+    "tensor_sha256",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no tensor_sha256 (loads unverified)
+CHECKSUM_KEY = "tensor_sha256"
 CHECKPOINT_FILE = "model.pt"  # the file name inside a run directory
 _REQUIRED = ("format_version", "arch", "model_config", "state_dict")
 
@@ -74,6 +86,32 @@ def atomic_write(path: str | Path) -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def tensor_sha256(payload: Mapping[str, Any]) -> str:
+    """sha256 over every tensor of a checkpoint payload (except the checksum entry itself).
+
+    Walks dicts (keys in sorted order), lists and tuples; each tensor contributes
+    its path, dtype, shape and raw bytes, so a changed value, shape, dtype or key
+    changes the digest. Non-tensor values are not hashed.
+    """
+    digest = hashlib.sha256()
+
+    def walk(obj: Any, path: str) -> None:
+        if torch.is_tensor(obj):
+            t = obj.detach().to("cpu").contiguous().reshape(-1)  # [numel]
+            digest.update(f"{path}|{t.dtype}|{tuple(obj.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, Mapping):
+            for key in sorted(obj, key=str):
+                if not (path == "" and key == CHECKSUM_KEY):
+                    walk(obj[key], f"{path}/{key}")
+        elif isinstance(obj, list | tuple):
+            for i, item in enumerate(obj):
+                walk(item, f"{path}[{i}]")
+
+    walk(payload, "")
+    return digest.hexdigest()
 
 
 def _cpu_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,6 +157,7 @@ def save_checkpoint(
         payload["raw_state_dict"] = raw
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
+    payload[CHECKSUM_KEY] = tensor_sha256(payload)
     with atomic_write(path) as f:
         torch.save(payload, f)
 
@@ -181,7 +220,9 @@ def load_checkpoint(path: str | Path) -> tuple[MinimalResNet | MinimalUNet, Mode
     """
     path = resolve_checkpoint_path(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # garbage bytes make torch warn about an odd pickle protocol first
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by failure mode
         raise ValueError(f"corrupt checkpoint {path}: {type(err).__name__}: {err}") from err
     if not isinstance(data, dict):
@@ -189,11 +230,19 @@ def load_checkpoint(path: str | Path) -> tuple[MinimalResNet | MinimalUNet, Mode
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ValueError(f"checkpoint {path} lacks the entries {missing} (keys: {sorted(data)})")
-    if data["format_version"] != FORMAT_VERSION:
+    if data["format_version"] not in READABLE_VERSIONS:
         raise ValueError(
             f"checkpoint {path} has format_version {data['format_version']!r}; this version of "
-            f"patchmosaic reads format_version {FORMAT_VERSION}"
+            f"patchmosaic reads format_version {' and '.join(map(str, READABLE_VERSIONS))}"
         )
+    if data["format_version"] >= 2:
+        recorded, actual = data.get(CHECKSUM_KEY), tensor_sha256(data)
+        if recorded != actual:
+            raise ValueError(
+                f"corrupt checkpoint {path}: the sha256 of its tensors is {actual}, but the file records "
+                f"{recorded!r}; it was damaged or modified after it was written. Restore it from the original "
+                "(a pretrained model: reinstall patchmosaic) or retrain"
+            )
     if data["arch"] not in ARCHS:
         raise ValueError(f"checkpoint {path} has unknown arch {data['arch']!r}; expected one of {tuple(ARCHS)}")
     try:
@@ -208,7 +257,7 @@ def load_checkpoint(path: str | Path) -> tuple[MinimalResNet | MinimalUNet, Mode
     if "raw_state_dict" in data:
         _check_state_dict(path, model, data["raw_state_dict"], "raw_state_dict")
     model.eval()
-    meta = {k: v for k, v in data.items() if k not in ("arch", "model_config", "state_dict")}
+    meta = {k: v for k, v in data.items() if k not in ("arch", "model_config", "state_dict", CHECKSUM_KEY)}
     meta.setdefault("step", 0)
     meta.setdefault("train_config", None)
     meta.setdefault("extra", {})

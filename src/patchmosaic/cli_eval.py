@@ -17,9 +17,12 @@ These commands are registered into the main group by :mod:`patchmosaic.cli`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +59,35 @@ from patchmosaic.pretrained import (
     training_set,
 )
 from patchmosaic.runs import (
+    BATCH_DIR,
     CONFIG_FILE,
     GRID_FILE,
     SAMPLES_FILE,
+    ResumeError,
+    SampleRun,
     check_run_dir,
     load_samples,
     parse_seeds,
+    sample_settings,
     save_samples,
+    undo_new_dir_on_failure,
     write_config,
-    write_sample_run,
 )
 from patchmosaic.samplers import NOISE_RULE, noise_for_seeds
 from patchmosaic.schedules import PatchSchedule, sigmas_cosine
 
-__all__ = ["calibrate_command", "evaluate_command", "pretrained_group", "resolve_like", "run_network_sample"]
+__all__ = [
+    "calibrate_command",
+    "check_out_flag",
+    "evaluate_command",
+    "open_sample_run",
+    "parse_seeds_flag",
+    "pretrained_group",
+    "report_kept_samples",
+    "resolve_like",
+    "run_network_sample",
+    "undo_new_out_on_failure",
+]
 
 LIBRARY_ERRORS = (ValueError, OSError, ImportError)
 PATCH_MACHINES = ("els", "ls")
@@ -85,19 +103,69 @@ EVALUATE_FILES = (METRICS_FILE, "scatter.png", "comparison.png", "samples_networ
 # ------------------------------------------------------------------ shared
 
 
-def _check_out(path: Path, overwrite: bool, files: tuple[str, ...]) -> Path:
-    """:func:`patchmosaic.runs.check_run_dir` as a ``--out`` parameter error (nothing is deleted)."""
+def check_out_flag(path: Path, overwrite: bool, files: tuple[str, ...], *, resume: bool = False) -> Path:
+    """:func:`patchmosaic.runs.check_run_dir` as a usage error (exit 2) naming ``--out``; nothing is created.
+
+    Every command with ``--out`` checks it with this, before any work.
+    """
+    if resume and overwrite:
+        raise click.BadParameter("--resume continues the run in --out and --overwrite replaces it; pass one",
+                                 param_hint="'--resume'")
     try:
-        return check_run_dir(path, overwrite=overwrite, files=files)
+        return check_run_dir(path, overwrite=overwrite, files=files, resume=resume)
+    except FileNotFoundError as err:
+        raise click.BadParameter(str(err), param_hint="'--resume'") from err
     except FileExistsError as err:
         raise click.BadParameter(str(err), param_hint="'--out'") from err
 
 
-def _seeds(spec: str) -> list[int]:
+def parse_seeds_flag(spec: str) -> list[int]:
+    """:func:`patchmosaic.runs.parse_seeds` as a ``--seeds`` usage error (exit 2); every command uses this."""
     try:
         return parse_seeds(spec)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--seeds'") from err
+
+
+def undo_new_out_on_failure(
+    files: tuple[str, ...] = (), keep_if: str | None = None
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorate a command so that a failure removes the ``--out`` it created (:func:`undo_new_dir_on_failure`)."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **params: Any) -> None:
+            with undo_new_dir_on_failure(params["out"], files=files, keep_if=keep_if):
+                command(*args, **params)
+
+        return wrapper
+
+    return decorate
+
+
+def open_sample_run(out: Path, seeds: list[int], settings: dict, **kwargs: object) -> SampleRun:
+    """:class:`SampleRun` with a failed ``--resume`` as a usage error; writes the starting config.json."""
+    try:
+        run = SampleRun(out, seeds, settings, **kwargs)  # type: ignore[arg-type]
+    except ResumeError as err:
+        raise click.BadParameter(str(err), param_hint="'--resume'") from err
+    if run.resume and run.done:
+        click.echo(f"resuming {out}: {len(run.done)} of {len(seeds)} seeds already sampled, "
+                   f"{len(run.pending)} to go", err=True)
+    run.start()
+    return run
+
+
+@contextlib.contextmanager
+def report_kept_samples(run: SampleRun, out: Path) -> Iterator[None]:
+    """On an interruption or error, say how many finished samples are kept and how to continue."""
+    try:
+        yield
+    except BaseException:
+        if run.writer and run.done:
+            click.echo(f"\n{len(run.done)} finished samples are kept in {out}/{BATCH_DIR}; continue with the same "
+                       "command and --resume", err=True)
+        raise
 
 
 class LoadedModel:
@@ -232,6 +300,7 @@ def run_network_sample(
     label: int | None,
     out: Path,
     overwrite: bool,
+    resume: bool,
     batch_size: int,
     dtype: str,
 ) -> None:
@@ -242,8 +311,8 @@ def run_network_sample(
             f"--model samples a trained network; {', '.join(clashes)} describe a score machine and do not apply",
             param_hint="'--model'",
         )
-    seeds = _seeds(seed_spec)
-    check = _check_out(out, overwrite, (GRID_FILE, SAMPLES_FILE, CONFIG_FILE))
+    seeds = parse_seeds_flag(seed_spec)
+    check_out_flag(out, overwrite, (GRID_FILE, SAMPLES_FILE, CONFIG_FILE), resume=resume)
     model = LoadedModel(spec)
     if label is not None:
         if not model.num_classes:
@@ -253,35 +322,29 @@ def run_network_sample(
         labels = [label] * len(seeds)
     else:
         labels = model.labels(seeds)
+    label_of = None if labels is None else dict(zip(seeds, labels))
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
-    check.mkdir(parents=True, exist_ok=True)
-    n_batches = -(-len(seeds) // batch_size)
+    settings = sample_settings(steps=steps, dtype=dtype, record={
+        "denoiser": "network",
+        **model.record(),
+        "machine": None,
+        "image_shape": list(model.shape),
+        "label": label,
+        "labels": labels,
+        "label_rule": None if labels is None else (f"--label {label}" if label is not None else LABEL_RULE),
+    })
+    run = open_sample_run(out, seeds, settings, resume=resume)
+    batches = run.batches(batch_size)
     start = time.perf_counter()
-    with tqdm(total=steps * n_batches, desc="sampling", unit="call", file=sys.stderr, dynamic_ncols=True) as bar:
-        images = run_sampler(model.denoiser, seeds, model.shape, sigmas=sigmas_cosine(steps), labels=labels,
-                             batch_size=batch_size, dtype=torch_dtype, bar=bar)  # [S, C, H, W]
+    with tqdm(total=steps * len(batches), desc="sampling", unit="call", file=sys.stderr,
+              dynamic_ncols=True) as bar, report_kept_samples(run, out):
+        for batch in batches:  # each finished batch is on disk at once
+            batch_labels = None if label_of is None else [label_of[s] for s in batch]
+            images = run_sampler(model.denoiser, batch, model.shape, sigmas=sigmas_cosine(steps), labels=batch_labels,
+                                 batch_size=len(batch), dtype=torch_dtype, bar=bar)  # [b, C, H, W]
+            run.add_batch(batch, images, batch_labels)
     wall = time.perf_counter() - start
-    summary = write_sample_run(
-        check,
-        images,
-        seeds,
-        labels,
-        steps=steps,
-        dtype=dtype,
-        batch_size=batch_size,
-        wall=wall,
-        record={
-            "denoiser": "network",
-            **model.record(),
-            "machine": None,
-            "image_shape": list(model.shape),
-            "label": label,
-            "labels": labels,
-            "label_rule": None if labels is None else (f"--label {label}" if label is not None else LABEL_RULE),
-        },
-        noun="network samples",
-    )
-    click.echo(f"wrote {summary}")
+    click.echo(f"wrote {run.finish(batch_size=batch_size, wall=wall, noun='network samples')}")
 
 
 # ------------------------------------------------------------------ calibrate
@@ -345,8 +408,8 @@ def calibrate_command(
     try:
         _threads(threads)
         cands = _parse_candidates(candidates)
-        seed_list = _seeds(seeds)
-        out = _check_out(out, overwrite, CALIBRATE_FILES)
+        seed_list = parse_seeds_flag(seeds)
+        out = check_out_flag(out, overwrite, CALIBRATE_FILES)
         model = LoadedModel(model_spec)
         score_machine, data, ts = _machine_for(model, machine, chunk_elements)
         try:
@@ -367,23 +430,24 @@ def calibrate_command(
                 label=None if labels is None else torch.tensor(labels), seeds=seed_list, progress=progress,
             )
         wall = time.perf_counter() - start
-        out.mkdir(parents=True, exist_ok=True)
-        settings = {
-            **model.record(),
-            "machine": machine,
-            "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
-            "label_rule": None if labels is None else LABEL_RULE,
-            "steps": steps,
-            "threads": torch.get_num_threads(),
-            "wall_time_s": round(wall, 3),
-        }
-        result.extra.update({"model": model.source.describe(), "machine": machine,
-                             "training_set": settings["training_set"], "wall_time_s": round(wall, 3),
-                             "threads": torch.get_num_threads()})
-        result.save(out / SCHEDULE_FILE)
-        write_config(out / CONFIG_FILE, {**settings, "candidates": list(cands), "metric": metric, "seeds": seed_list,
-                                         "patch_sizes": list(result.schedule.sizes),
-                                         "files": {"schedule": SCHEDULE_FILE, "config": CONFIG_FILE}})
+        with undo_new_dir_on_failure(out, files=CALIBRATE_FILES):  # no half-written --out on a failed write
+            out.mkdir(parents=True, exist_ok=True)
+            settings = {
+                **model.record(),
+                "machine": machine,
+                "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
+                "label_rule": None if labels is None else LABEL_RULE,
+                "steps": steps,
+                "threads": torch.get_num_threads(),
+                "wall_time_s": round(wall, 3),
+            }
+            result.extra.update({"model": model.source.describe(), "machine": machine,
+                                 "training_set": settings["training_set"], "wall_time_s": round(wall, 3),
+                                 "threads": torch.get_num_threads()})
+            result.save(out / SCHEDULE_FILE)
+            write_config(out / CONFIG_FILE, {**settings, "candidates": list(cands), "metric": metric, "seeds": seed_list,
+                                             "patch_sizes": list(result.schedule.sizes),
+                                             "files": {"schedule": SCHEDULE_FILE, "config": CONFIG_FILE}})
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     cost = result.cost()
@@ -529,8 +593,8 @@ def evaluate_command(
     """
     try:
         _threads(threads)
-        seed_list = _seeds(seeds)
-        out = _check_out(out, overwrite, EVALUATE_FILES)
+        seed_list = parse_seeds_flag(seeds)
+        out = check_out_flag(out, overwrite, EVALUATE_FILES)
         model = LoadedModel(model_spec)
         spec = patch_sizes
         if spec is None:
@@ -564,49 +628,51 @@ def evaluate_command(
             resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed,
         )
         wall = time.perf_counter() - start
-        out.mkdir(parents=True, exist_ok=True)
-        files = {"metrics": METRICS_FILE, "scatter": "scatter.png", "comparison": "comparison.png"}
-        for name, images in result.images.items():
-            files[f"samples_{name}"] = f"samples_{name}.npz"
-            save_samples(out / f"samples_{name}.npz", images, seed_list, labels)
-        summary = result.summary
-        per = {row["seed"]: row for row in summary["per_seed"]}
-        save_scatter(out / "scatter.png", [per[s][f"pearson_r_{machine}"] for s in seed_list],
-                     [per[s]["pearson_r_ideal"] for s in seed_list], machine=machine.upper(), baseline="IS")
-        nearest = data.images.numpy()[[per[s]["nearest_train_index"] for s in seed_list]]  # [S, C, H, W]
-        save_comparison(out / "comparison.png",
-                        [("network", result.images["network"]), (machine.upper(), result.images[machine]),
-                         ("IS", result.images["ideal"]), ("nearest train", nearest)],
-                        seed_list, labels=labels, rows=comparison_rows)
-        config = {
-            **model.record(),
-            "machine": machine,
-            "baseline": "ideal",
-            "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
-            "patch_sizes": list(schedule.sizes),
-            "patch_sizes_source": schedule.name,
-            "steps": len(schedule),
-            "seeds": seed_list,
-            "labels": labels,
-            "label_rule": None if labels is None else LABEL_RULE,
-            "reuse": {name: str(d) for d, name in zip(reuse_dirs, reuse)},
-            "batch_size": batch_size,
-            "threads": torch.get_num_threads(),
-            "noise_rule": NOISE_RULE,
-            "metrics": {
-                "pearson_r": "Pearson correlation of the flattened final images (reported as 'r^2' by the paper's code)",
-                "r_squared": "pearson_r ** 2",
-                "R2": "1 - SS_res / SS_tot, network as the reference",
-                "aggregate": f"median over seeds, percentile bootstrap 95% interval ({bootstrap_resamples} resamples, "
-                f"numpy default_rng({bootstrap_seed}))",
-                "nearest_train": "L2-nearest training image to the network's sample (whole training subset)",
-            },
-            "wall_time_s": round(wall, 3),
-            "seconds_per_seed": {k: None if v is None else round(v, 4) for k, v in result.seconds_per_seed.items()},
-            "files": files,
-        }
-        payload = {"config": config, **summary}
-        write_config(out / METRICS_FILE, payload)
+        written = (METRICS_FILE, "scatter.png", "comparison.png", *(f"samples_{n}.npz" for n in result.images))
+        with undo_new_dir_on_failure(out, files=written):  # no half-written --out on a failed write
+            out.mkdir(parents=True, exist_ok=True)
+            files = {"metrics": METRICS_FILE, "scatter": "scatter.png", "comparison": "comparison.png"}
+            for name, images in result.images.items():
+                files[f"samples_{name}"] = f"samples_{name}.npz"
+                save_samples(out / f"samples_{name}.npz", images, seed_list, labels)
+            summary = result.summary
+            per = {row["seed"]: row for row in summary["per_seed"]}
+            save_scatter(out / "scatter.png", [per[s][f"pearson_r_{machine}"] for s in seed_list],
+                         [per[s]["pearson_r_ideal"] for s in seed_list], machine=machine.upper(), baseline="IS")
+            nearest = data.images.numpy()[[per[s]["nearest_train_index"] for s in seed_list]]  # [S, C, H, W]
+            save_comparison(out / "comparison.png",
+                            [("network", result.images["network"]), (machine.upper(), result.images[machine]),
+                             ("IS", result.images["ideal"]), ("nearest train", nearest)],
+                            seed_list, labels=labels, rows=comparison_rows)
+            config = {
+                **model.record(),
+                "machine": machine,
+                "baseline": "ideal",
+                "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
+                "patch_sizes": list(schedule.sizes),
+                "patch_sizes_source": schedule.name,
+                "steps": len(schedule),
+                "seeds": seed_list,
+                "labels": labels,
+                "label_rule": None if labels is None else LABEL_RULE,
+                "reuse": {name: str(d) for d, name in zip(reuse_dirs, reuse)},
+                "batch_size": batch_size,
+                "threads": torch.get_num_threads(),
+                "noise_rule": NOISE_RULE,
+                "metrics": {
+                    "pearson_r": "Pearson correlation of the flattened final images (reported as 'r^2' by the paper's code)",
+                    "r_squared": "pearson_r ** 2",
+                    "R2": "1 - SS_res / SS_tot, network as the reference",
+                    "aggregate": f"median over seeds, percentile bootstrap 95% interval ({bootstrap_resamples} resamples, "
+                    f"numpy default_rng({bootstrap_seed}))",
+                    "nearest_train": "L2-nearest training image to the network's sample (whole training subset)",
+                },
+                "wall_time_s": round(wall, 3),
+                "seconds_per_seed": {k: None if v is None else round(v, 4) for k, v in result.seconds_per_seed.items()},
+                "files": files,
+            }
+            payload = {"config": config, **summary}
+            write_config(out / METRICS_FILE, payload)
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     agg = summary["aggregates"]
@@ -627,9 +693,12 @@ def evaluate_command(
 
 
 def _describe(name: str) -> str:
-    """One line per pretrained model: training set, schedule, headline metrics."""
-    d = pretrained_dir(name)
+    """One line per pretrained model: training set, schedule, headline metrics (or why they are unreadable)."""
     parts = [name]
+    try:
+        d = pretrained_dir(name)
+    except (ValueError, OSError) as err:
+        return f"{name} | unusable: {err}"
     try:
         _, config, meta = load_checkpoint(d)
         ts = training_set(config, meta["train_config"])
@@ -639,14 +708,21 @@ def _describe(name: str) -> str:
     except (ValueError, OSError) as err:
         parts.append(f"unreadable: {err}")
     if (d / SCHEDULE_FILE).is_file():
-        parts.append("schedule " + ",".join(map(str, PatchSchedule.load(d / SCHEDULE_FILE).sizes)))
+        try:
+            parts.append("schedule " + ",".join(map(str, PatchSchedule.load(d / SCHEDULE_FILE).sizes)))
+        except ValueError as err:
+            parts.append(f"unreadable {d / SCHEDULE_FILE}: {err}")
     else:
         parts.append(f"no {SCHEDULE_FILE}")
     if (d / METRICS_FILE).is_file():
-        agg = json.loads((d / METRICS_FILE).read_text()).get("aggregates", {})
-        rs = [f"{n} r={agg[n]['pearson_r']['median']:.3f}" for n in ("els", "ideal") if n in agg]
-        if rs:
-            parts.append("median " + ", ".join(rs))
+        try:
+            agg = json.loads((d / METRICS_FILE).read_text())["aggregates"]
+            rs = [f"{n} r={float(agg[n]['pearson_r']['median']):.3f}" for n in ("els", "ideal") if n in agg]
+        except (ValueError, KeyError, TypeError) as err:
+            parts.append(f"unreadable {d / METRICS_FILE} ({type(err).__name__}: {err})")
+        else:
+            if rs:
+                parts.append("median " + ", ".join(rs))
     return " | ".join(parts)
 
 

@@ -64,12 +64,21 @@ def explain_command(
     from patchmosaic.explain import check_explain_out, explain_run, summary_lines, write_explain
     from patchmosaic.runs import EXPLAIN_FIGURES, EXPLAIN_FILE
 
+    from patchmosaic.runs import undo_new_dir_on_failure
+
     target = out if out is not None else run_dir
+    if target.exists() and not target.is_dir():
+        raise click.BadParameter(f"{target} exists and is not a directory", param_hint="'--out'")
     try:
-        check_explain_out(target, overwrite=overwrite)  # before any work
+        check_explain_out(target, overwrite=overwrite)  # a usage error (exit 2) before any work
+    except FileExistsError as err:
+        raise click.BadParameter(str(err), param_hint="'--out'" if out is not None else "'RUN_DIR'") from err
+    written = [EXPLAIN_FILE, *EXPLAIN_FIGURES.values()]
+    try:
         result = explain_run(run_dir, tolerance=tolerance, min_weight=min_weight, compare_ideal=compare_ideal,
                              batch_size=batch_size)
-        write_explain(result, target, overwrite=overwrite)
+        with undo_new_dir_on_failure(target, files=written):
+            write_explain(result, target, overwrite=overwrite)
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     for line in summary_lines(result):

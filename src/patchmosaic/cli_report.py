@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
-from patchmosaic.cli_eval import LIBRARY_ERRORS
+from patchmosaic.cli_eval import LIBRARY_ERRORS, check_out_flag
 from patchmosaic.report import REPORT_FILE, build_report
+from patchmosaic.runs import undo_new_dir_on_failure
 
 __all__ = ["report_command"]
 
@@ -35,8 +36,10 @@ def report_command(run_dirs: tuple[Path, ...], out: Path, overwrite: bool) -> No
     Example:
       patchmosaic report runs/els runs/eval-mnist --out runs/report
     """
+    check_out_flag(out, overwrite, (REPORT_FILE,))  # a usage error (exit 2) before any work
     try:
-        path = build_report(run_dirs, out, overwrite=overwrite)
+        with undo_new_dir_on_failure(out, files=(REPORT_FILE,)):
+            path = build_report(run_dirs, out, overwrite=overwrite)
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     runs = f"{len(run_dirs)} run director{'y' if len(run_dirs) == 1 else 'ies'}"

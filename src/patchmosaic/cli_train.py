@@ -15,11 +15,59 @@ import click
 
 from patchmosaic.checkpoints import CHECKPOINT_FILE
 from patchmosaic.models import ARCHS, PADDING_MODES, ModelConfig, ResNetConfig, UNetConfig
-from patchmosaic.training import LOG_FILE, SUMMARY_FILE, TrainConfig, train as train_run
+from patchmosaic.runs import CONFIG_FILE, undo_new_dir_on_failure
+from patchmosaic.training import LOG_FILE, SUMMARY_FILE, ResumeMismatch, TrainConfig, train as train_run
 
 __all__ = ["train"]
 
 _TRAIN_DEFAULTS = TrainConfig()
+TRAIN_FILES = (CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, SUMMARY_FILE)
+# Training-config fields (model fields as model.<name>) and the flags that set them.
+_FLAGS = {
+    "dataset": "--dataset", "n_train": "--n-train", "image_size": "--size", "conditional": "--conditional",
+    "batch_size": "--batch-size", "lr": "--lr", "weight_decay": "--weight-decay", "ema": "--ema", "seed": "--seed",
+    "model.arch": "--arch", "model.width": "--width", "model.base_width": "--width", "model.depth": "--depth",
+    "model.channel_mults": "--channel-mults", "model.blocks_per_level": "--blocks-per-level",
+    "model.padding_mode": "--padding", "model.norm_groups": "--norm-groups",
+}
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """--out and --resume as usage errors (exit 2), before any work; nothing is created."""
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(f"{out} exists and is not a directory; choose another --out", param_hint="'--out'")
+    checkpoint = out / CHECKPOINT_FILE
+    if resume and not checkpoint.is_file():
+        raise click.BadParameter(f"nothing to resume: {out} has no {CHECKPOINT_FILE}", param_hint="'--resume'")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        hint = (f"it holds a training run ({CHECKPOINT_FILE}): pass --resume to continue it"
+                if checkpoint.exists() else f"train writes {', '.join(TRAIN_FILES)} there")
+        raise click.BadParameter(f"output directory {out} exists and is not empty ({hint}); choose another --out",
+                                 param_hint="'--out'")
+
+
+def _mismatch_message(err: ResumeMismatch) -> str:
+    """The differing settings of a resumed run, in flag terms."""
+    parts, seen = [], set()
+    for key, saved, now in err.differences:
+        flag = _FLAGS.get(key)
+        if flag is None:  # derived from the data (channels, classes, size) or not a flag
+            parts.append(f"{key} {saved!r} in the run, {now!r} now (follows from --dataset/--size/--conditional)")
+            continue
+        if flag in seen or (key.startswith("model.") and flag != "--arch" and any(
+                k == "model.arch" for k, _, _ in err.differences)):
+            continue  # another arch has other fields: --arch says it
+        seen.add(flag)
+        parts.append(f"{flag} {_show(saved)} in the run, {_show(now)} now")
+    return (f"cannot --resume {err.path.parent}: these flags differ from the run's: {'; '.join(parts)}. "
+            "Rerun with the run's values (see its config.json); only --steps, --checkpoint-every, --log-every, "
+            "--threads and --device may change")
+
+
+def _show(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return "on" if value is True else "off" if value is False else str(value)
 _RESNET_DEFAULTS = ResNetConfig()
 _UNET_DEFAULTS = UNetConfig()
 
@@ -165,11 +213,22 @@ def train(
             threads=threads,
             device=device,
         )
-        summary = train_run(config, out, resume=resume, progress=progress)
+        _check_out(out, resume)
+        # A failure before the first checkpoint leaves no new, half-written --out behind.
+        with undo_new_dir_on_failure(out, files=(CONFIG_FILE, LOG_FILE), keep_if=CHECKPOINT_FILE):
+            summary = train_run(config, out, resume=resume, progress=progress)
+    except ResumeMismatch as err:
+        raise click.BadParameter(_mismatch_message(err), param_hint="'--resume'") from err
     except (ValueError, OSError, ImportError) as err:
         raise click.ClickException(str(err)) from err
+    first, last = (summary["resumed_from_step"] or 0) + 1, summary["steps"]
+    if first > last:
+        done = f"nothing to train: the run is already at step {last}"
+    else:
+        resumed = f" (resumed from step {first - 1})" if summary["resumed_from_step"] is not None else ""
+        done = f"trained steps {first}-{last}{resumed}"
     click.echo(
-        f"trained {summary['steps']} steps in {summary['wall_seconds']:.1f} s "
+        f"{done} in {summary['wall_seconds']:.1f} s "
         f"({summary['iterations_per_second']:.2f} it/s), final loss {summary['final_loss'] or float('nan'):.4f}; "
         f"wrote {summary['checkpoint']} ({summary['checkpoint_mb']:.2f} MB)"
     )

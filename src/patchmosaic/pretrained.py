@@ -13,6 +13,12 @@ The root is ``src/patchmosaic/pretrained/`` (package data; the repository root
 has a ``pretrained`` symlink to it), or the directory named by the environment
 variable :data:`PRETRAINED_ENV` when it is set.
 
+The root's ``MANIFEST.json`` (:data:`MANIFEST_FILE`) records the sha256 of every
+file of every model; each lookup of a model by name checks its files against it
+(:func:`verify_pretrained`) and refuses a damaged or modified file by name.
+:func:`publish_pretrained` updates the manifest. A root without a manifest (e.g.
+hand-assembled) is used unverified; the checkpoints carry their own tensor checksum.
+
 Model specs (``--model``, ``--like``) resolve, first match wins, as
 ``pretrained:<name>``; an existing checkpoint file or run directory; a bare
 pretrained name. Schedule specs accept ``pretrained:<name>`` (that model's
@@ -26,6 +32,8 @@ the same class everywhere.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -45,6 +53,7 @@ from patchmosaic.models import ModelConfig
 
 __all__ = [
     "LABEL_RULE",
+    "MANIFEST_FILE",
     "METRICS_FILE",
     "PREFIX",
     "PRETRAINED_ENV",
@@ -61,6 +70,8 @@ __all__ = [
     "resolve_model",
     "resolve_schedule_spec",
     "training_set",
+    "verify_pretrained",
+    "write_manifest",
 ]
 
 PRETRAINED_ENV = "PATCHMOSAIC_PRETRAINED_DIR"  # overrides the package's pretrained/ directory
@@ -68,6 +79,8 @@ PREFIX = "pretrained:"
 SCHEDULE_FILE = "schedule.json"
 METRICS_FILE = "metrics.json"
 TRAIN_CONFIG_FILE = "config.json"
+MANIFEST_FILE = "MANIFEST.json"  # in the root: sha256 of every model file
+MODEL_FILES = (CHECKPOINT_FILE, TRAIN_CONFIG_FILE, SCHEDULE_FILE, METRICS_FILE)
 LABEL_RULE = "label = seed % num_classes"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -131,7 +144,72 @@ def pretrained_dir(name: str, root: str | Path | None = None) -> Path:
         names = available_pretrained(root)
         listed = ", ".join(names) if names else "none"
         raise FileNotFoundError(f"unknown pretrained model {name!r} in {root}; available: {listed}")
+    verify_pretrained(name, root)
     return path
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(root: str | Path | None = None) -> Path:
+    """Write ``<root>/MANIFEST.json``: the sha256 of every file of every model under ``root``."""
+    root = pretrained_root() if root is None else Path(root)
+    files = {
+        f"{name}/{f}": _sha256(root / name / f)
+        for name in available_pretrained(root)
+        for f in MODEL_FILES
+        if (root / name / f).is_file()
+    }
+    payload = {"about": "sha256 of each file of the pretrained models, paths relative to this directory; "
+                        "checked by patchmosaic.pretrained.verify_pretrained on every lookup",
+               "files": files}
+    path = root / MANIFEST_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def verify_pretrained(name: str, root: str | Path | None = None) -> None:
+    """Check the files of pretrained model ``name`` against the root's manifest.
+
+    Raises:
+        ValueError: Naming the file, if a file of the model is not in the manifest,
+            its sha256 differs, or the manifest is unreadable. Without a manifest
+            nothing is checked.
+    """
+    root = pretrained_root() if root is None else Path(root)
+    manifest = root / MANIFEST_FILE
+    if not manifest.is_file():
+        return
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+        if not isinstance(recorded, dict):
+            raise TypeError("'files' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"pretrained manifest {manifest} is unreadable ({type(err).__name__}: {err})") from err
+    for f in MODEL_FILES:
+        path = root / name / f
+        key = f"{name}/{f}"
+        if not path.is_file():  # a missing file is reported by whatever needs it (e.g. "has no schedule.json")
+            continue
+        if key not in recorded:
+            raise ValueError(f"pretrained model {name!r}: {path} is not listed in {manifest}; republish the model "
+                             "(patchmosaic pretrained publish) or restore the directory")
+        actual = _sha256(path)
+        if actual != recorded[key]:
+            raise ValueError(
+                f"pretrained model {name!r}: {path} is damaged or modified: its sha256 is {actual}, the manifest "
+                f"{manifest} records {recorded[key]}. Reinstall patchmosaic (or restore the file)"
+            )
 
 
 @dataclass(frozen=True)
@@ -311,4 +389,5 @@ def publish_pretrained(
     export_sampling_checkpoint(ckpt, dest / CHECKPOINT_FILE)
     for target, path in sources.items():
         shutil.copyfile(path, dest / target)
+    write_manifest(dest.parent)
     return dest

@@ -108,7 +108,13 @@ def build_report(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.P
         raise ValueError("no run directories given; pass at least one RUN_DIR")
     out = check_run_dir(out_dir, overwrite=overwrite, files=(REPORT_FILE,))
     runs = [_Run.load(d) for d in dirs]
-    sections = [_run_section(run, f"run-{i + 1}") for i, run in enumerate(runs)]
+    sections = []
+    for i, run in enumerate(runs):
+        try:
+            sections.append(_run_section(run, f"run-{i + 1}"))
+        except (TypeError, KeyError, AttributeError, IndexError) as err:  # values of unexpected types or shapes
+            raise ValueError(f"{run.path}: unexpected contents in its {CONFIG_FILE} or {METRICS_FILE} "
+                             f"({type(err).__name__}: {err})") from err
     toc = "\n".join(
         f'<li><a href="#run-{i + 1}">{_e(run.title)}</a> <span class="muted">{_e(run.kind)}</span></li>'
         for i, run in enumerate(runs)
@@ -175,6 +181,10 @@ class _Run:
         if (path / METRICS_FILE).is_file():
             data = _read_json(path / METRICS_FILE)
             if isinstance(data, dict) and "per_seed" in data and "aggregates" in data:
+                rows, agg = data["per_seed"], data["aggregates"]
+                if not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows) and isinstance(agg, dict)):
+                    raise ValueError(f"{path / METRICS_FILE}: 'per_seed' must be a list of objects and 'aggregates' "
+                                     "an object (not an evaluate metrics file?)")
                 metrics = data
         if (path / CONFIG_FILE).is_file():
             config = _read_json(path / CONFIG_FILE)

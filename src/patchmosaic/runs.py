@@ -11,18 +11,22 @@ A sampling run writes three files into its directory:
 
 A run directory is never deleted or emptied: :func:`prepare_run_dir` refuses a
 non-empty directory unless asked to overwrite, and overwriting only replaces
-the files a run writes.
+the files a run writes. :class:`SampleRun` writes every finished batch at once
+(``batches/``, each file renamed into place), so an interrupted run keeps its
+finished samples and ``sample --resume`` continues it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
+import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,22 +36,30 @@ from PIL import Image
 from patchmosaic import __version__
 
 __all__ = [
-    "write_sample_run",
+    "BATCH_DIR",
     "CONFIG_FILE",
     "DERIVED_FILES",
     "EXPLAIN_FIGURES",
     "EXPLAIN_FILE",
     "GRID_FILE",
+    "MAX_SEEDS",
     "PROVENANCE_FILE",
+    "RESUME_FREE_KEYS",
+    "ResumeError",
+    "SEED_LIMIT",
+    "SampleRun",
     "SAMPLES_FILE",
     "check_run_dir",
+    "undo_new_dir_on_failure",
     "load_provenance",
     "load_samples",
     "parse_seeds",
     "prepare_run_dir",
     "save_grid",
+    "sample_settings",
     "save_provenance",
     "save_samples",
+    "split_provenance",
     "to_uint8",
     "write_config",
 ]
@@ -62,9 +74,17 @@ EXPLAIN_FIGURES = {
     "displacement": "explain_displacement.png",
     "n_eff": "explain_neff.png",
 }
+BATCH_DIR = "batches"  # finished batches of a sample run in progress (SampleRun)
+# Config keys a resumed sample run may change: none of them changes any seed's sample.
+RESUME_FREE_KEYS = ("seeds", "labels", "batch_size", "wall_time_s", "seconds_per_sample", "timestamp", "command",
+                    "status", "resumed", "distributed")
 # Files computed from a run's samples; they go stale if the samples are replaced.
 DERIVED_FILES = (PROVENANCE_FILE, EXPLAIN_FILE, *EXPLAIN_FIGURES.values())
 
+# Seeds are stored as int64 (samples.npz) and seed torch's generator: 0 <= seed < 2**63.
+SEED_LIMIT = 2**63
+# At most this many seeds per command: a typo like 0-100000000 is an error, not a 10^8-sample run.
+MAX_SEEDS = 100_000
 # One comma-separated item of a seed list: "7" or "3-9" (whitespace allowed around numbers).
 _SEED_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -83,11 +103,13 @@ def parse_seeds(spec: str) -> list[int]:
 
     Raises:
         ValueError: On an empty spec or item, a negative or non-integer seed, a
-            reversed range (``5-3``) or a seed that occurs more than once.
+            seed of :data:`SEED_LIMIT` (2**63) or more, a reversed range (``5-3``),
+            more than :data:`MAX_SEEDS` seeds (checked before any list is built)
+            or a seed that occurs more than once.
     """
     if not spec.strip():
         raise ValueError("empty seed list; give seeds like '0-7', '0,3,5' or '0-3,10,12-13'")
-    seeds: list[int] = []
+    ranges: list[tuple[int, int]] = []
     for item in spec.split(","):
         if not item.strip():
             raise ValueError(f"empty item in seed list {spec!r}; give seeds like '0-7' or '0,3,5'")
@@ -101,9 +123,21 @@ def parse_seeds(spec: str) -> list[int]:
             )
         start = int(match.group(1))
         stop = start if match.group(2) is None else int(match.group(2))
+        if max(start, stop) >= SEED_LIMIT:
+            raise ValueError(
+                f"seed {max(start, stop)} in {spec!r} is too large: seeds must be below 2**63 = {SEED_LIMIT} "
+                "(they are stored as int64 and seed torch's random generator)"
+            )
         if stop < start:
             raise ValueError(f"reversed seed range {item.strip()!r} in {spec!r}; write it as '{stop}-{start}'")
-        seeds.extend(range(start, stop + 1))
+        ranges.append((start, stop))
+    count = sum(stop - start + 1 for start, stop in ranges)
+    if count > MAX_SEEDS:
+        raise ValueError(
+            f"seed list {spec!r} asks for {count:,} seeds; at most {MAX_SEEDS:,} per run "
+            "(split larger jobs into several runs with disjoint seed ranges)"
+        )
+    seeds = [s for start, stop in ranges for s in range(start, stop + 1)]
     counts: dict[int, int] = {}
     for s in seeds:
         counts[s] = counts.get(s, 0) + 1
@@ -114,7 +148,11 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 def check_run_dir(
-    path: str | Path, *, overwrite: bool, files: Sequence[str] = (GRID_FILE, SAMPLES_FILE, CONFIG_FILE)
+    path: str | Path,
+    *,
+    overwrite: bool,
+    files: Sequence[str] = (GRID_FILE, SAMPLES_FILE, CONFIG_FILE),
+    resume: bool = False,
 ) -> Path:
     """Check, without creating anything, that ``path`` may be used as an output directory.
 
@@ -122,6 +160,8 @@ def check_run_dir(
         path: The directory (need not exist).
         overwrite: Allow an existing non-empty directory; only ``files`` will be replaced.
         files: The files the command writes (named in the messages).
+        resume: Continue the sample run in ``path`` (:class:`SampleRun`): it must
+            hold that run's ``config.json``; the other checks are those of ``overwrite``.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -135,12 +175,21 @@ def check_run_dir(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {path} exists and is not a directory; choose another --out")
-    if path.is_dir() and not overwrite and any(path.iterdir()):
+    if resume and not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"nothing to resume: {path} holds no {CONFIG_FILE} of a sample run")
+    interrupted = SAMPLES_FILE in files and (path / BATCH_DIR).is_dir() and not resume
+    if path.is_dir() and not (overwrite or resume) and any(path.iterdir()):
+        hint = " (it holds an interrupted sample run: pass --resume to continue it)" if interrupted else ""
         raise FileExistsError(
-            f"output directory {path} exists and is not empty; pass --overwrite to replace the files this "
+            f"output directory {path} exists and is not empty{hint}; pass --overwrite to replace the files this "
             f"command writes ({', '.join(files)}; nothing else is touched) or choose another --out"
         )
-    if overwrite and path.is_dir() and SAMPLES_FILE in files:
+    if overwrite and interrupted:
+        raise FileExistsError(
+            f"{path} holds the finished batches of an interrupted sample run ({path / BATCH_DIR}); --overwrite would "
+            "mix them into this run. Pass --resume to continue that run, or move or delete that directory first"
+        )
+    if (overwrite or resume) and path.is_dir() and SAMPLES_FILE in files:
         stale = [name for name in DERIVED_FILES if name not in files and (path / name).exists()]
         if stale:
             raise FileExistsError(
@@ -172,6 +221,45 @@ def prepare_run_dir(
     path = check_run_dir(path, overwrite=overwrite, files=files)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def undo_new_dir_on_failure(
+    path: str | Path, *, files: Sequence[str] = (), keep_if: str | None = None
+) -> Iterator[Path]:
+    """On an exception, remove an output directory that this block created, if nothing else is in it.
+
+    A directory that existed before the block is never touched. If ``path`` (and
+    possibly some of its parents) did not exist, then on failure the block's own
+    ``files`` in it are deleted (unless ``keep_if`` exists there, e.g. a resumable
+    checkpoint), then each directory the block created is removed if it is empty
+    (``rmdir``: never a recursive delete), so a failed command leaves no empty or
+    half-written ``--out`` behind. The exception propagates.
+
+    Args:
+        path: The output directory (need not exist yet).
+        files: Names, inside ``path``, of the files the block writes.
+        keep_if: A file name inside ``path``; if it exists on failure, nothing is deleted.
+    """
+    path = Path(path)
+    created: list[Path] = []  # deepest first: path, then the missing parents
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
+    try:
+        yield path
+    except BaseException:
+        if created and not (keep_if is not None and (path / keep_if).exists()):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    (path / name).unlink()
+            for directory in created:
+                try:
+                    directory.rmdir()  # only if empty
+                except OSError:
+                    break
+        raise
 
 
 def _as_numpy_images(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -303,7 +391,7 @@ def load_samples(path: str | Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             data = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError) as err:
+    except Exception as err:  # zipfile.BadZipFile, OSError, ValueError, EOFError, ...: one clear error naming the file
         raise ValueError(f"{path}: not a readable .npz archive ({err})") from err
     missing = [key for key in ("images", "seeds") if key not in data]
     if missing:
@@ -355,63 +443,259 @@ def write_config(path: str | Path, config: dict, *, argv: Sequence[str] | None =
         text = json.dumps(payload, sort_keys=True, indent=2)
     except TypeError as err:
         raise ValueError(f"config is not JSON-serialisable: {err}") from err
-    Path(path).write_text(text + "\n")
+    _atomic(Path(path), lambda tmp: tmp.write_text(text + "\n"))
     return payload
 
 
-def write_sample_run(
-    run_dir: Path,
-    images: torch.Tensor,
-    seeds: Sequence[int],
-    labels: Sequence[int] | None,
-    *,
-    steps: int,
-    dtype: str,
-    batch_size: int,
-    wall: float,
-    record: dict,
-    noun: str = "samples",
-) -> str:
-    """Write ``grid.png``, ``samples.npz`` and ``config.json`` of a sampling run.
+def sample_settings(*, steps: int, dtype: str, record: dict) -> dict:
+    """The configuration every sampling run records besides its denoiser's ``record``.
 
-    The config holds the fields every sampling run shares (time grid, noise
-    schedule and noise rule, seeds, timing, file names) plus ``record``, the
-    denoiser-specific settings.
-
-    Returns:
-        A one-line summary: where the files went and the seconds per sample.
+    Together with the versions :func:`write_config` adds, these settings
+    determine each seed's sample; :class:`SampleRun` compares them on ``--resume``.
     """
     from patchmosaic.samplers import NOISE_RULE
     from patchmosaic.schedules import CosineSchedule
 
-    save_grid(images, run_dir / GRID_FILE)
-    save_samples(run_dir / SAMPLES_FILE, images, seeds, labels)
-    write_config(
-        run_dir / CONFIG_FILE,
-        {
-            "steps": steps,
-            "time_grid": "t_i = i / steps, i = steps..1 (DDIM, deterministic)",
-            "noise_schedule": f"cosine, alpha_bar(t) = cos^2((t / (1 + s)) pi / 2), s = {CosineSchedule().s}",
-            "seeds": list(seeds),
-            "dtype": dtype,
+    return {
+        "steps": steps,
+        "time_grid": "t_i = i / steps, i = steps..1 (DDIM, deterministic)",
+        "noise_schedule": f"cosine, alpha_bar(t) = cos^2((t / (1 + s)) pi / 2), s = {CosineSchedule().s}",
+        "dtype": dtype,
+        "noise_rule": NOISE_RULE + ", then cast to --dtype",
+        "files": {"grid": GRID_FILE, "samples": SAMPLES_FILE, "config": CONFIG_FILE},
+        **record,
+    }
+
+
+class ResumeError(ValueError):
+    """A ``--resume`` that cannot continue the run in its directory (the message says why)."""
+
+
+class SampleRun:
+    """A sampling run directory written batch by batch, so an interrupted run loses nothing.
+
+    :meth:`start` writes ``config.json`` (``"status": "incomplete"``) before any
+    sampling; each finished batch goes to ``batches/batch-s<first>-n<count>.npz``
+    (:func:`save_samples` format, plus ``.provenance.npz`` with provenance), each
+    written to a temporary file and renamed into place. :meth:`finish` writes
+    ``samples.npz``, ``grid.png`` (and ``provenance.npz``) in the order of the
+    seeds, then the final ``config.json`` (``"status": "complete"``), and only
+    then removes the batch files it wrote. With ``resume`` the finished seeds of
+    the directory (its ``samples.npz`` and ``batches/``) are kept and skipped,
+    after checking that the directory's configuration equals this run's except
+    for :data:`RESUME_FREE_KEYS`.
+
+    Args:
+        run_dir: The run directory.
+        seeds: The run's seeds, in output order.
+        settings: The resolved configuration (:func:`sample_settings`), JSON-like.
+        provenance_top: ``m`` when provenance is recorded, else ``None``.
+        resume: Continue the run in ``run_dir``.
+        writer: Whether this process writes (False on ranks > 0 of a sharded run).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        seeds: Sequence[int],
+        settings: dict,
+        *,
+        provenance_top: int | None = None,
+        resume: bool = False,
+        writer: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.seeds = list(seeds)
+        self.settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back from config.json
+        self.provenance_top = provenance_top
+        self.resume = resume
+        self.writer = writer
+        self.done: dict[int, dict] = {}  # seed -> {"image": [C, H, W], "label": int | None, "provenance": row}
+        self.sampled = 0  # seeds sampled by this process (add_batch)
+        if resume:
+            self._load_finished()
+
+    # -------------------------------------------------------------- resume
+
+    def _differences(self, saved: dict) -> list[str]:
+        now = {**self.settings, "patchmosaic_version": __version__, "torch_version": torch.__version__}
+        keys = sorted((set(saved) | set(now)) - set(RESUME_FREE_KEYS))
+        return [f"{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now" for k in keys if saved.get(k) != now.get(k)]
+
+    def _load_finished(self) -> None:
+        config_path = self.run_dir / CONFIG_FILE
+        if not config_path.is_file():
+            raise ResumeError(f"nothing to resume in {self.run_dir}: it has no {CONFIG_FILE} of a sample run")
+        try:
+            saved = json.loads(config_path.read_text())
+        except (OSError, ValueError) as err:
+            raise ResumeError(f"cannot resume {self.run_dir}: {config_path} is not readable JSON ({err})") from err
+        if not isinstance(saved, dict):
+            raise ResumeError(f"cannot resume {self.run_dir}: {config_path} does not hold a JSON object")
+        diffs = self._differences(saved)
+        if diffs:
+            raise ResumeError(
+                f"cannot resume {self.run_dir}: its configuration differs from this command's in "
+                f"{len(diffs)} key(s): {'; '.join(diffs)}. Only --seeds (adding seeds) and --batch-size may change; "
+                "rerun with the run's flags (see its config.json) or choose another --out"
+            )
+        parts = []
+        if (self.run_dir / SAMPLES_FILE).is_file():
+            parts.append((self.run_dir / SAMPLES_FILE, self.run_dir / PROVENANCE_FILE))
+        batch_dir = self.run_dir / BATCH_DIR
+        if batch_dir.is_dir():
+            parts += [(p, p.with_name(p.name.removesuffix(".npz") + ".provenance.npz"))
+                      for p in sorted(batch_dir.glob("batch-*.npz")) if not p.name.endswith(".provenance.npz")]
+        for samples_path, prov_path in parts:
+            archive = load_samples(samples_path)
+            rows = None
+            if self.provenance_top is not None:
+                
+
+                if not prov_path.is_file():
+                    raise ResumeError(f"cannot resume {self.run_dir}: {samples_path} has no provenance ({prov_path})")
+                prov = load_provenance(prov_path)
+                if prov["seeds"].tolist() != archive["seeds"].tolist():
+                    raise ResumeError(f"cannot resume {self.run_dir}: {prov_path} and {samples_path} hold other seeds")
+                rows = split_provenance(prov)
+            for i, seed in enumerate(archive["seeds"].tolist()):
+                label = None if "labels" not in archive else int(archive["labels"][i])
+                self.done[int(seed)] = {"image": archive["images"][i], "label": label,
+                                        "provenance": None if rows is None else rows[i]}
+        extra = [s for s in self.done if s not in set(self.seeds)]
+        if extra:
+            raise ResumeError(
+                f"cannot resume {self.run_dir}: it holds samples of seeds not in --seeds "
+                f"({_seed_list_text(sorted(extra))}); --seeds must include every seed of the run, so nothing is dropped"
+            )
+
+    @property
+    def pending(self) -> list[int]:
+        """The seeds still to sample, in output order."""
+        return [s for s in self.seeds if s not in self.done]
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        """The pending seeds in batches of ``batch_size``."""
+        pending = self.pending
+        return [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
+
+    # --------------------------------------------------------------- write
+
+    def start(self) -> None:
+        """Write ``config.json`` with ``"status": "incomplete"`` (before any sampling)."""
+        if self.writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(self.run_dir / CONFIG_FILE, {**self.settings, "seeds": self.seeds, "status": "incomplete"})
+
+    def add_batch(
+        self,
+        seeds: Sequence[int],
+        images: torch.Tensor | np.ndarray,
+        labels: Sequence[int] | None,
+        provenance: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Record a finished batch, on disk at once (atomic rename), so an interruption keeps it."""
+        arr = _as_numpy_images(images).astype(np.float32)  # [b, C, H, W]
+        self.sampled += len(seeds)
+        rows = None
+        if provenance is not None:
+            
+
+            rows = split_provenance(provenance)
+        for i, seed in enumerate(seeds):
+            self.done[int(seed)] = {"image": arr[i], "label": None if labels is None else int(labels[i]),
+                                    "provenance": None if rows is None else rows[i]}
+        if not self.writer:
+            return
+        batch_dir = self.run_dir / BATCH_DIR
+        batch_dir.mkdir(exist_ok=True)
+        stem = f"batch-s{int(seeds[0])}-n{len(seeds)}"
+        if provenance is not None:  # provenance first: a batch counts as done once its samples file exists
+            
+
+            path = batch_dir / f"{stem}.provenance.npz"
+            _atomic(path, lambda tmp: save_provenance(tmp, [provenance], seeds, self.provenance_top))
+        path = batch_dir / f"{stem}.npz"
+        _atomic(path, lambda tmp: save_samples(tmp, arr, seeds, labels))
+
+    def finish(self, *, batch_size: int, wall: float, noun: str = "samples") -> str:
+        """Write the run's files in seed order, then remove its batch files; returns a summary line."""
+        sampled = self.sampled
+        if not self.writer:
+            return ""
+        missing = self.pending
+        if missing:
+            raise ValueError(f"{len(missing)} seeds were not sampled ({_seed_list_text(missing)})")
+        rows = [self.done[s] for s in self.seeds]
+        images = np.stack([r["image"] for r in rows])  # [B, C, H, W]
+        labels = None if rows[0]["label"] is None else [r["label"] for r in rows]
+        _atomic(self.run_dir / SAMPLES_FILE, lambda tmp: save_samples(tmp, images, self.seeds, labels))
+        _atomic(self.run_dir / GRID_FILE, lambda tmp: save_grid(images, tmp))
+        if self.provenance_top is not None:
+            
+
+            records = [r["provenance"] for r in rows]
+            _atomic(self.run_dir / PROVENANCE_FILE,
+                    lambda tmp: save_provenance(tmp, records, self.seeds, self.provenance_top))
+        write_config(self.run_dir / CONFIG_FILE, {
+            **self.settings,
+            "seeds": self.seeds,
             "batch_size": batch_size,
-            "noise_rule": NOISE_RULE + ", then cast to --dtype",
             "wall_time_s": round(wall, 3),
-            "seconds_per_sample": round(wall / len(seeds), 4),
-            "files": {"grid": GRID_FILE, "samples": SAMPLES_FILE, "config": CONFIG_FILE},
-            **record,
-        },
-    )
-    return (
-        f"{len(seeds)} {noun} to {run_dir}/ ({GRID_FILE}, {SAMPLES_FILE}, {CONFIG_FILE}) "
-        f"in {wall:.1f} s, {wall / len(seeds):.2f} s/sample"
-    )
+            "seconds_per_sample": round(wall / sampled, 4) if sampled else None,
+            "status": "complete",
+            "resumed": {"kept": len(self.seeds) - sampled, "sampled": sampled} if self.resume else None,
+        })
+        batch_dir = self.run_dir / BATCH_DIR
+        if batch_dir.is_dir():  # the batches are in samples.npz now; remove only our own batch files
+            for path in batch_dir.glob("batch-s*-n*.npz"):
+                path.unlink()
+            with contextlib.suppress(OSError):
+                batch_dir.rmdir()
+        kept = f", {len(self.seeds) - sampled} kept from the interrupted run" if self.resume else ""
+        speed = f", {wall / sampled:.2f} s/sample" if sampled else ""
+        return (
+            f"{len(self.seeds)} {noun} to {self.run_dir}/ ({GRID_FILE}, {SAMPLES_FILE}, {CONFIG_FILE}{kept}) "
+            f"in {wall:.1f} s{speed}"
+        )
+
+
+def _seed_list_text(seeds: Sequence[int], shown: int = 10) -> str:
+    head = ", ".join(map(str, seeds[:shown]))
+    return head + (f", ... ({len(seeds)} in all)" if len(seeds) > shown else "")
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary name next to ``path``, then rename it onto ``path``."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: numpy keeps the name
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
 
 
 # ------------------------------------------------------------------ provenance files
 
 _BATCHED = ("index", "source", "weight", "count")  # [B, ...]
 _STEPPED = ("n_eff", "entropy")  # [S, B, ...]
+
+
+def split_provenance(record: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """One record per sample (batch size 1) of a batch record or a loaded ``provenance.npz``.
+
+    :func:`save_provenance` of the rows, in any order, writes those samples' provenance.
+    """
+    n = record["index"].shape[0]
+    rows = []
+    for b in range(n):
+        row = {name: record[name][b : b + 1] for name in _BATCHED}  # [1, ...]
+        row.update({name: record[name][:, b : b + 1] for name in _STEPPED})  # [S, 1, ...]
+        row["sigma"], row["step_patch_sizes"] = record["sigma"], record["step_patch_sizes"]
+        rows.append(row)
+    return rows
 
 
 def save_provenance(path: str | Path, records: Sequence[dict[str, np.ndarray]], seeds: Sequence[int], top: int) -> None:
@@ -458,7 +742,7 @@ def load_provenance(path: str | Path, *, n_train: int | None = None) -> dict[str
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as err:
+    except Exception as err:  # zipfile.BadZipFile, OSError, ValueError, EOFError, ...: one clear error naming the file
         raise ValueError(f"{path}: not a readable provenance file ({err})") from err
     if "sigma" not in data and "t" in data:  # written before the sigma protocol: times on the cosine schedule
         from patchmosaic.schedules import CosineSchedule

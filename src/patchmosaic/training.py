@@ -43,7 +43,16 @@ from patchmosaic.models import ModelConfig, ResNetConfig, build_model, config_fr
 from patchmosaic.runs import CONFIG_FILE, write_config
 from patchmosaic.schedules import CosineSchedule
 
-__all__ = ["LOG_FILE", "SUMMARY_FILE", "TrainConfig", "resolve_config", "stream_seed", "train"]
+__all__ = [
+    "LOG_FILE",
+    "RESUMABLE_CHANGES",
+    "SUMMARY_FILE",
+    "ResumeMismatch",
+    "TrainConfig",
+    "resolve_config",
+    "stream_seed",
+    "train",
+]
 
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -196,20 +205,41 @@ def _ema_decay(decay: float, updates: int) -> float:
     return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
+class ResumeMismatch(ValueError):
+    """The configuration of a resumed run differs from its checkpoint's.
+
+    Attributes:
+        differences: ``(key, saved, now)`` per differing field; model fields as ``model.<name>``.
+    """
+
+    def __init__(self, path: Path, differences: list[tuple[str, Any, Any]]) -> None:
+        self.path = path
+        self.differences = differences
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differences)
+        super().__init__(
+            f"cannot resume from {path}: the configuration differs from the saved one ({listed}); "
+            f"only {', '.join(RESUMABLE_CHANGES)} may change"
+        )
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"model": {"width": 8}}`` as ``{"model.width": 8}``."""
+    flat = {k: v for k, v in config.items() if k != "model"}
+    flat.update({f"model.{k}": v for k, v in (config.get("model") or {}).items()})
+    return flat
+
+
 def _check_resumable(saved: dict[str, Any] | None, current: TrainConfig, path: Path) -> None:
     if saved is None:
         raise ValueError(f"checkpoint {path} has no train_config, so the run cannot be resumed")
-    now = current.to_dict()
+    saved, now = (_flatten(json.loads(json.dumps(c))) for c in (saved, current.to_dict()))  # tuples as lists
     diffs = [
-        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        (k, saved.get(k), now.get(k))
         for k in sorted(set(saved) | set(now))
         if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)
     ]
     if diffs:
-        raise ValueError(
-            f"cannot resume from {path}: the configuration differs from the saved one ({'; '.join(diffs)}); "
-            f"only {', '.join(RESUMABLE_CHANGES)} may change"
-        )
+        raise ResumeMismatch(path, diffs)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -255,7 +285,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
         raise FileExistsError(f"output path {out} exists and is not a directory")
     if not resume and ckpt_path.exists():
         raise FileExistsError(
-            f"{ckpt_path} already exists; pass --resume (resume=True) to continue that run or choose another output"
+            f"{ckpt_path} already exists; resume that run (resume=True) or choose another output directory"
         )
     if resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"cannot resume: no checkpoint {ckpt_path}")

@@ -16,6 +16,7 @@ import gzip
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def _read_maybe_gzip(path: Path) -> bytes:
         return raw
     try:
         return gzip.decompress(raw)
-    except (OSError, EOFError) as err:  # BadGzipFile is an OSError; truncation gives EOFError
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile: OSError; truncation: EOFError; bad deflate: zlib
         raise ValueError(f"{path}: corrupt or truncated gzip data ({err})") from err
 
 

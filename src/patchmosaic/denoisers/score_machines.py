@@ -151,6 +151,9 @@ class ScoreMachine:
             (log-sum-exp reference, weighted sum) partials are merged with two
             all-reduces, giving the single-process result. Every rank must call
             ``denoise`` with the same inputs.
+        device: Where the training images live (default: where they are). Queries
+            may be on any device; each streamed chunk moves to the query's device,
+            so keep both on the same one (``--device`` in the CLI does).
     """
 
     kind: ClassVar[str]
@@ -175,6 +178,7 @@ class ScoreMachine:
         wrap_training_patches: bool = True,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         distributed: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         check_machine_options(self.kind, padding, wrap_training_patches)
         images = torch.as_tensor(train_images)
@@ -208,7 +212,7 @@ class ScoreMachine:
         N = images.shape[0]
         lo, hi = self.rank * N // self.world, (self.rank + 1) * N // self.world
         self.num_train = N  # the whole training set, over all shards
-        self.images = images[lo:hi]  # [N_shard, C, H, W], this process's shard
+        self.images = images[lo:hi].to(device)  # [N_shard, C, H, W], this process's shard, on `device`
         self.padding = padding
         self.wrap_training_patches = wrap_training_patches
         if chunk_elements < 1:
