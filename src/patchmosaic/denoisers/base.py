@@ -1,0 +1,199 @@
+"""What every closed-form denoiser of the family shares: the protocol's input checks,
+the training set with its optional labels, and per-call random generators.
+
+A denoiser is a callable ``D(x, sigma, label=None) -> x0_hat`` in the VE/EDM form
+(Karras et al. 2206.00364): ``x = x0 + sigma * eps``, ``x [B, C, H, W]`` float32 or
+float64, ``sigma`` a float or a ``[B]`` tensor of finite positive values, and the
+result ``[B, C, H, W]`` in ``x``'s dtype and device. The VP form of the score
+machines relates by ``x = x_t / sqrt(abar)``, ``sigma^2 = (1 - abar) / abar``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "COMPUTE_DTYPES",
+    "TrainingSet",
+    "call_generator",
+    "check_positive_int",
+    "check_query",
+    "sigma_vector",
+]
+
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+LabelArg = int | torch.Tensor | None
+
+
+def check_positive_int(value: object, name: str, *, maximum: int | None = None, what_max: str = "") -> int:
+    """``value`` as an int in ``1..maximum``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 1 or (maximum is not None and value > maximum):
+        upper = "" if maximum is None else f"..{maximum}{what_max}"
+        raise ValueError(f"{name} must be in 1{upper}, got {value}")
+    return int(value)
+
+
+def check_query(x: object, image_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Validate a query batch ``x [B, C, H, W]`` against the training images' shape."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"x must be a torch tensor, got {type(x).__name__}")
+    C, H, W = image_shape
+    if x.ndim == 3:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}: missing batch dimension, expected [B, {C}, {H}, {W}] "
+            "(use x[None] for one image)"
+        )
+    if x.ndim != 4 or tuple(x.shape[1:]) != (C, H, W):
+        raise ValueError(f"x must have shape [B, {C}, {H}, {W}] (the training images'), got {tuple(x.shape)}")
+    if x.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"x must be float32 or float64, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (B = 0)")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
+    return x
+
+
+def sigma_vector(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Noise levels as a ``[B]`` tensor in ``x``'s dtype/device (a float broadcasts)."""
+    s = sigma if torch.is_tensor(sigma) else torch.as_tensor(np.asarray(sigma, dtype=np.float64))
+    if s.is_complex() or s.dtype == torch.bool:
+        raise ValueError(f"sigma must be real, got {s.dtype}")
+    s = s.to(dtype=x.dtype, device=x.device)
+    B = x.shape[0]
+    if s.ndim == 0:
+        s = s.expand(B)
+    if s.shape != (B,):
+        raise ValueError(f"sigma must be a float or a [B] = [{B}] tensor, got shape {tuple(s.shape)}")
+    if not torch.isfinite(s).all() or not (s > 0).all():
+        raise ValueError(f"sigma must be finite and > 0, got {s.tolist()}")
+    return s.contiguous()
+
+
+def call_generator(seed: int, call: int) -> torch.Generator:
+    """CPU generator of the draws of call number ``call`` (0, 1, ...) of a denoiser built with ``seed``.
+
+    Seeded with the 64-bit state ``numpy.random.SeedSequence([seed, call])
+    .generate_state(2, uint32)`` (high word first, top bit cleared), so a run is
+    reproducible from ``seed`` and nearby ``(seed, call)`` pairs give unrelated draws.
+    """
+    lo, hi = np.random.SeedSequence([int(seed), int(call)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator("cpu").manual_seed(((int(hi) << 32) | int(lo)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+class TrainingSet:
+    """Training images ``X_k`` with optional class labels, split per class on demand.
+
+    Args:
+        train: ``[N, C, H, W]`` floating images (e.g. in [-1, 1]), torch or numpy.
+        labels: Optional ``[N]`` integer labels enabling ``label=`` at call time.
+    """
+
+    def __init__(self, train: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | Sequence[int] | None):
+        images = torch.as_tensor(train)
+        if images.ndim != 4:
+            raise ValueError(f"train must have shape [N, C, H, W], got {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError("empty training set: train has N = 0 images")
+        if not images.is_floating_point():
+            raise ValueError(f"train must be floating point (e.g. scaled to [-1, 1]), got {images.dtype}")
+        if not torch.isfinite(images).all():
+            raise ValueError("train contains NaN or infinite values")
+        self.images = images  # [N, C, H, W]
+        self.labels: torch.Tensor | None = None
+        self.classes: list[int] = []
+        self._index: dict[int, torch.Tensor] = {}
+        self._cast: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        if labels is not None:
+            lab = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
+            if lab.ndim != 1 or lab.shape[0] != images.shape[0]:
+                raise ValueError(f"labels must have shape [N] = [{images.shape[0]}], got {tuple(lab.shape)}")
+            if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+                raise ValueError(f"labels must be integers, got {lab.dtype}")
+            self.labels = lab.to(torch.long)  # [N]
+            self.classes = [int(c) for c in torch.unique(self.labels).tolist()]
+            self._index = {c: torch.nonzero(self.labels == c).flatten() for c in self.classes}
+
+    @property
+    def num(self) -> int:
+        """N, the number of training images."""
+        return self.images.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)``."""
+        return tuple(self.images.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        """n = C * H * W."""
+        C, H, W = self.image_shape
+        return C * H * W
+
+    def images_of(self, cls: int | None) -> torch.Tensor:
+        """The stored images of class ``cls`` (all for None): ``[N_c, C, H, W]``."""
+        return self.images if cls is None else self.images[self._index[cls]]
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        """All training images in ``x``'s dtype and device (cached): ``[N, C, H, W]``."""
+        key = (x.dtype, x.device)
+        if key not in self._cast:
+            self._cast[key] = self.images.to(dtype=x.dtype, device=x.device)
+        return self._cast[key]
+
+    def subset(self, x: torch.Tensor, cls: int | None) -> torch.Tensor:
+        """The images of class ``cls`` (all for ``None``) in ``x``'s dtype/device: ``[N_c, C, H, W]``."""
+        images = self.like(x)
+        if cls is None:
+            return images
+        return images[self._index[cls].to(x.device)]
+
+    def class_size(self, cls: int | None) -> int:
+        """Number of training images of class ``cls`` (N for ``None``)."""
+        return self.num if cls is None else int(self._index[cls].numel())
+
+    def label_vector(self, label: LabelArg, batch: int) -> torch.Tensor | None:
+        """``label`` (int or ``[B]``) as a checked ``[B]`` long tensor, or None."""
+        if label is None:
+            return None
+        if self.labels is None:
+            raise ValueError("label given but the denoiser was built without training labels (labels=[N])")
+        lab = torch.as_tensor(label)
+        if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+            raise ValueError(f"label must be an integer or an integer [B] tensor, got {lab.dtype}")
+        lab = lab.to(torch.long).flatten() if lab.ndim else lab.to(torch.long).expand(batch)
+        if lab.shape != (batch,):
+            raise ValueError(f"label must be an int or a [B] = [{batch}] tensor, got {tuple(lab.shape)}")
+        missing = sorted(set(lab.tolist()) - set(self.classes))
+        if missing:
+            raise ValueError(f"label(s) {missing} not present in the training labels (classes: {self.classes})")
+        return lab
+
+    def by_class(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        label: LabelArg,
+        fn: Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor],
+    ) -> torch.Tensor:
+        """Apply ``fn(x_rows, sigma_rows, cls)`` to the rows of each class in the batch.
+
+        ``cls`` is None when no label is given (the whole training set).
+
+        Returns:
+            ``[B, C, H, W]``, each row from its class's call.
+        """
+        labels = self.label_vector(label, x.shape[0])
+        if labels is None:
+            return fn(x, sigma, None)
+        out = torch.empty_like(x)  # [B, C, H, W]
+        for c in torch.unique(labels).tolist():
+            rows = torch.nonzero(labels == c).flatten().to(x.device)  # [B_c]
+            out[rows] = fn(x[rows], sigma[rows], int(c))
+        return out
