@@ -1,0 +1,209 @@
+"""Patch-based denoiser composites, PSPC-Square (Niedoba et al., arXiv 2411.19339).
+
+For every window ``w`` of P x P pixels that fits inside the image (top-left
+``(y, x)`` with ``y + P <= H``, ``x + P <= W``, all channels, no padding), the
+posterior over the same window cut from every training image (and from its
+horizontal mirror with ``flips=True``):
+
+    D_w(x) = sum_k softmax_k(-|x_w - X_k,w|^2 / (2 sigma^2)) X_k,w        (the whole window)
+    D(x)[p] = mean of D_w(x)[p] over the windows w that contain p.
+
+Computation: the windows are the query groups of the shared streaming engine
+(:class:`patchmosaic.engine.SoftmaxMean`): a group of window rows forms ``G``
+groups of ``B`` queries, its keys are the same-location windows of a chunk of
+training images (``[G, C P P + 2, K]``, augmented with ``|key|^2``), its values
+the whole windows, so each (window group, image chunk) is one batched matrix
+product; the overlapping window means are summed back with ``F.fold``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from patchmosaic.denoisers.base import TrainingSet, check_positive_int, check_query, sigma_vector
+from patchmosaic.engine import SoftmaxMean, augment_keys, augment_queries, augment_values, exact_float32_matmul
+
+__all__ = [
+    "KARRAS_RHO",
+    "KARRAS_SIGMA_MAX",
+    "KARRAS_SIGMA_MIN",
+    "PSPC_CIFAR10_SIGMAS",
+    "PSPC_CIFAR10_SIZES",
+    "PatchComposite",
+    "SigmaKeyedSizes",
+    "karras_sigmas",
+    "pspc_cifar10_schedule",
+]
+
+KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX, KARRAS_RHO = 0.002, 80.0, 7.0
+
+
+def karras_sigmas(
+    steps: int, sigma_min: float = KARRAS_SIGMA_MIN, sigma_max: float = KARRAS_SIGMA_MAX, rho: float = KARRAS_RHO
+) -> tuple[float, ...]:
+    """The EDM noise grid (Karras et al. 2206.00364, Eq. 5), high to low, without the final 0.
+
+    ``sigma_i = (smax^(1/rho) + i / (steps - 1) (smin^(1/rho) - smax^(1/rho)))^rho``, i = 0..steps-1.
+    """
+    steps = check_positive_int(steps, "steps")
+    if steps == 1:
+        return (float(sigma_max),)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return tuple(float((a + i / (steps - 1) * (b - a)) ** rho) for i in range(steps))
+
+
+# PSPC-Square patch sizes for CIFAR-10 (Niedoba et al. 2411.19339) on the 18-step
+# Karras grid (sigma_min 0.002, sigma_max 80, rho 7), sigma high to low:
+# PSPC_CIFAR10_SIZES[i] is used at PSPC_CIFAR10_SIGMAS[i].
+PSPC_CIFAR10_SIZES = (32,) * 7 + (23, 15, 11, 7, 5) + (3,) * 6
+PSPC_CIFAR10_SIGMAS = karras_sigmas(18)
+
+
+class SigmaKeyedSizes:
+    """A patch-size schedule ``k(sigma)`` keyed to a sigma grid.
+
+    ``k(sigma)`` is the size of the grid sigma nearest to ``sigma`` in
+    ``log sigma`` (so it applies on the grid exactly and on any other grid by
+    nearest noise level).
+
+    Args:
+        sigmas: Grid noise levels (any order, > 0).
+        sizes: Patch size at each grid sigma.
+        name: Where the schedule came from.
+    """
+
+    def __init__(self, sigmas: Sequence[float], sizes: Sequence[int], name: str = "explicit") -> None:
+        if len(sigmas) != len(sizes) or not sigmas:
+            raise ValueError(f"need one size per sigma, got {len(sizes)} sizes for {len(sigmas)} sigmas")
+        if any(not (np.isfinite(s) and s > 0) for s in sigmas):
+            raise ValueError(f"schedule sigmas must be finite and > 0, got {list(sigmas)}")
+        self.sigmas = tuple(float(s) for s in sigmas)
+        self.sizes = tuple(check_positive_int(k, "patch size") for k in sizes)
+        self.name = name
+        self._log = np.log(self.sigmas)
+
+    def __call__(self, sigma: float) -> int:
+        return self.sizes[int(np.argmin(np.abs(self._log - np.log(float(sigma)))))]
+
+    def __repr__(self) -> str:
+        return f"SigmaKeyedSizes({self.name!r}, {len(self.sizes)} sigmas)"
+
+
+def pspc_cifar10_schedule() -> SigmaKeyedSizes:
+    """The published PSPC-Square CIFAR-10 schedule as ``k(sigma)``."""
+    return SigmaKeyedSizes(PSPC_CIFAR10_SIGMAS, PSPC_CIFAR10_SIZES, name="pspc-cifar10")
+
+
+class PatchComposite:
+    """PSPC-Square: average of per-window posteriors over all P x P windows (module docstring).
+
+    Cost per call: ``G (2 D B N')`` flops for the logits plus as many for the
+    weighted window sums, with ``G = (H - P + 1)(W - P + 1)`` windows,
+    ``D = C P^2``, ``N' = N`` (``2N`` with flips).
+
+    Args:
+        train: ``[N, C, H, W]`` training images.
+        patch_size: Window side P (1 <= P <= min(H, W)), or a callable
+            ``k(sigma) -> int`` (e.g. :func:`pspc_cifar10_schedule`).
+        flips: Also use every training image's horizontal mirror.
+        labels: Optional ``[N]`` integer labels for ``label=`` conditioning.
+        chunk_elements: Bound on the elements of one chunk's keys and logits.
+    """
+
+    def __init__(
+        self,
+        train: torch.Tensor | np.ndarray,
+        *,
+        patch_size: int | Callable[[float], int],
+        flips: bool = False,
+        labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
+        chunk_elements: int = 1 << 22,
+    ) -> None:
+        self.train = TrainingSet(train, labels)
+        if flips:  # mirrors after the originals: [2N, C, H, W]
+            lab = self.train.labels
+            self.train = TrainingSet(
+                torch.cat([self.train.images, self.train.images.flip(-1)]), None if lab is None else torch.cat([lab, lab])
+            )
+        self.flips = bool(flips)
+        if not callable(patch_size):
+            self._check_size(patch_size)
+        self.patch_size = patch_size
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+        self.chunk_elements = int(chunk_elements)
+
+    def __repr__(self) -> str:
+        return (
+            f"PatchComposite(N={self.train.num // (2 if self.flips else 1)}, image={self.train.image_shape}, "
+            f"patch_size={self.patch_size!r}, flips={self.flips})"
+        )
+
+    def _check_size(self, P: object) -> int:
+        _, H, W = self.train.image_shape
+        return check_positive_int(P, "patch_size", maximum=min(H, W), what_max=f" (the image is {H}x{W})")
+
+    def size_at(self, sigma: float) -> int:
+        """Window side P used at ``sigma``."""
+        P = self.patch_size(float(sigma)) if callable(self.patch_size) else self.patch_size
+        return self._check_size(P)
+
+    def __call__(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, *, label: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """PSPC-Square posterior composite.
+
+        Args:
+            x: ``[B, C, H, W]`` noisy images, ``x = x0 + sigma * eps``.
+            sigma: Float or ``[B]`` noise levels (> 0).
+            label: None, an int or a ``[B]`` tensor (needs ``labels``).
+
+        Returns:
+            ``[B, C, H, W]`` in ``x``'s dtype.
+        """
+        check_query(x, self.train.image_shape)
+        s = sigma_vector(sigma, x)  # [B]
+        return self.train.by_class(x, s, label, self._denoise_class)
+
+    def _denoise_class(self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None) -> torch.Tensor:
+        train = self.train.subset(x, cls)  # [N, C, H, W]
+        sizes = torch.tensor([self.size_at(s) for s in sigma.tolist()])  # [B]
+        out = torch.empty_like(x)  # [B, C, H, W]
+        for P in torch.unique(sizes).tolist():
+            rows = torch.nonzero(sizes == P).flatten().to(x.device)  # [B_P]
+            out[rows] = self._composite(x[rows], sigma[rows], train, int(P))
+        return out
+
+    def _composite(self, x: torch.Tensor, sigma: torch.Tensor, train: torch.Tensor, P: int) -> torch.Tensor:
+        """All window posteriors at one window size, folded back to an image."""
+        B, C, H, W = x.shape
+        N = train.shape[0]
+        D = C * P * P
+        nh, nw = H - P + 1, W - P + 1
+        s2 = sigma.square()  # [B]
+        scale, bias = 1.0 / s2, -0.5 / s2  # logit = <x_w, X_w> / s2 - |X_w|^2 / (2 s2) (+ const)
+        xq = F.unfold(x, P).view(B, D, nh, nw)  # [B, D, nh, nw], D ordered (c, dy, dx)
+        tw = train.unfold(2, P, 1).unfold(3, P, 1)  # [N, C, nh, nw, P, P] view
+        # image chunk K and window rows per group so that keys [G, D, K] and logits [G, B, K] fit
+        K = max(1, min(N, self.chunk_elements // (nw * max(D, B))))
+        rows_per_group = max(1, min(nh, self.chunk_elements // (nw * max(D, B) * K)))
+        means = x.new_empty(nh, nw, B, D)  # [nh, nw, B, D]
+        with exact_float32_matmul():
+            for y0 in range(0, nh, rows_per_group):
+                ys = slice(y0, min(nh, y0 + rows_per_group))
+                G = (ys.stop - ys.start) * nw
+                q = xq[:, :, ys].permute(2, 3, 0, 1).reshape(G, B, D)  # [G, B, D]
+                state = SoftmaxMean(augment_queries(q, scale, bias), D, max_logits=self.chunk_elements)
+                for start in range(0, N, K):
+                    win = tw[start : start + K, :, ys]  # [K, C, gh, nw, P, P]
+                    keys = win.permute(2, 3, 1, 4, 5, 0).reshape(G, D, -1)  # [G, D, K], D as (c, dy, dx)
+                    state.update(augment_keys(keys), augment_values(keys.transpose(1, 2)))
+                means[ys] = state.mean().view(ys.stop - ys.start, nw, B, D)  # [gh, nw, B, D]
+        cols = means.permute(2, 3, 0, 1).reshape(B, D, nh * nw)  # [B, D, L], fold's layout
+        total = F.fold(cols, (H, W), P)  # [B, C, H, W], sum over windows containing p
+        count = F.fold(torch.ones_like(cols[:1]), (H, W), P)  # [1, C, H, W]
+        return total / count
