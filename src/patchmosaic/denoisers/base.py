@@ -180,20 +180,24 @@ class TrainingSet:
         x: torch.Tensor,
         sigma: torch.Tensor,
         label: LabelArg,
-        fn: Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor],
+        fn: Callable[..., torch.Tensor],
+        *per_row: torch.Tensor,
     ) -> torch.Tensor:
-        """Apply ``fn(x_rows, sigma_rows, cls)`` to the rows of each class in the batch.
+        """Apply ``fn(x_rows, sigma_rows, cls, *per_row_rows)`` to the rows of each class in the batch.
 
-        ``cls`` is None when no label is given (the whole training set).
+        ``cls`` is None when no label is given (the whole training set);
+        ``per_row`` are further ``[B, ...]`` tensors cut to the same rows.
 
         Returns:
             ``[B, C, H, W]``, each row from its class's call.
         """
         labels = self.label_vector(label, x.shape[0])
         if labels is None:
-            return fn(x, sigma, None)
+            return fn(x, sigma, None, *per_row)
         out = torch.empty_like(x)  # [B, C, H, W]
         for c in torch.unique(labels).tolist():
-            rows = torch.nonzero(labels == c).flatten().to(x.device)  # [B_c]
-            out[rows] = fn(x[rows], sigma[rows], int(c))
+            rows = torch.nonzero(labels == c).flatten()  # [B_c]
+            extra = [t[rows.to(t.device)] for t in per_row]
+            rows = rows.to(x.device)
+            out[rows] = fn(x[rows], sigma[rows], int(c), *extra)
         return out
