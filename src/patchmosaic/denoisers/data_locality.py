@@ -172,16 +172,20 @@ class DataLocality:
         num = x.new_zeros((B, n))  # sum_k exp(logit - ref) X_k,j
         den = x.new_zeros((B, n))  # sum_k exp(logit - ref)
         K = max(1, min(N, self.chunk_elements // ((B + 1) * n)))
+        buffer = x.new_empty((B + 1) * K * n)  # the stacked rows of one chunk
         with exact_float32_matmul():
             for start in range(0, N, K):
                 Xk = X[start : start + K]  # [K, n]
-                rows = torch.cat([(xf * Xk).reshape(-1, n), Xk.square()])  # [(B + 1) K, n]
-                prod = (rows @ M).view(B + 1, -1, n)  # [B + 1, K, n]
+                k = Xk.shape[0]
+                rows = buffer[: (B + 1) * k * n].view(B + 1, k, n)  # [B + 1, K, n]
+                torch.mul(xf, Xk, out=rows[:B])  # x_b * X_k
+                torch.square(Xk, out=rows[B])  # X_k^2
+                prod = (rows.view(-1, n) @ M).view(B + 1, k, n)  # [B + 1, K, n]
                 logits = prod[:B].mul_(c).sub_(prod[B], alpha=0.5 * c)  # [B, K, n]
                 new_ref = torch.maximum(ref, logits.amax(1))  # [B, n]
                 w = logits.sub_(new_ref[:, None]).clamp_(min=floor).exp_()  # [B, K, n]
                 decay = torch.exp(ref - new_ref)  # [B, n] (0 on the first chunk)
-                num = num * decay + torch.einsum("bkj,kj->bj", w, Xk)
                 den = den * decay + w.sum(1)
+                num = num * decay + w.mul_(Xk).sum(1)  # sum_k w X_k,j
                 ref = new_ref
         return (num / den).reshape(x.shape)  # [B, C, H, W]

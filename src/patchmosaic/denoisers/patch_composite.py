@@ -13,7 +13,10 @@ Computation: the windows are the query groups of the shared streaming engine
 groups of ``B`` queries, its keys are the same-location windows of a chunk of
 training images (``[G, C P P + 2, K]``, augmented with ``|key|^2``), its values
 the whole windows, so each (window group, image chunk) is one batched matrix
-product; the overlapping window means are summed back with ``F.fold``.
+product. The values are the transposed augmented keys ``[window, |window|^2, 1]``
+(a view, no copy; the ``|window|^2`` column is carried and dropped, the trailing
+1 gives the normaliser as :func:`patchmosaic.engine.augment_values` does). The
+overlapping window means are summed back with ``F.fold``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from patchmosaic.denoisers.base import TrainingSet, check_positive_int, check_query, sigma_vector
-from patchmosaic.engine import SoftmaxMean, augment_keys, augment_queries, augment_values, exact_float32_matmul
+from patchmosaic.engine import SoftmaxMean, augment_queries, exact_float32_matmul
 
 __all__ = [
     "KARRAS_RHO",
@@ -188,6 +191,7 @@ class PatchComposite:
         scale, bias = 1.0 / s2, -0.5 / s2  # logit = <x_w, X_w> / s2 - |X_w|^2 / (2 s2) (+ const)
         xq = F.unfold(x, P).view(B, D, nh, nw)  # [B, D, nh, nw], D ordered (c, dy, dx)
         tw = train.unfold(2, P, 1).unfold(3, P, 1)  # [N, C, nh, nw, P, P] view
+        sq = F.avg_pool2d(train.square().sum(1, keepdim=True), P, stride=1, divisor_override=1)[:, 0]  # [N, nh, nw]
         # image chunk K and window rows per group so that keys [G, D, K] and logits [G, B, K] fit
         K = max(1, min(N, self.chunk_elements // (nw * max(D, B))))
         rows_per_group = max(1, min(nh, self.chunk_elements // (nw * max(D, B) * K)))
@@ -197,12 +201,18 @@ class PatchComposite:
                 ys = slice(y0, min(nh, y0 + rows_per_group))
                 G = (ys.stop - ys.start) * nw
                 q = xq[:, :, ys].permute(2, 3, 0, 1).reshape(G, B, D)  # [G, B, D]
-                state = SoftmaxMean(augment_queries(q, scale, bias), D, max_logits=self.chunk_elements)
+                # values = keys^T = [window, |window|^2, 1]: the |window|^2 column's mean is unused
+                state = SoftmaxMean(augment_queries(q, scale, bias), D + 1, max_logits=self.chunk_elements)
+                buffer = x.new_empty(G * (D + 2) * K)  # augmented keys of one chunk
                 for start in range(0, N, K):
-                    win = tw[start : start + K, :, ys]  # [K, C, gh, nw, P, P]
-                    keys = win.permute(2, 3, 1, 4, 5, 0).reshape(G, D, -1)  # [G, D, K], D as (c, dy, dx)
-                    state.update(augment_keys(keys), augment_values(keys.transpose(1, 2)))
-                means[ys] = state.mean().view(ys.stop - ys.start, nw, B, D)  # [gh, nw, B, D]
+                    win = tw[start : start + K, :, ys]  # [k, C, gh, nw, P, P]
+                    k = win.shape[0]
+                    keys = buffer[: G * (D + 2) * k].view(G, D + 2, k)  # [G, D + 2, k] = [key; |key|^2; 1]
+                    keys[:, :D].unflatten(0, (-1, nw)).unflatten(2, (C, P, P)).copy_(win.permute(2, 3, 1, 4, 5, 0))
+                    keys[:, D] = sq[start : start + k, ys].permute(1, 2, 0).reshape(G, k)  # |window|^2
+                    keys[:, D + 1] = 1.0
+                    state.update(keys, keys.transpose(1, 2))
+                means[ys] = state.mean()[..., :D].view(ys.stop - ys.start, nw, B, D)  # [gh, nw, B, D]
         cols = means.permute(2, 3, 0, 1).reshape(B, D, nh * nw)  # [B, D, L], fold's layout
         total = F.fold(cols, (H, W), P)  # [B, C, H, W], sum over windows containing p
         count = F.fold(torch.ones_like(cols[:1]), (H, W), P)  # [1, C, H, W]
