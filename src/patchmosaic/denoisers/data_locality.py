@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from patchmosaic.denoisers.base import TrainingSet, check_query, sigma_vector
+from patchmosaic.denoisers.base import CHUNK_ELEMENTS, TrainingSet, TrainingSetDenoiser
 from patchmosaic.denoisers.wiener import GaussianMoments
 from patchmosaic.engine import EXP_FLOOR, exact_float32_matmul
 
@@ -68,7 +68,7 @@ def locality_mask(moments: GaussianMoments, sigma: float, threshold: float) -> t
     return Mt >= threshold * Mt.max()
 
 
-class DataLocality:
+class DataLocality(TrainingSetDenoiser):
     """Posterior mean with the data-driven locality mask of Lukoianov et al. (2509.09672).
 
     See the module docstring for the formula. The mask depends on sigma (and on
@@ -87,7 +87,8 @@ class DataLocality:
             0.05 CIFAR-10, 0.02 CelebA-HQ/AFHQ at 64 px).
         temperature: Softmax temperature T > 0 (1: the posterior).
         labels: Optional ``[N]`` integer labels for ``label=`` conditioning.
-        chunk_elements: Bound on the elements of one chunk's logit block ``[B, K, n]``.
+        chunk_elements: Bound on the elements of one chunk's stacked rows
+            ``[(B + 1) K, n]`` (and of its logit block).
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class DataLocality:
         threshold: float,
         temperature: float = 1.0,
         labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
-        chunk_elements: int = 1 << 22,
+        chunk_elements: int = CHUNK_ELEMENTS,
     ) -> None:
         self.train = TrainingSet(train, labels)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
@@ -134,29 +135,15 @@ class DataLocality:
             self._masks.popitem(last=False)
         return M
 
-    def __call__(
-        self, x: torch.Tensor, sigma: float | torch.Tensor, *, label: int | torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``D(x)[j] = sum_k softmax_k(logit[k, j]) X_k,j`` (module docstring).
-
-        Args:
-            x: ``[B, C, H, W]`` noisy images, ``x = x0 + sigma * eps``.
-            sigma: Float or ``[B]`` noise levels (> 0).
-            label: None, an int or a ``[B]`` tensor (needs ``labels``).
-
-        Returns:
-            ``[B, C, H, W]`` in ``x``'s dtype.
-        """
-        check_query(x, self.train.image_shape)
-        s = sigma_vector(sigma, x)  # [B]
-        return self.train.by_class(x, s, label, self._denoise_class)
-
     def _denoise_class(self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None) -> torch.Tensor:
+        train = self.train.subset(x, cls)  # [N_c, C, H, W]
+        values = torch.unique(sigma).tolist()
+        if len(values) == 1:  # the sampler's case: one sigma for the batch
+            return self._masked_posterior(x, values[0], self.mask(values[0], cls).to(x), train)
         out = torch.empty_like(x)  # [B, C, H, W]
-        for value in torch.unique(sigma).tolist():  # one mask per distinct sigma
+        for value in values:  # one mask per distinct sigma
             rows = torch.nonzero(sigma == value).flatten()  # [B_s]
-            M = self.mask(value, cls).to(x)  # [n, n]
-            out[rows] = self._masked_posterior(x[rows], value, M, self.train.subset(x, cls))
+            out[rows] = self._masked_posterior(x[rows], value, self.mask(value, cls).to(x), train)
         return out
 
     def _masked_posterior(self, x: torch.Tensor, sigma: float, M: torch.Tensor, train: torch.Tensor) -> torch.Tensor:

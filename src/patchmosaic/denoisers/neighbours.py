@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from patchmosaic.denoisers.base import TrainingSet, call_generator, check_positive_int, check_query, sigma_vector
+from patchmosaic.denoisers.base import TrainingSet, TrainingSetDenoiser, call_generator, check_positive_int, check_seed
 
 __all__ = ["BACKENDS", "KNNImportance", "Nearest", "NeighbourSearch", "TopK", "faiss_available"]
 
@@ -81,7 +81,7 @@ class NeighbourSearch:
         return d.topk(k, dim=1, largest=False, sorted=True).indices  # [B, k]
 
 
-class _NeighbourDenoiser:
+class _NeighbourDenoiser(TrainingSetDenoiser):
     """Training set, search and parameter checks shared by the three classes."""
 
     def __init__(self, train, labels, backend: str, k: int) -> None:
@@ -89,23 +89,7 @@ class _NeighbourDenoiser:
         self.search = NeighbourSearch(self.train, backend)
         self.k = check_positive_int(k, "k", maximum=self.train.num, what_max=" (N, the training images)")
 
-    def __call__(
-        self, x: torch.Tensor, sigma: float | torch.Tensor, *, label: int | torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Denoise ``x [B, C, H, W]`` at ``sigma`` (float or ``[B]``); ``label`` restricts to a class.
-
-        Returns:
-            ``[B, C, H, W]`` in ``x``'s dtype.
-        """
-        check_query(x, self.train.image_shape)
-        s = sigma_vector(sigma, x)  # [B]
-        return self.train.by_class(x, s, label, self._checked, *self._draw(x.shape[0]))
-
-    def _draw(self, batch: int) -> tuple[torch.Tensor, ...]:
-        """Per-row random inputs of this call (none for deterministic denoisers)."""
-        return ()
-
-    def _checked(self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None, *draws: torch.Tensor) -> torch.Tensor:
+    def _denoise_class(self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None, *draws: torch.Tensor) -> torch.Tensor:
         if self.k > self.train.class_size(cls):
             raise ValueError(f"k = {self.k} exceeds the {self.train.class_size(cls)} training images of class {cls}")
         return self._denoise(x, sigma, cls, *draws)
@@ -206,9 +190,7 @@ class KNNImportance(_NeighbourDenoiser):
     ) -> None:
         super().__init__(train, labels, backend, k)
         self.samples = check_positive_int(samples, "samples")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.calls = 0
 
     def __repr__(self) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from patchmosaic.denoisers.base import TrainingSet, check_positive_int, check_query, sigma_vector
+from patchmosaic.denoisers.base import CHUNK_ELEMENTS, TrainingSet, TrainingSetDenoiser, check_positive_int
 from patchmosaic.engine import SoftmaxMean, augment_queries, exact_float32_matmul
 
 __all__ = [
@@ -101,7 +101,7 @@ def pspc_cifar10_schedule() -> SigmaKeyedSizes:
     return SigmaKeyedSizes(PSPC_CIFAR10_SIGMAS, PSPC_CIFAR10_SIZES, name="pspc-cifar10")
 
 
-class PatchComposite:
+class PatchComposite(TrainingSetDenoiser):
     """PSPC-Square: average of per-window posteriors over all P x P windows (module docstring).
 
     Cost per call: ``G (2 D B N')`` flops for the logits plus as many for the
@@ -124,7 +124,7 @@ class PatchComposite:
         patch_size: int | Callable[[float], int],
         flips: bool = False,
         labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
-        chunk_elements: int = 1 << 22,
+        chunk_elements: int = CHUNK_ELEMENTS,
     ) -> None:
         self.train = TrainingSet(train, labels)
         if flips:  # mirrors after the originals: [2N, C, H, W]
@@ -155,26 +155,11 @@ class PatchComposite:
         P = self.patch_size(float(sigma)) if callable(self.patch_size) else self.patch_size
         return self._check_size(P)
 
-    def __call__(
-        self, x: torch.Tensor, sigma: float | torch.Tensor, *, label: int | torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """PSPC-Square posterior composite.
-
-        Args:
-            x: ``[B, C, H, W]`` noisy images, ``x = x0 + sigma * eps``.
-            sigma: Float or ``[B]`` noise levels (> 0).
-            label: None, an int or a ``[B]`` tensor (needs ``labels``).
-
-        Returns:
-            ``[B, C, H, W]`` in ``x``'s dtype.
-        """
-        check_query(x, self.train.image_shape)
-        s = sigma_vector(sigma, x)  # [B]
-        return self.train.by_class(x, s, label, self._denoise_class)
-
     def _denoise_class(self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None) -> torch.Tensor:
         train = self.train.subset(x, cls)  # [N, C, H, W]
         sizes = torch.tensor([self.size_at(s) for s in sigma.tolist()])  # [B]
+        if bool((sizes == sizes[0]).all()):  # one window size for the batch
+            return self._composite(x, sigma, train, int(sizes[0]))
         out = torch.empty_like(x)  # [B, C, H, W]
         for P in torch.unique(sizes).tolist():
             rows = torch.nonzero(sizes == P).flatten().to(x.device)  # [B_P]

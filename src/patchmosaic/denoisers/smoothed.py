@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from patchmosaic.denoisers.base import call_generator, check_positive_int, sigma_vector
+from patchmosaic.denoisers.base import call_generator, check_positive_int, check_seed, sigma_vector
 
 __all__ = ["Smoothed"]
 
@@ -52,9 +52,7 @@ class Smoothed:
         self.base = base
         self.std = float(std)
         self.draws = check_positive_int(draws, "draws")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.calls = 0
 
     def __repr__(self) -> str:

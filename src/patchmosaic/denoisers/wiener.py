@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from patchmosaic.denoisers.base import TrainingSet, check_positive_int, check_query, sigma_vector
+from patchmosaic.denoisers.base import TrainingSet, TrainingSetDenoiser, check_positive_int
 
 __all__ = ["GaussianMoments", "Wiener"]
 
@@ -82,7 +82,7 @@ class GaussianMoments:
         return (self.U * g) @ self.U.T  # [n, n]
 
 
-class Wiener:
+class Wiener(TrainingSetDenoiser):
     """Posterior mean under the Gaussian with the training set's mean and covariance.
 
     ``D(x, sigma) = mu + U_r diag(lambda_r / (lambda_r + sigma^2)) U_r^T (x - mu)``
@@ -121,24 +121,7 @@ class Wiener:
             self._moments[cls] = GaussianMoments.fit(self.train.images_of(cls), self.rank)
         return self._moments[cls]
 
-    def __call__(
-        self, x: torch.Tensor, sigma: float | torch.Tensor, *, label: int | torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``E[x0 | x]`` under the Gaussian model.
-
-        Args:
-            x: ``[B, C, H, W]`` noisy images, ``x = x0 + sigma * eps``.
-            sigma: Float or ``[B]`` noise levels (> 0).
-            label: None, an int or a ``[B]`` tensor (needs ``labels``).
-
-        Returns:
-            ``[B, C, H, W]`` in ``x``'s dtype.
-        """
-        check_query(x, self.train.image_shape)
-        s = sigma_vector(sigma, x)  # [B]
-        return self.train.by_class(x, s, label, self._denoise)
-
-    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None) -> torch.Tensor:
+    def _denoise_class(self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None) -> torch.Tensor:
         m = self.moments(cls)
         key = (cls, x.dtype, x.device)
         if key not in self._cast:
