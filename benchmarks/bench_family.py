@@ -15,7 +15,8 @@ bundled MNIST digits (32 x 32), queries: 8 held-out digits noised at sigma.
     PYTHONPATH=src python benchmarks/bench_family.py              # N=1000, B=8, sigmas 0.1,1,10
     PYTHONPATH=src python benchmarks/bench_family.py --n-train 200 --repeats 1 --json out.json
 
-Timings are medians over --repeats calls after one warm-up call (the warm-up
+Timings are the best (minimum) of --repeats calls after one warm-up call (the
+CPU is shared, so slower repeats measure other load) (the warm-up
 also builds caches: the DataLocality mask at that sigma, Wiener's
 eigendecomposition, faiss indexes); the first-call cost of DataLocality at a
 new sigma is reported separately.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 
@@ -71,7 +71,7 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Te
         start = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    return min(times), out
 
 
 def main() -> None:
