@@ -544,6 +544,7 @@ def _register() -> None:
     main.add_command(pretrained_group)
     main.add_command(explain_command)
     main.add_command(report_command)
+    main.add_command(__import__("patchmosaic.cli_probe", fromlist=["probe_command"]).probe_command)
 
 
 _register()

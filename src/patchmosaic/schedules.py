@@ -215,6 +215,12 @@ def check_patch_size(k: object) -> int:
     return k
 
 
+def _check_window_size(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"window size must be a positive integer, got {k!r}")
+    return k
+
+
 @dataclass(frozen=True)
 class PatchSchedule:
     """Locality schedule k(sigma): a step function of the noise level.
@@ -230,16 +236,20 @@ class PatchSchedule:
             ``sizes[i - 1]`` at ``t = i / n`` (how the published and the step-indexed
             calibrated schedules are defined).
         name: Where the schedule came from (preset name, file path or "explicit").
+        centred: Sizes of centred k x k windows, which must be odd (the patch
+            machines). False for uncentred P x P windows (PSPC-Square), any size >= 1.
     """
 
     sizes: tuple[int, ...]
     sigmas: tuple[float, ...] | None = None
     name: str = "explicit"
+    centred: bool = True
 
     def __post_init__(self) -> None:
         if len(self.sizes) == 0:
             raise ValueError("a patch-size schedule needs at least one size")
-        object.__setattr__(self, "sizes", tuple(check_patch_size(k) for k in self.sizes))
+        check = check_patch_size if self.centred else _check_window_size
+        object.__setattr__(self, "sizes", tuple(check(k) for k in self.sizes))
         sigmas = self.sigmas
         if sigmas is None:
             sigmas = sigmas_cosine(len(self.sizes)).flip(0)[1:].tolist()  # t = 1/n, ..., 1
@@ -321,7 +331,8 @@ class PatchSchedule:
         if sigmas is not None and not isinstance(sigmas, list):
             raise ValueError(f"{path}: 'sigmas' must be a list of ascending noise levels")
         try:
-            return cls(tuple(data["patch_sizes"]), None if sigmas is None else tuple(sigmas), name=str(path))
+            return cls(tuple(data["patch_sizes"]), None if sigmas is None else tuple(sigmas), name=str(path),
+                       centred=bool(data.get("centred", True)))
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from err
 
@@ -331,6 +342,7 @@ class PatchSchedule:
             "patch_sizes": list(self.sizes),
             "sigmas": list(self.sigmas),
             "order": "lowest noise first: patch_sizes[i] is used at the sigmas nearest (in log sigma) to sigmas[i]",
+            **({} if self.centred else {"centred": False}),
             **metadata,
         }
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
@@ -352,7 +364,15 @@ _PAPER_SCHEDULES: dict[str, tuple[int, ...]] = {
     "celeba-unet-zeros": (3, 3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 13, 19, 27),
 }
 
+# PSPC-Square window sizes for CIFAR-10 (Niedoba et al. 2411.19339) on EDM's
+# 18-step Karras grid (sigma_min 0.002, sigma_max 80, rho 7), sigma high to low.
+PSPC_CIFAR10_SIZES = (32,) * 7 + (23, 15, 11, 7, 5) + (3,) * 6
+
 # Every named locality schedule: name -> sigma-keyed PatchSchedule.
 PRESETS: dict[str, PatchSchedule] = {
-    name: PatchSchedule.from_steps(sizes, name=name) for name, sizes in _PAPER_SCHEDULES.items()
+    **{name: PatchSchedule.from_steps(sizes, name=name) for name, sizes in _PAPER_SCHEDULES.items()},
+    "cifar10-pspc-square": PatchSchedule(
+        PSPC_CIFAR10_SIZES[::-1], tuple(sigmas_karras(18)[:-1].flip(0).tolist()), name="cifar10-pspc-square",
+        centred=False,
+    ),
 }

@@ -249,7 +249,7 @@ class ScoreMachine:
         )
 
     # ------------------------------------------------------------------ inputs
-    def _check_query(self, x: torch.Tensor, what: str = "x_t") -> None:
+    def _check_images(self, x: torch.Tensor, what: str = "x_t") -> None:
         check_images(x, self.image_shape, what)
 
     @staticmethod
@@ -304,7 +304,7 @@ class ScoreMachine:
         Returns:
             ``[B, C, H, W]`` estimate of x0, in the dtype of ``x_t``.
         """
-        self._check_query(x_t)
+        self._check_images(x_t)
         ab = self._alpha_bar_vector(alpha_bar, x_t)  # [B]
         x0, _ = self._run(x_t, logit_coefficients(ab), patch_size, label, track=None)
         return x0
@@ -337,7 +337,7 @@ class ScoreMachine:
         self, x: torch.Tensor, sigma: torch.Tensor | float, patch_size: int | None,
         label: int | torch.Tensor | None, track: int | None,
     ) -> tuple[torch.Tensor, Provenance | None]:
-        self._check_query(x, "x")
+        self._check_images(x, "x")
         return self._run(x, ve_logit_coefficients(sigma_vector(sigma, x)), patch_size, label, track=track)
 
     def denoise_provenance(
@@ -369,7 +369,7 @@ class ScoreMachine:
             ``(x0_hat [B, C, H, W], provenance)``; ``x0_hat`` equals :meth:`denoise`
             up to float rounding.
         """
-        self._check_query(x_t)
+        self._check_images(x_t)
         ab = self._alpha_bar_vector(alpha_bar, x_t)  # [B]
         return self._run(x_t, logit_coefficients(ab), patch_size, label, track=self._check_top(top))
 
@@ -394,7 +394,7 @@ class ScoreMachine:
             patch_size, label: As for :meth:`denoise`.
             top: Nearest candidates per pixel (>= 1).
         """
-        self._check_query(x)
+        self._check_images(x)
         if top < 1:
             raise ValueError(f"top must be at least 1, got {top}")
         B = x.shape[0]
@@ -912,7 +912,7 @@ class MachineDenoiser:
     def _apply(
         self, x: torch.Tensor, sigma: torch.Tensor | float, track: int | None
     ) -> tuple[torch.Tensor, Provenance | None]:
-        self.machine._check_query(x, "x")
+        self.machine._check_images(x, "x")
         sig = sigma_vector(sigma, x)  # [B]
         sizes = [self.patch_size_at(s) for s in sig.tolist()]
         if len(set(sizes)) == 1:
