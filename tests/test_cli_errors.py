@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import patchmosaic
-import patchmosaic.cli as cli
+from patchmosaic.samplers import SAMPLERS
 from patchmosaic.cli import main
 from patchmosaic.runs import undo_new_dir_on_failure
 
@@ -180,7 +180,7 @@ def test_failure_after_the_out_dir_was_created_removes_it(world, tmp_path, monke
     def crash(*args, **kwargs):
         raise ValueError("the machine broke")
 
-    monkeypatch.setattr(cli, "sample", crash)
+    monkeypatch.setitem(SAMPLERS, "euler", crash)
     out = tmp_path / "a" / "b"
     result = invoke(sample_args(world, out))
     assert result.exit_code == 1 and "the machine broke" in result.output

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import patchmosaic.cli as cli
+from patchmosaic.samplers import SAMPLERS
 from patchmosaic.cli import main
 from patchmosaic.runs import BATCH_DIR, load_samples
 
@@ -25,7 +25,7 @@ class Interrupt(Exception):
 
 def fail_after(monkeypatch, calls):
     """Make the sampler raise on its call number ``calls + 1`` (after ``calls`` batches finished)."""
-    real, seen = cli.sample, []
+    real, seen = SAMPLERS["euler"], []
 
     def flaky(*args, **kwargs):
         if len(seen) == calls:
@@ -33,7 +33,7 @@ def fail_after(monkeypatch, calls):
         seen.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "sample", flaky)
+    monkeypatch.setitem(SAMPLERS, "euler", flaky)
 
 
 @pytest.mark.parametrize("extra", [[], ["--provenance"], ["--like-labels"]])
@@ -65,8 +65,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_samples(tiny, tmp_path, mo
     assert sorted(p.name for p in (out / BATCH_DIR).iterdir()) == kept
 
     calls = []
-    real = cli.sample
-    monkeypatch.setattr(cli, "sample", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    real = SAMPLERS["euler"]
+    monkeypatch.setitem(SAMPLERS, "euler", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
     resumed = run(*args, "--out", out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert calls == [2, 1]  # only seeds 4-6 were sampled
@@ -165,7 +165,6 @@ def test_resume_of_a_complete_run_adds_seeds_with_another_batch_size(tiny, tmp_p
 
 def test_network_sample_resumes(tiny, tmp_path, monkeypatch):
     """`sample --model` writes batches and resumes the same way."""
-    import patchmosaic.cli_eval as cli_eval
     from patchmosaic.checkpoints import save_checkpoint
     from patchmosaic.models import ResNetConfig, build_model
     from patchmosaic.training import TrainConfig
@@ -177,7 +176,7 @@ def test_network_sample_resumes(tiny, tmp_path, monkeypatch):
     args = ["--model", model, "--steps", "3", "--batch-size", "2", "--seeds", "0-4"]
     assert run(*args, "--out", tmp_path / "full").exit_code == 0
 
-    real, seen = cli_eval.run_sampler, []
+    real, seen = SAMPLERS["euler"], []
 
     def flaky(*a, **k):
         if seen:
@@ -186,7 +185,7 @@ def test_network_sample_resumes(tiny, tmp_path, monkeypatch):
         return real(*a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(cli_eval, "run_sampler", flaky)
+        m.setitem(SAMPLERS, "euler", flaky)
         result = run(*args, "--out", tmp_path / "net")
     assert result.exit_code != 0 and "2 finished samples are kept" in result.output
     assert [p.name for p in (tmp_path / "net" / BATCH_DIR).iterdir()] == ["batch-s0-n2.npz"]

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from patchmosaic.checkpoints import CHECKPOINT_FILE, load_checkpoint, load_denoiser
-from patchmosaic.cli_train import train as train_command
+from patchmosaic.cli.train import train as train_command
 from patchmosaic.models import ResNetConfig, UNetConfig
 from patchmosaic.training import LOG_FILE, SUMMARY_FILE, EpochSampler, TrainConfig, train
 

@@ -447,19 +447,27 @@ def write_config(path: str | Path, config: dict, *, argv: Sequence[str] | None =
     return payload
 
 
-def sample_settings(*, steps: int, dtype: str, record: dict) -> dict:
+def sample_settings(
+    *, steps: int, dtype: str, record: dict, sampler: str = "euler", grid: str = "cosine",
+    sigmas: torch.Tensor | None = None,
+) -> dict:
     """The configuration every sampling run records besides its denoiser's ``record``.
 
     Together with the versions :func:`write_config` adds, these settings
     determine each seed's sample; :class:`SampleRun` compares them on ``--resume``.
     """
     from patchmosaic.samplers import NOISE_RULE
-    from patchmosaic.schedules import CosineSchedule
+    from patchmosaic.schedules import CosineSchedule, make_grid
 
+    sigmas = make_grid(grid, steps) if sigmas is None else sigmas
     return {
         "steps": steps,
-        "time_grid": "t_i = i / steps, i = steps..1 (DDIM, deterministic)",
-        "noise_schedule": f"cosine, alpha_bar(t) = cos^2((t / (1 + s)) pi / 2), s = {CosineSchedule().s}",
+        "sampler": sampler,
+        "grid": grid,
+        "sigmas": [float(x) for x in sigmas],
+        "time_grid": "t_i = i / steps, i = steps..1 (the paper's DDIM grid)" if grid == "cosine" else None,
+        "noise_schedule": f"cosine, alpha_bar(t) = cos^2((t / (1 + s)) pi / 2), s = {CosineSchedule().s}"
+        if grid == "cosine" else None,
         "dtype": dtype,
         "noise_rule": NOISE_RULE + ", then cast to --dtype",
         "files": {"grid": GRID_FILE, "samples": SAMPLES_FILE, "config": CONFIG_FILE},

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from patchmosaic.denoisers.base import Denoiser
+from patchmosaic.denoisers.base import Denoiser, bind_label
 from patchmosaic.schedules import CosineSchedule, PatchSchedule, sigmas_cosine
 
 __all__ = [
@@ -301,8 +301,8 @@ def sample_seeds(
     every sample depends on its seed only, not on the batching.
 
     Args:
-        denoiser: ``D(x, sigma)``; with ``labels`` it must offer ``bind(label=)``
-            (each batch binds its ``[b]`` labels).
+        denoiser: ``D(x, sigma)``; with ``labels`` each batch binds its ``[b]`` labels
+            (:func:`~patchmosaic.denoisers.base.bind_label`: ``bind(label=)``, or ``label=`` at call time).
         seeds: One sample per seed.
         shape: ``(C, H, W)``.
         sigmas: The grid (:mod:`patchmosaic.schedules`).
@@ -327,7 +327,7 @@ def sample_seeds(
         batch = [int(s) for s in seeds[i : i + batch_size]]
         bound = denoiser
         if labels is not None:
-            bound = denoiser.bind(label=torch.tensor([int(c) for c in labels[i : i + batch_size]]))  # [b]
+            bound = bind_label(denoiser, torch.tensor([int(c) for c in labels[i : i + batch_size]]))  # [b]
         if wrap is not None:
             bound = wrap(bound)
         noise = noise_for_seeds(batch, shape, dtype=dtype).to(device)  # [b, C, H, W]

@@ -31,6 +31,8 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "COMPUTE_DTYPES",
     "Denoiser",
+    "LabelBound",
+    "bind_label",
     "TrainingSet",
     "TrainingSetDenoiser",
     "check_seed",
@@ -56,6 +58,22 @@ class Denoiser(Protocol):
     """``D(x, sigma) -> x0_hat`` with ``x [B, C, H, W]`` and ``sigma [B]`` (VE form)."""
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
+
+
+class LabelBound:
+    """``D(x, sigma)`` of a denoiser that takes ``label=`` at call time, with the label fixed."""
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], label: LabelArg) -> None:
+        self.denoiser, self.label = denoiser, label
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x, sigma, label=self.label)
+
+
+def bind_label(denoiser: object, label: LabelArg) -> object:
+    """``denoiser`` with ``label`` bound: its own ``bind(label=)`` where it has one, else :class:`LabelBound`."""
+    bind = getattr(denoiser, "bind", None)
+    return bind(label=label) if bind is not None else LabelBound(denoiser, label)  # type: ignore[arg-type]
 
 
 def check_positive_int(value: object, name: str, *, maximum: int | None = None, what_max: str = "") -> int:

@@ -60,11 +60,14 @@ def explain_command(
       centre of their l2-nearest training patch at the final patch size;
     - N_eff and entropy of each pixel's posterior along the reverse process.
     """
-    from patchmosaic.cli import LIBRARY_ERRORS
-    from patchmosaic.explain import check_explain_out, explain_run, summary_lines, write_explain
-    from patchmosaic.runs import EXPLAIN_FIGURES, EXPLAIN_FILE
-
-    from patchmosaic.runs import undo_new_dir_on_failure
+    from patchmosaic.cli.common import LIBRARY_ERRORS
+    from patchmosaic.explain import (
+        check_explain_out,
+        explain_run,
+        summary_lines,
+        write_explain,
+    )
+    from patchmosaic.runs import EXPLAIN_FIGURES, EXPLAIN_FILE, undo_new_dir_on_failure
 
     target = out if out is not None else run_dir
     if target.exists() and not target.is_dir():

@@ -14,9 +14,16 @@ from pathlib import Path
 import click
 
 from patchmosaic.checkpoints import CHECKPOINT_FILE
-from patchmosaic.models import ARCHS, PADDING_MODES, ModelConfig, ResNetConfig, UNetConfig
+from patchmosaic.models import (
+    ARCHS,
+    PADDING_MODES,
+    ModelConfig,
+    ResNetConfig,
+    UNetConfig,
+)
 from patchmosaic.runs import CONFIG_FILE, undo_new_dir_on_failure
-from patchmosaic.training import LOG_FILE, SUMMARY_FILE, ResumeMismatch, TrainConfig, train as train_run
+from patchmosaic.training import LOG_FILE, SUMMARY_FILE, ResumeMismatch, TrainConfig
+from patchmosaic.training import train as train_run
 
 __all__ = ["train"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from patchmosaic.cli_eval import LIBRARY_ERRORS, check_out_flag
+from patchmosaic.cli.common import LIBRARY_ERRORS, check_out_flag
 from patchmosaic.report import REPORT_FILE, build_report
 from patchmosaic.runs import undo_new_dir_on_failure
 

@@ -72,11 +72,11 @@ def probe_command(
     with x = x0 + sigma * eps, for x0 the first --queries training images and for
     the --queries images that follow the training set.
     """
-    from patchmosaic.cli import LIBRARY_ERRORS
+    from patchmosaic.cli.common import LIBRARY_ERRORS
     from patchmosaic.data import load_dataset
     from patchmosaic.denoisers.data_locality import DATA_LOCALITY_THRESHOLDS
-    from patchmosaic.denoisers.score_machines import IdealScoreMachine as Ideal
     from patchmosaic.denoisers.registry import build_denoiser
+    from patchmosaic.denoisers.score_machines import IdealScoreMachine as Ideal
     from patchmosaic.probe import probe
 
     given = {k: v for k, v in params.items() if v is not None}

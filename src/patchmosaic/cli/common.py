@@ -1,0 +1,213 @@
+"""What every command shares: error conventions, --out, --seeds, --threads and --device, dtypes."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from patchmosaic.pretrained import (
+    METRICS_FILE,
+    SCHEDULE_FILE,
+)
+from patchmosaic.runs import (
+    BATCH_DIR,
+    CONFIG_FILE,
+    ResumeError,
+    SampleRun,
+    check_run_dir,
+    parse_seeds,
+    undo_new_dir_on_failure,
+)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# Errors the library raises for bad inputs (ValueError; FileNotFoundError, FileExistsError
+# and e.g. PermissionError are OSErrors; ImportError for a missing optional extra):
+# the CLI reports them as "Error: ..." without a traceback.
+LIBRARY_ERRORS = (ValueError, OSError, ImportError)
+
+
+class ImageSize(click.ParamType):
+    """A positive integer side length, or ``native`` to keep the stored size."""
+
+    name = "INTEGER|native"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif str(value).strip().lower() == "native":
+            return None
+        else:
+            try:
+                size = int(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is neither a positive integer nor 'native'", param, ctx)
+        if size is not None and size < 1:
+            self.fail(f"size must be a positive integer or 'native', got {size}", param, ctx)
+        return size
+
+
+
+PATCH_MACHINES = ("els", "ls")
+MODEL_HELP = (
+    "Trained network: a checkpoint file, a run directory holding model.pt, 'pretrained:<name>' or a bare "
+    "pretrained name (see `patchmosaic pretrained`)."
+)
+CALIBRATE_FILES = (SCHEDULE_FILE, CONFIG_FILE)
+EVALUATE_FILES = (METRICS_FILE, "scatter.png", "comparison.png", "samples_network.npz", "samples_<machine>.npz",
+                  "samples_ideal.npz")
+
+
+# ------------------------------------------------------------------ shared
+
+
+def check_out_flag(path: Path, overwrite: bool, files: tuple[str, ...], *, resume: bool = False) -> Path:
+    """:func:`patchmosaic.runs.check_run_dir` as a usage error (exit 2) naming ``--out``; nothing is created.
+
+    Every command with ``--out`` checks it with this, before any work.
+    """
+    if resume and overwrite:
+        raise click.BadParameter("--resume continues the run in --out and --overwrite replaces it; pass one",
+                                 param_hint="'--resume'")
+    try:
+        return check_run_dir(path, overwrite=overwrite, files=files, resume=resume)
+    except FileNotFoundError as err:
+        raise click.BadParameter(str(err), param_hint="'--resume'") from err
+    except FileExistsError as err:
+        raise click.BadParameter(str(err), param_hint="'--out'") from err
+
+
+def parse_seeds_flag(spec: str) -> list[int]:
+    """:func:`patchmosaic.runs.parse_seeds` as a ``--seeds`` usage error (exit 2); every command uses this."""
+    try:
+        return parse_seeds(spec)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--seeds'") from err
+
+
+def undo_new_out_on_failure(
+    files: tuple[str, ...] = (), keep_if: str | None = None
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorate a command so that a failure removes the ``--out`` it created (:func:`undo_new_dir_on_failure`)."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **params: Any) -> None:
+            with undo_new_dir_on_failure(params["out"], files=files, keep_if=keep_if):
+                command(*args, **params)
+
+        return wrapper
+
+    return decorate
+
+
+def open_sample_run(out: Path, seeds: list[int], settings: dict, **kwargs: object) -> SampleRun:
+    """:class:`SampleRun` with a failed ``--resume`` as a usage error; writes the starting config.json."""
+    try:
+        run = SampleRun(out, seeds, settings, **kwargs)  # type: ignore[arg-type]
+    except ResumeError as err:
+        raise click.BadParameter(str(err), param_hint="'--resume'") from err
+    if run.resume and run.done:
+        click.echo(f"resuming {out}: {len(run.done)} of {len(seeds)} seeds already sampled, "
+                   f"{len(run.pending)} to go", err=True)
+    run.start()
+    return run
+
+
+@contextlib.contextmanager
+def report_kept_samples(run: SampleRun, out: Path) -> Iterator[None]:
+    """On an interruption or error, say how many finished samples are kept and how to continue."""
+    try:
+        yield
+    except BaseException:
+        if run.writer and run.done:
+            click.echo(f"\n{len(run.done)} finished samples are kept in {out}/{BATCH_DIR}; continue with the same "
+                       "command and --resume", err=True)
+        raise
+
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's intra-op threads for this command (None: torch's default)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``--device`` (``cpu``, ``cuda``, ``cuda:1``) as a torch device, or a usage error; never a silent fallback."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as err:
+        raise click.BadParameter(f"{spec!r} is not a torch device (cpu, cuda, cuda:1)", param_hint="'--device'") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(
+                f"--device {spec}: CUDA is not available here (torch {torch.__version__}, "
+                f"{'no CUDA build' if torch.version.cuda is None else 'no visible GPU'}); use --device cpu",
+                param_hint="'--device'",
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible",
+                                     param_hint="'--device'")
+    elif device.type != "cpu":
+        raise click.BadParameter(f"--device {spec}: only cpu and cuda devices are supported", param_hint="'--device'")
+    return device
+
+
+def compute_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """``--device`` and ``--threads``, the options of every command that computes."""
+    fn = click.option("--threads", type=click.IntRange(min=1), default=None,
+                      help="Torch CPU threads for this command.  [default: torch's choice]")(fn)
+    return click.option("--device", default="cpu", show_default=True,
+                        help="Torch device of the computation: cpu, cuda or cuda:N (no silent fallback).")(fn)
+
+
+# Denoiser parameters of the closed-form family (patchmosaic.denoisers.registry): (flag, keyword, type, help).
+# Only flags given on the command line reach build_denoiser, so the registry's defaults apply otherwise.
+FAMILY_PARAMS = (
+    ("--k", "k", click.INT, "topk, knn: nearest training images used exactly."),
+    ("--samples", "samples", click.INT, "knn: importance samples of the tail per query."),
+    ("--rank", "rank", click.INT, "wiener: top eigenpairs kept."),
+    ("--threshold", "threshold", click.FLOAT,
+     "data-locality: mask threshold in (0, 1]; default: the published value for a bundled dataset "
+     "(0.005 MNIST/Fashion-MNIST)."),
+    ("--temperature", "temperature", click.FLOAT, "data-locality: softmax temperature."),
+    ("--patch-size", "patch_size", click.INT, "pspc: window side P (default: the published CIFAR-10 schedule)."),
+    ("--std", "std", click.FLOAT, "smoothed: smoothing std in the VE units of x."),
+    ("--draws", "draws", click.INT, "smoothed: perturbations averaged per call."),
+    ("--base", "base", click.STRING, "smoothed: registry name of the smoothed denoiser (default ideal)."),
+    ("--denoiser-seed", "seed", click.INT, "smoothed, knn: seed of the per-call generators (default 0)."),
+)
+
+
+def family_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The closed-form family's parameter flags (:data:`FAMILY_PARAMS`) and ``--flips``."""
+    for flag, keyword, kind, help_text in reversed(FAMILY_PARAMS):
+        fn = click.option(flag, keyword, type=kind, default=None, help=help_text)(fn)
+    return click.option("--flips", is_flag=True, default=None, help="pspc: also use mirrored training images.")(fn)
+
+
+def family_params(params: dict, dataset_name: str, name: str) -> dict:
+    """The family flags given on the command line as ``build_denoiser`` keywords (published threshold filled in)."""
+    from patchmosaic.denoisers.data_locality import DATA_LOCALITY_THRESHOLDS
+
+    given = {keyword: params[keyword] for _, keyword, _, _ in FAMILY_PARAMS if params.get(keyword) is not None}
+    if params.get("flips") is not None:
+        given["flips"] = params["flips"]
+    key = dataset_name.lower()
+    if name == "data-locality" and "threshold" not in given and key in DATA_LOCALITY_THRESHOLDS:
+        given["threshold"] = DATA_LOCALITY_THRESHOLDS[key]
+    return given
+
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+

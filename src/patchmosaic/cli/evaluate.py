@@ -1,0 +1,264 @@
+"""``patchmosaic evaluate``: network vs ELS vs IS from the same seeds, per-seed metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from patchmosaic.cli.common import (
+    EVALUATE_FILES,
+    LIBRARY_ERRORS,
+    MODEL_HELP,
+    PATCH_MACHINES,
+    check_out_flag,
+    parse_seeds_flag,
+    set_threads,
+)
+from patchmosaic.cli.network import LoadedModel, machine_for
+from patchmosaic.data import ImageDataset
+from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS, ScoreMachine
+from patchmosaic.evaluation import evaluate, save_comparison, save_scatter
+from patchmosaic.pretrained import (
+    LABEL_RULE,
+    METRICS_FILE,
+    SCHEDULE_FILE,
+    TrainingSet,
+    resolve_schedule_spec,
+)
+from patchmosaic.runs import (
+    CONFIG_FILE,
+    load_samples,
+    save_samples,
+    undo_new_dir_on_failure,
+    write_config,
+)
+from patchmosaic.samplers import NOISE_RULE
+from patchmosaic.schedules import PatchSchedule
+
+
+def _load_reuse(
+    run_dir: Path,
+    *,
+    machine: str,
+    data: ImageDataset,
+    ts: TrainingSet,
+    schedule: PatchSchedule,
+    seeds: list[int],
+    labels: list[int] | None,
+) -> tuple[str, np.ndarray]:
+    """Samples of a previous ``sample`` run for ``seeds``, after checking its config matches.
+
+    Returns:
+        ``(machine name, [S, C, H, W] images in the order of seeds)``.
+
+    Raises:
+        click.BadParameter: Listing every mismatch.
+    """
+    hint = "'--reuse'"
+    cfg_path = run_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise click.BadParameter(f"{run_dir} has no {CONFIG_FILE}: not a `patchmosaic sample` run directory", param_hint=hint)
+    cfg = json.loads(cfg_path.read_text())
+    kind = cfg.get("machine")
+    if kind not in (machine, "ideal"):
+        raise click.BadParameter(
+            f"{run_dir} holds {'network' if kind is None else kind!r} samples; --reuse takes a --machine {machine} "
+            "or --machine ideal sample run",
+            param_hint=hint,
+        )
+    size = "native" if ts.image_size is None else ts.image_size
+    expected: dict[str, Any] = {"dataset_name": data.name, "n_train": len(data), "size": size,
+                                "steps": len(schedule), "dtype": "float32"}
+    if kind != "ideal":  # the ideal machine does not depend on padding or a schedule
+        expected.update({"padding": ts.padding, "patch_sizes": list(schedule.sizes)})
+        if ts.padding == "circular":
+            expected["wrap_training_patches"] = True
+    problems = [f"{k} is {cfg.get(k)!r}, expected {v!r}" for k, v in expected.items() if cfg.get(k) != v]
+    archive = load_samples(run_dir)
+    have = {int(s): i for i, s in enumerate(archive["seeds"].tolist())}
+    missing = [s for s in seeds if s not in have]
+    if missing:
+        problems.append(f"seeds {missing[:10]}{' ...' if len(missing) > 10 else ''} are missing "
+                        f"({len(missing)} of {len(seeds)})")
+    if not problems:
+        rows = [have[s] for s in seeds]
+        got = archive.get("labels")
+        if labels is None and got is not None:
+            problems.append("its samples are class-conditional but the model is unconditional")
+        elif labels is not None:
+            if got is None:
+                problems.append(f"its samples are unconditional but the model is conditional ({LABEL_RULE})")
+            elif got[rows].tolist() != labels:
+                problems.append(f"its labels differ from {LABEL_RULE} (e.g. seed {seeds[0]}: "
+                                f"{int(got[rows[0]])} vs {labels[0]})")
+    if problems:
+        raise click.BadParameter(f"{run_dir} does not match this evaluation: " + "; ".join(problems), param_hint=hint)
+    return kind, archive["images"][rows]
+
+
+@click.command("evaluate")
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@click.option("--machine", type=click.Choice(PATCH_MACHINES), default="els", show_default=True,
+              help="Patch machine run with --patch-sizes (the ideal machine IS always runs as the memorising baseline).")
+@click.option("--patch-sizes", default=None,
+              help="Locality schedule: a schedule.json (from calibrate), its directory, 'pretrained:<name>', a preset "
+              "or a list.  [default: the model's own schedule.json]")
+@click.option("--seeds", default="0-99", show_default=True,
+              help="Seeds; network and machines start from the same noise; conditional: label = seed % num_classes.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for metrics.json, scatter.png, comparison.png and samples_*.npz; new or empty unless "
+              "--overwrite.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Reuse a non-empty --out: replace the files this command writes, keep every other file.")
+@click.option("--reuse", "reuse_dirs", type=click.Path(file_okay=False, exists=True, path_type=Path), multiple=True,
+              help="A previous `sample` run (--machine els or ideal) whose samples replace that machine's run; its "
+              "config must match (dataset, n_train, size, padding, schedule, steps, float32, labels) and its seeds "
+              "must include --seeds. Repeatable.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Seeds per sampler call.")
+@click.option("--bootstrap-resamples", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Bootstrap resamples for the 95% intervals of the medians.")
+@click.option("--bootstrap-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="numpy default_rng seed of the bootstrap.")
+@click.option("--comparison-rows", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Seeds (rows) shown in comparison.png.")
+@click.option("--chunk-elements", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ELEMENTS, show_default=True,
+              help="Memory bound of the machines: elements of one streamed logit block.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch.set_num_threads for this run.  [default: torch's]")
+def evaluate_command(
+    model_spec: str,
+    machine: str,
+    patch_sizes: str | None,
+    seeds: str,
+    out: Path,
+    overwrite: bool,
+    reuse_dirs: tuple[Path, ...],
+    batch_size: int,
+    bootstrap_resamples: int,
+    bootstrap_seed: int,
+    comparison_rows: int,
+    chunk_elements: int,
+    threads: int | None,
+) -> None:
+    """Compare a trained network with the ELS machine (and the ideal machine IS), seed by seed.
+
+    For each seed the network, ELS (with the schedule) and IS run DDIM from
+    the same noise, on the network's training subset and padding. Per seed:
+    the Pearson r of the final images (the number the paper's code reports as
+    "r^2"), its square r^2, and R^2 = 1 - SS_res/SS_tot with the network as
+    reference. Aggregates: medians with 95% bootstrap intervals, and the
+    fraction of seeds where ELS beats IS on r.
+
+    \b
+    Example:
+      patchmosaic evaluate --model runs/train-mnist --machine els \\
+        --patch-sizes runs/calibrate-mnist/schedule.json --seeds 0-99 --out runs/eval-mnist
+    """
+    try:
+        set_threads(threads)
+        seed_list = parse_seeds_flag(seeds)
+        out = check_out_flag(out, overwrite, EVALUATE_FILES)
+        model = LoadedModel(model_spec)
+        spec = patch_sizes
+        if spec is None:
+            if not model.source.schedule_path.is_file():
+                raise click.BadParameter(
+                    f"model {model.source.describe()} has no {SCHEDULE_FILE} in {model.source.directory}; "
+                    "pass --patch-sizes (e.g. the schedule.json of `patchmosaic calibrate`)",
+                    param_hint="'--patch-sizes'",
+                )
+            spec = str(model.source.schedule_path)
+        try:
+            schedule = PatchSchedule.parse(resolve_schedule_spec(spec))
+        except (ValueError, FileNotFoundError) as err:
+            raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
+        patch_machine, data, ts = machine_for(model, machine, chunk_elements)
+        baseline = ScoreMachine(data.images, kind="ideal", padding=ts.padding,
+                                labels=data.labels if model.num_classes else None, chunk_elements=chunk_elements)
+        patch_machine.bind(patch_sizes=schedule)  # validates every size before any work
+        labels = model.labels(seed_list)
+        reuse: dict[str, np.ndarray] = {}
+        for d in reuse_dirs:
+            name, images = _load_reuse(d, machine=machine, data=data, ts=ts, schedule=schedule, seeds=seed_list,
+                                       labels=labels)
+            if name in reuse:
+                raise click.BadParameter(f"two --reuse directories hold {name} samples", param_hint="'--reuse'")
+            reuse[name] = images
+        start = time.perf_counter()
+        result = evaluate(
+            model.denoiser, patch_machine, baseline, seed_list, model.shape, patch_sizes=schedule, labels=labels,
+            names=(machine, "ideal"), train_images=data.images, reuse=reuse, batch_size=batch_size,
+            resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed,
+        )
+        wall = time.perf_counter() - start
+        written = (METRICS_FILE, "scatter.png", "comparison.png", *(f"samples_{n}.npz" for n in result.images))
+        with undo_new_dir_on_failure(out, files=written):  # no half-written --out on a failed write
+            out.mkdir(parents=True, exist_ok=True)
+            files = {"metrics": METRICS_FILE, "scatter": "scatter.png", "comparison": "comparison.png"}
+            for name, images in result.images.items():
+                files[f"samples_{name}"] = f"samples_{name}.npz"
+                save_samples(out / f"samples_{name}.npz", images, seed_list, labels)
+            summary = result.summary
+            per = {row["seed"]: row for row in summary["per_seed"]}
+            save_scatter(out / "scatter.png", [per[s][f"pearson_r_{machine}"] for s in seed_list],
+                         [per[s]["pearson_r_ideal"] for s in seed_list], machine=machine.upper(), baseline="IS")
+            nearest = data.images.numpy()[[per[s]["nearest_train_index"] for s in seed_list]]  # [S, C, H, W]
+            save_comparison(out / "comparison.png",
+                            [("network", result.images["network"]), (machine.upper(), result.images[machine]),
+                             ("IS", result.images["ideal"]), ("nearest train", nearest)],
+                            seed_list, labels=labels, rows=comparison_rows)
+            config = {
+                **model.record(),
+                "machine": machine,
+                "baseline": "ideal",
+                "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
+                "patch_sizes": list(schedule.sizes),
+                "patch_sizes_source": schedule.name,
+                "steps": len(schedule),
+                "seeds": seed_list,
+                "labels": labels,
+                "label_rule": None if labels is None else LABEL_RULE,
+                "reuse": {name: str(d) for d, name in zip(reuse_dirs, reuse)},
+                "batch_size": batch_size,
+                "threads": torch.get_num_threads(),
+                "noise_rule": NOISE_RULE,
+                "metrics": {
+                    "pearson_r": "Pearson correlation of the flattened final images (reported as 'r^2' by the paper's code)",
+                    "r_squared": "pearson_r ** 2",
+                    "R2": "1 - SS_res / SS_tot, network as the reference",
+                    "aggregate": f"median over seeds, percentile bootstrap 95% interval ({bootstrap_resamples} resamples, "
+                    f"numpy default_rng({bootstrap_seed}))",
+                    "nearest_train": "L2-nearest training image to the network's sample (whole training subset)",
+                },
+                "wall_time_s": round(wall, 3),
+                "seconds_per_seed": {k: None if v is None else round(v, 4) for k, v in result.seconds_per_seed.items()},
+                "files": files,
+            }
+            payload = {"config": config, **summary}
+            write_config(out / METRICS_FILE, payload)
+    except LIBRARY_ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    agg = summary["aggregates"]
+    click.echo(f"{len(seed_list)} seeds, schedule {','.join(map(str, schedule.sizes))}, {wall:.1f} s")
+    for name, label in ((machine, machine.upper()), ("ideal", "IS")):
+        a = agg[name]
+        click.echo(
+            f"  {label:>5}: median r = {a['pearson_r']['median']:.3f} [{a['pearson_r']['ci_low']:.3f}, "
+            f"{a['pearson_r']['ci_high']:.3f}], r^2 = {a['r_squared']['median']:.3f}, "
+            f"R^2 = {a['R2']['median']:.3f} [{a['R2']['ci_low']:.3f}, {a['R2']['ci_high']:.3f}]"
+        )
+    frac = summary["fraction_machine_beats_baseline"]
+    click.echo(f"  {machine.upper()} beats IS on {frac['wins']}/{frac['n']} seeds ({frac['fraction']:.0%})")
+    click.echo(f"wrote {out}/ ({', '.join(files.values())})")
+
+
+# ------------------------------------------------------------------ pretrained
+
+
