@@ -258,6 +258,7 @@ def run_sampler(
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
     bar: tqdm | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """:func:`~patchmosaic.samplers.sample_seeds` for a machine (bound to ``patch_sizes``) or a network.
 
@@ -268,7 +269,7 @@ def run_sampler(
         denoiser = denoiser.bind(patch_sizes=patch_sizes)
     callback = None if bar is None else (lambda info: bar.update(1))
     return sample_seeds(denoiser, seeds, shape, sigmas=sigmas, sampler=sampler, labels=labels,
-                        batch_size=batch_size, dtype=dtype, callback=callback)
+                        batch_size=batch_size, dtype=dtype, device=device, callback=callback)
 
 
 @dataclass
@@ -297,6 +298,7 @@ def evaluate(
     resamples: int = 10_000,
     bootstrap_seed: int = 0,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> EvaluationResult:
     """Run the network, a patch machine (with ``patch_sizes``) and a baseline machine from the same noise.
 
@@ -316,6 +318,7 @@ def evaluate(
         batch_size: Seeds per sampler call.
         resamples, bootstrap_seed: See :func:`bootstrap_median`.
         progress: tqdm bars on stderr.
+        device: Where the samplers run (the denoisers must live there too).
     """
     sigmas = sigmas_cosine(len(patch_sizes)) if sigmas is None else sigmas
     steps = len(sigmas) - 1
@@ -335,7 +338,7 @@ def evaluate(
                   disable=not progress) as bar:
             start = time.perf_counter()
             out = run_sampler(denoiser, seeds, shape, sigmas=sigmas, patch_sizes=ps, labels=labels,
-                              batch_size=batch_size, bar=bar)
+                              batch_size=batch_size, bar=bar, device=device)
             seconds[name] = (time.perf_counter() - start) / len(seeds)
         images[name] = out.numpy().astype(np.float32)
     summary = summarize(images, seeds, machine=names[0], baseline=names[1], labels=labels,

@@ -37,9 +37,15 @@ import torch
 
 from patchmosaic.data import ImageDataset, load_dataset
 from patchmosaic.denoisers import ScoreMachine
-from patchmosaic.runs import CONFIG_FILE, EXPLAIN_FIGURES, EXPLAIN_FILE, PROVENANCE_FILE, load_samples
 from patchmosaic.evaluation import nearest_training_images
-from patchmosaic.runs import load_provenance
+from patchmosaic.runs import (
+    CONFIG_FILE,
+    EXPLAIN_FIGURES,
+    EXPLAIN_FILE,
+    PROVENANCE_FILE,
+    load_provenance,
+    load_samples,
+)
 from patchmosaic.samplers import sample_seeds
 from patchmosaic.schedules import sigmas_cosine
 
@@ -181,14 +187,16 @@ def run_sigmas(config: dict) -> torch.Tensor:
     return sigmas_cosine(int(config["steps"]))
 
 
-def _ideal_samples(run: _Run, train: torch.Tensor, labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+def _ideal_samples(
+    run: _Run, train: torch.Tensor, labels: torch.Tensor | None, batch: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The ideal (memorising) machine's samples from the run's seeds, labels, sampler and grid."""
     dtype = torch.float64 if run.config.get("dtype") == "float64" else torch.float32
-    machine = ScoreMachine(train.to(dtype), kind="ideal", padding="zeros", labels=labels)
+    machine = ScoreMachine(train.to(dtype), kind="ideal", padding="zeros", labels=labels, device=device)
     return sample_seeds(
         machine, [int(s) for s in run.seeds], tuple(run.images.shape[1:]), sigmas=run_sigmas(run.config),
         sampler=run.config.get("sampler", "euler"), labels=None if run.labels is None else run.labels.tolist(),
-        batch_size=batch, dtype=dtype,
+        batch_size=batch, dtype=dtype, device=device,
     ).float()
 
 
@@ -219,6 +227,7 @@ def explain_run(
     min_weight: float = 0.01,
     compare_ideal: bool = True,
     batch_size: int = 8,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Compute the mosaic, novelty and consistency metrics of a recorded run.
 
@@ -228,6 +237,7 @@ def explain_run(
         min_weight: Posterior weight a pixel's top patch needs to count as its dominant source.
         compare_ideal: Also sample the ideal machine from the same seeds (novelty baseline).
         batch_size: Seeds per call of that ideal sampler.
+        device: Where that ideal sampler runs.
 
     Returns:
         The ``explain.json`` payload (also holds the arrays the figures need
@@ -253,7 +263,7 @@ def explain_run(
     disp = signed_displacement(prov["source"][..., 0, :], H, W, run.config["padding"] == "circular")
     dist = np.hypot(disp[..., 0], disp[..., 1])  # [B, H, W]
     nn = _nearest(run.images, train)
-    ideal_nn = _nearest(_ideal_samples(run, train, labels, batch_size), train) if compare_ideal else None
+    ideal_nn = _nearest(_ideal_samples(run, train, labels, batch_size, device), train) if compare_ideal else None
     consistency = _consistency(run, train, labels, tolerance)
     per_seed = []
     for b in range(B):

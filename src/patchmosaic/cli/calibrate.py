@@ -22,7 +22,9 @@ from patchmosaic.cli.common import (
     MODEL_HELP,
     PATCH_MACHINES,
     check_out_flag,
+    compute_options,
     parse_seeds_flag,
+    resolve_device,
     set_threads,
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
@@ -60,8 +62,7 @@ from patchmosaic.samplers import noise_for_seeds
               help="Reuse a non-empty --out: replace schedule.json and config.json, keep every other file.")
 @click.option("--chunk-elements", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ELEMENTS, show_default=True,
               help="Memory bound of the machine: elements of one streamed logit block.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch.set_num_threads for this run.  [default: torch's]")
+@compute_options
 def calibrate_command(
     model_spec: str,
     machine: str,
@@ -73,6 +74,7 @@ def calibrate_command(
     overwrite: bool,
     chunk_elements: int,
     threads: int | None,
+    device: str,
 ) -> None:
     """Calibrate a locality schedule k(t) against a trained network.
 
@@ -96,17 +98,18 @@ def calibrate_command(
     """
     try:
         set_threads(threads)
+        dev = resolve_device(device)
         cands = _parse_candidates(candidates)
         seed_list = parse_seeds_flag(seeds)
         out = check_out_flag(out, overwrite, CALIBRATE_FILES)
         model = LoadedModel(model_spec)
-        score_machine, data, ts = machine_for(model, machine, chunk_elements)
+        score_machine, data, ts = machine_for(model, machine, chunk_elements, dev)
         try:
             cands = check_candidates(score_machine, cands)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="'--candidates'") from err
         labels = model.labels(seed_list)
-        noise = noise_for_seeds(seed_list, model.shape)  # [S, C, H, W]
+        noise = noise_for_seeds(seed_list, model.shape).to(dev)  # [S, C, H, W]
         start = time.perf_counter()
         with tqdm(total=steps, desc="calibrating", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
 

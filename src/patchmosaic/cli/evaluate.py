@@ -17,7 +17,9 @@ from patchmosaic.cli.common import (
     MODEL_HELP,
     PATCH_MACHINES,
     check_out_flag,
+    compute_options,
     parse_seeds_flag,
+    resolve_device,
     set_threads,
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
@@ -130,8 +132,7 @@ def _load_reuse(
               help="Seeds (rows) shown in comparison.png.")
 @click.option("--chunk-elements", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ELEMENTS, show_default=True,
               help="Memory bound of the machines: elements of one streamed logit block.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch.set_num_threads for this run.  [default: torch's]")
+@compute_options
 def evaluate_command(
     model_spec: str,
     machine: str,
@@ -146,6 +147,7 @@ def evaluate_command(
     comparison_rows: int,
     chunk_elements: int,
     threads: int | None,
+    device: str,
 ) -> None:
     """Compare a trained network with the ELS machine (and the ideal machine IS), seed by seed.
 
@@ -163,6 +165,7 @@ def evaluate_command(
     """
     try:
         set_threads(threads)
+        dev = resolve_device(device)
         seed_list = parse_seeds_flag(seeds)
         out = check_out_flag(out, overwrite, EVALUATE_FILES)
         model = LoadedModel(model_spec)
@@ -179,8 +182,8 @@ def evaluate_command(
             schedule = PatchSchedule.parse(resolve_schedule_spec(spec))
         except (ValueError, FileNotFoundError) as err:
             raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
-        patch_machine, data, ts = machine_for(model, machine, chunk_elements)
-        baseline = ScoreMachine(data.images, kind="ideal", padding=ts.padding,
+        patch_machine, data, ts = machine_for(model, machine, chunk_elements, dev)
+        baseline = ScoreMachine(data.images, kind="ideal", padding=ts.padding, device=dev,
                                 labels=data.labels if model.num_classes else None, chunk_elements=chunk_elements)
         patch_machine.bind(patch_sizes=schedule)  # validates every size before any work
         labels = model.labels(seed_list)
@@ -195,7 +198,7 @@ def evaluate_command(
         result = evaluate(
             model.denoiser, patch_machine, baseline, seed_list, model.shape, patch_sizes=schedule, labels=labels,
             names=(machine, "ideal"), train_images=data.images, reuse=reuse, batch_size=batch_size,
-            resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed,
+            resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed, device=dev,
         )
         wall = time.perf_counter() - start
         written = (METRICS_FILE, "scatter.png", "comparison.png", *(f"samples_{n}.npz" for n in result.images))

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from patchmosaic.cli.common import compute_options
+
 __all__ = ["explain_command"]
 
 
@@ -41,9 +43,10 @@ __all__ = ["explain_command"]
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Seeds per call of the ideal machine's sampler.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing explain.json and its figures (nothing else).")
+@compute_options
 def explain_command(
     run_dir: Path, out: Path | None, tolerance: float, min_weight: float, compare_ideal: bool, batch_size: int,
-    overwrite: bool,
+    overwrite: bool, device: str, threads: int | None,
 ) -> None:
     """Explain the samples of RUN_DIR as patch mosaics.
 
@@ -60,7 +63,10 @@ def explain_command(
       centre of their l2-nearest training patch at the final patch size;
     - N_eff and entropy of each pixel's posterior along the reverse process.
     """
-    from patchmosaic.cli.common import LIBRARY_ERRORS
+    from patchmosaic.cli.common import LIBRARY_ERRORS, resolve_device, set_threads
+
+    set_threads(threads)
+    dev = resolve_device(device)
     from patchmosaic.explain import (
         check_explain_out,
         explain_run,
@@ -78,7 +84,7 @@ def explain_command(
         raise click.BadParameter(str(err), param_hint="'--out'" if out is not None else "'RUN_DIR'") from err
     written = [EXPLAIN_FILE, *EXPLAIN_FIGURES.values()]
     try:
-        result = explain_run(run_dir, tolerance=tolerance, min_weight=min_weight, compare_ideal=compare_ideal,
+        result = explain_run(run_dir, tolerance=tolerance, min_weight=min_weight, compare_ideal=compare_ideal, device=dev,
                              batch_size=batch_size)
         with undo_new_dir_on_failure(target, files=written):
             write_explain(result, target, overwrite=overwrite)

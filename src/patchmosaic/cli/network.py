@@ -74,8 +74,10 @@ class LoadedModel:
         }
 
 
-def machine_for(model: LoadedModel, kind: str, chunk_elements: int) -> tuple[ScoreMachine, ImageDataset, TrainingSet]:
-    """A score machine on the network's exact training subset, with the network's padding."""
+def machine_for(
+    model: LoadedModel, kind: str, chunk_elements: int, device: torch.device | None = None
+) -> tuple[ScoreMachine, ImageDataset, TrainingSet]:
+    """A score machine on the network's exact training subset, with the network's padding (both on ``device``)."""
     ts = model.training_set()
     data = ts.load()
     if tuple(data.images.shape[1:]) != model.shape:
@@ -87,8 +89,10 @@ def machine_for(model: LoadedModel, kind: str, chunk_elements: int) -> tuple[Sco
         raise ValueError(f"the model is class-conditional but its training set {ts.dataset!r} has no labels")
     machine = ScoreMachine(
         data.images, kind=kind, padding=ts.padding, labels=data.labels if model.num_classes else None,
-        chunk_elements=chunk_elements,
+        chunk_elements=chunk_elements, device=device,
     )
+    if device is not None:
+        model.denoiser.model.to(device)
     return machine, data, ts
 
 
