@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -125,10 +126,10 @@ def fused_softmax_mean(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    scale, bias = _check_inputs(queries, scale, bias, keys, key_sq_norms, values, counts)
+    chunk = _check_inputs(_Chunk(queries, scale, bias, keys, key_sq_norms, values, counts))
     use_triton = backend == "triton" or (backend == "auto" and triton_usable(queries.device, queries.dtype))
     if not use_triton:
-        return _torch_partial(queries, scale, bias, keys, key_sq_norms, values, counts)
+        return _torch_partial(chunk)
     if not TRITON_AVAILABLE:
         raise RuntimeError("backend='triton' needs the triton package: pip install 'patchmosaic[gpu]'")
     if not triton_usable(queries.device, queries.dtype):
@@ -144,21 +145,24 @@ def fused_softmax_mean(
             raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {b}")
     if splits is not None and splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    return _triton_partial(
-        queries, scale, bias, keys, key_sq_norms, values, counts, block_q, block_m, block_d, splits
-    )
+    return _triton_partial(chunk, block_q, block_m, block_d, splits)
 
 
-def _check_inputs(
-    queries: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    keys: torch.Tensor,
-    key_sq_norms: torch.Tensor,
-    values: torch.Tensor,
-    counts: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate shapes, dtypes and devices; return ``scale, bias`` as ``[G, Bq]`` (views)."""
+class _Chunk(NamedTuple):
+    """The arguments of one :func:`fused_softmax_mean` call (shapes there)."""
+
+    queries: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
+    keys: torch.Tensor
+    key_sq_norms: torch.Tensor
+    values: torch.Tensor
+    counts: torch.Tensor | None
+
+
+def _check_inputs(chunk: _Chunk) -> _Chunk:
+    """Validate shapes, dtypes and devices; ``scale`` and ``bias`` become ``[G, Bq]`` (views)."""
+    queries, scale, bias, keys, key_sq_norms, values, counts = chunk
     if queries.ndim != 3 or keys.ndim != 3 or values.ndim != 3:
         raise ValueError(
             f"queries [G, Bq, D], keys [G, M, D] and values [G, M, V] must be 3-d, got "
@@ -186,19 +190,12 @@ def _check_inputs(
             "all inputs must share one dtype and device, got "
             f"{sorted({str(t.dtype) for t in tensors})} on {sorted({str(t.device) for t in tensors})}"
         )
-    return rows[0], rows[1]
+    return chunk._replace(scale=rows[0], bias=rows[1])
 
 
-def _torch_partial(
-    queries: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    keys: torch.Tensor,
-    key_sq_norms: torch.Tensor,
-    values: torch.Tensor,
-    counts: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_partial(chunk: _Chunk) -> tuple[torch.Tensor, torch.Tensor]:
     """The same partial state from :class:`SoftmaxMean` (logit blocks in memory)."""
+    queries, scale, bias, keys, key_sq_norms, values, counts = chunk
     G, Bq, _ = queries.shape
     aug_q = torch.cat(
         [queries * scale[..., None], bias[..., None], queries.new_zeros(G, Bq, 1)], dim=-1
@@ -216,19 +213,10 @@ def _torch_partial(
 
 
 def _triton_partial(
-    queries: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    keys: torch.Tensor,
-    key_sq_norms: torch.Tensor,
-    values: torch.Tensor,
-    counts: torch.Tensor | None,
-    block_q: int,
-    block_m: int,
-    block_d: int,
-    splits: int | None,
+    chunk: _Chunk, block_q: int, block_m: int, block_d: int, splits: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel: one program per (query tile, group x key range, value tile)."""
+    queries, scale, bias, keys, key_sq_norms, values, counts = chunk
     G, Bq, D = queries.shape
     M, V = keys.shape[1], values.shape[2]
     q_tiles = triton.cdiv(Bq, block_q)
