@@ -11,6 +11,7 @@ that do not wrap) on both sides. Both implementations are first checked to
 agree on the benchmark inputs, and all timings are interleaved in one run.
 
     python benchmarks/bench_els.py                 # N=512, both paddings
+    python benchmarks/bench_els.py --threads 1     # on a CPU shared with other jobs
     python benchmarks/bench_els.py --n-train 2000 --repeats 1
     python benchmarks/bench_els.py --memory        # peak RSS per call, fresh processes
 """
@@ -70,10 +71,10 @@ def run_once(method: str, padding: str, t: float, k: int, n_train: int) -> float
 def peak_rss_mb(method: str, padding: str, t: float, k: int, n_train: int) -> float:
     """Peak resident memory of one call, in a fresh process (MB)."""
     code = (
-        "import sys, resource; sys.path.insert(0, %r); import bench_els as b; "
-        "b.run_once(%r, %r, %r, %r, %r); "
+        "import sys, resource, torch; sys.path.insert(0, %r); import bench_els as b; "
+        "torch.set_num_threads(%d); b.run_once(%r, %r, %r, %r, %r); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    ) % (str(Path(__file__).parent), method, padding, t, k, n_train)
+    ) % (str(Path(__file__).parent), torch.get_num_threads(), method, padding, t, k, n_train)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
@@ -85,7 +86,11 @@ def main() -> None:
     parser.add_argument("--paddings", default="zeros,circular", help="comma-separated paddings")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS per call in fresh processes")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); "
+                        "1 avoids threads spin-waiting for a descheduled partner on a shared CPU")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n_train}, float32, 1 query")
     results = []
     for padding in args.paddings.split(","):
