@@ -101,7 +101,10 @@ def main() -> None:
             base = released_els(x_t, train, ab, k, padding)
             err = (ours - base).abs().max().item()
             rel = err / base.abs().max().item()
-            if err > 1e-3:
+            # A different machine (dictionary, border rule) differs by O(0.1-1). The baseline's
+            # float32 conv2d is less exact than our products (oneDNN may use Winograd for small
+            # filters): up to 1.3e-3 at t=0.1, k=3 on one thread, where ours is 1.4e-6 from float64.
+            if err > 1e-2:
                 raise SystemExit(f"implementations disagree at {padding} t={t} k={k}: max |diff| = {err}")
             runs = {method: [] for method in METHODS}
             for _ in range(args.repeats):  # interleaved, so load from other processes hits all alike
