@@ -41,11 +41,14 @@ Circular padding (``LocalEquivScoreModule``):
    dictionary patch. Here: the same ``F.conv2d``, ``[B, n * NP, H, W]``.
 
 Both paddings, every region: the softmax over the region's candidates and the
-weighted sum of their centre pixels (one contraction over the candidate axis,
-``einsum('gbms,gmc->gbcs')``), with training images streamed in batches of
-``batch_images`` (the released code uses 64 or 256) and the batches combined
+weighted sum of their centre pixels, with training images streamed in batches
+of ``batch_images`` (the released code uses 64 or 256) and the batches combined
 by a running log-sum-exp (exact, and at least as economical as keeping every
-batch's logits).
+batch's logits). The elementwise work is kept minimal so that the baseline is
+not slowed by our choices: conv2d returns the logits themselves (filters
+scaled by ``a / s2``, the ``|t|^2`` term as its bias), they are shifted and
+exponentiated in place, and one contraction with ``[centre, 1]`` gives the
+weighted sum and the normaliser.
 """
 
 from __future__ import annotations
@@ -63,25 +66,25 @@ class _RunningSoftmax:
 
     def __init__(self) -> None:
         self.max: torch.Tensor | None = None  # [G, B, 1, S]
-        self.num: torch.Tensor | None = None  # [G, B, C, S]
-        self.den: torch.Tensor | None = None  # [G, B, 1, S]
+        self.acc: torch.Tensor | None = None  # [G, B, C + 1, S]: weighted sum and normaliser
 
     def add(self, logits: torch.Tensor, centres: torch.Tensor) -> None:
-        """Fold in ``logits [G, B, M, S]`` of candidates with ``centres [G, M, C]``."""
+        """Fold in ``logits [G, B, M, S]`` (overwritten) of candidates with ``centres [G, M, C]``.
+
+        Two in-place passes (shift, exp) and two reads (max, contraction) of the logits.
+        """
         batch_max = logits.amax(2, keepdim=True)  # [G, B, 1, S]
         new_max = batch_max if self.max is None else torch.maximum(self.max, batch_max)
-        w = torch.exp(logits - new_max)  # [G, B, M, S]
-        num = torch.einsum("gbms,gmc->gbcs", w, centres)  # [G, B, C, S]
-        den = w.sum(2, keepdim=True)  # [G, B, 1, S]
+        w = logits.sub_(new_max).exp_()  # [G, B, M, S]
+        values = torch.cat([centres, centres.new_ones(centres.shape[:-1] + (1,))], dim=-1)  # [G, M, C + 1]
+        acc = torch.einsum("gbms,gmc->gbcs", w, values)  # [G, B, C + 1, S]
         if self.max is not None:
-            rescale = torch.exp(self.max - new_max)  # [G, B, 1, S]
-            num = num + self.num * rescale
-            den = den + self.den * rescale
-        self.max, self.num, self.den = new_max, num, den
+            acc += self.acc * torch.exp(self.max - new_max)
+        self.max, self.acc = new_max, acc
 
     def mean(self) -> torch.Tensor:
         """``[G, B, C, S]``."""
-        return self.num / self.den
+        return self.acc[:, :, :-1] / self.acc[:, :, -1:]
 
 
 def _interior_patches(images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,10 +102,13 @@ def _interior_patches(images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 
 def _conv_logits(query: torch.Tensor, filters: torch.Tensor, a: float, s2: float) -> torch.Tensor:
-    """ELS logits of every query position against every filter: ``[1, B, n NP, S]``."""
-    dots = F.conv2d(query, filters)  # [B, n NP, H', W']
+    """ELS logits of every query position against every filter: ``[1, B, n NP, S]``.
+
+    The conv2d returns the logits directly: filters scaled by ``a / s2`` and the
+    ``-a^2 |t|^2 / (2 s2)`` term as the convolution's bias.
+    """
     norms = filters.square().sum((1, 2, 3))  # [n NP]
-    logits = (a * dots - (0.5 * a * a) * norms[None, :, None, None]) / s2  # [B, n NP, H', W']
+    logits = F.conv2d(query, filters * (a / s2), bias=norms * (-0.5 * a * a / s2))  # [B, n NP, H', W']
     return logits.flatten(2)[None]  # [1, B, n NP, S]
 
 
