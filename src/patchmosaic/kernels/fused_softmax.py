@@ -219,6 +219,9 @@ def _triton_partial(
     queries, scale, bias, keys, key_sq_norms, values, counts = chunk
     G, Bq, D = queries.shape
     M, V = keys.shape[1], values.shape[2]
+    for name, t in (("queries", queries), ("keys", keys), ("values", values)):
+        if max(t.numel(), G * Bq * (V + 1)) >= 2**31:  # offsets inside a group are 32-bit in the kernel
+            raise ValueError(f"{name} {tuple(t.shape)} too large for one call (2^31 elements): pass smaller chunks")
     q_tiles = triton.cdiv(Bq, block_q)
     if splits is None:
         sms = torch.cuda.get_device_properties(queries.device).multi_processor_count if queries.is_cuda else 1
