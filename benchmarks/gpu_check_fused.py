@@ -123,14 +123,22 @@ class FusedELSDenoiser:
 
 
 def check_kernel() -> None:
-    """The kernel on CUDA against SoftmaxMean on the CPU (float64)."""
+    """The kernel on CUDA against SoftmaxMean on the CPU: as accurate as the engine's float32.
+
+    Keys come in clusters of 8 near-copies (1e-3 apart) so that at abar = 0.999
+    each posterior spreads over a cluster and logit errors show in the mean: a
+    TF32 product (1e-3 relative error, logits off by ~10) would fail by orders
+    of magnitude. (Triton's CPU interpreter ignores ``input_precision``, so
+    only this check can catch TF32.)
+    """
     g = torch.Generator().manual_seed(0)
     worst = 0.0
-    shapes = [(1, 5, 7, 3, 1), (2, 300, 1000, 9, 1), (3, 129, 4097, 81, 3), (1, 64, 20000, 225, 1), (1, 9, 300, 50, 70)]
+    shapes = [(1, 5, 8, 3, 1), (2, 300, 1000, 9, 1), (3, 129, 4096, 81, 3), (1, 64, 20000, 225, 1), (1, 9, 320, 50, 70)]
     for (G, Bq, M, D, V), abar, with_counts, splits, precision in itertools.product(
         shapes, (0.01, 0.5, 0.999), (False, True), (1, None), ("highest", "medium")
     ):
-        keys = torch.rand(G, M, D, generator=g) * 2 - 1
+        base = torch.rand(G, M // 8, D, generator=g) * 2 - 1
+        keys = base.repeat_interleave(8, dim=1) + 1e-3 * torch.randn(G, M, D, generator=g)  # [G, M, D]
         values = torch.rand(G, M, V, generator=g) * 2 - 1
         pick = keys[:, torch.randint(0, M, (Bq,), generator=g)]  # [G, Bq, D]
         queries = abar**0.5 * pick + (1 - abar) ** 0.5 * torch.randn(G, Bq, D, generator=g)
@@ -139,22 +147,26 @@ def check_kernel() -> None:
         args = (queries, scale, bias, keys, keys.square().sum(-1), values)
         want_ref, want_acc = fused_softmax_mean(*(t.double() for t in args), backend="torch",
                                                 counts=None if counts is None else counts.double())
+        eng_ref, eng_acc = fused_softmax_mean(*args, counts=counts, backend="torch")  # float32 engine, CPU
         torch.set_float32_matmul_precision(precision)
         try:
             ref, acc = fused_softmax_mean(*(t.cuda() for t in args), counts=None if counts is None else counts.cuda(),
                                           backend="triton", splits=splits)
         finally:
             torch.set_float32_matmul_precision("highest")
-        err_mean = (acc.cpu().double() - want_acc).abs().max().item()
-        err_ref = ((ref.cpu().double() - want_ref).abs() / want_ref.abs().clamp(min=1)).max().item()
-        tol = 1e-4 if abar < 0.99 else 2e-2  # abar = 0.999: float32 logits of ~1e4 carry ~1e-3 absolute error
-        status = "ok" if err_mean <= tol and err_ref <= 1e-5 else "FAIL"
-        worst = max(worst, err_mean / tol)
-        print(f"{status:4s} kernel G={G} Bq={Bq} M={M} D={D} V={V} abar={abar} counts={with_counts!s:5s} "
-              f"splits={splits} matmul={precision:7s} max|mean err|={err_mean:.1e} ref rel err={err_ref:.1e}")
-        if status == "FAIL":
-            raise SystemExit("the fused kernel on CUDA differs from the CPU engine")
-    print(f"kernel matches the CPU engine (worst mean error / tolerance = {worst:.3f})")
+        err = (acc.cpu().double() - want_acc).abs().max().item()
+        eng = (eng_acc.double() - want_acc).abs().max().item()
+        err_ref = (ref.cpu().double() - want_ref).abs().max().item()
+        eng_ref_err = (eng_ref.double() - want_ref).abs().max().item()
+        tol = 10 * eng + 1e-5  # TF32 would be ~1000x the engine
+        ok = err <= tol and err_ref <= 10 * eng_ref_err + 1e-5 * want_ref.abs().max().item()
+        worst = max(worst, err / tol)
+        print(f"{'ok' if ok else 'FAIL':4s} kernel G={G} Bq={Bq} M={M} D={D} V={V} abar={abar} "
+              f"counts={with_counts!s:5s} splits={splits} matmul={precision:7s} max|mean err|={err:.1e} "
+              f"(engine float32 {eng:.1e}) max|ref err|={err_ref:.1e} (engine {eng_ref_err:.1e})")
+        if not ok:
+            raise SystemExit("the fused kernel on CUDA is less accurate than the float32 CPU engine")
+    print(f"kernel matches the CPU engine (worst error / tolerance = {worst:.3f})")
 
 
 def check_els() -> None:

@@ -4,7 +4,9 @@ The Triton kernel runs under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter;
 ``conftest.py`` sets the variable before anything imports triton), on tiny inputs and
 16-wide tiles so that several tiles and ragged edges are exercised in well
 under a second per case. Without the ``triton`` package those tests skip; the
-torch path (used when Triton is absent) is tested either way.
+torch path (used when Triton is absent) is tested either way. The interpreter
+computes ``tl.dot`` in numpy float32 whatever ``input_precision`` says, so
+keeping TF32 out is checked on a GPU only (``benchmarks/gpu_check_fused.py``).
 """
 
 from __future__ import annotations
@@ -109,20 +111,34 @@ def test_kernel_key_splits(interpret, splits):
 @needs_triton
 @pytest.mark.parametrize("abar", [0.99, 0.999])
 def test_kernel_at_low_noise(interpret, abar):
-    """scale = sqrt(abar) / (1 - abar) ~ 1000: logits ~ 1e4 apart, errors bounded by float32 rounding."""
-    inputs = make_inputs(2, 23, 41, 27, 1, abar=(abar, abar), seed=1)
-    queries, scale, bias, keys, norms, values, _ = inputs
+    """scale = sqrt(abar) / (1 - abar) ~ 1000: logit terms ~ 1e4, errors bounded by float32 rounding.
+
+    Keys come in clusters of 8 near-copies (1e-3 apart), so each query's
+    posterior spreads over a cluster (logits O(1) apart) and its mean is not
+    just one key's value: an error in the logits shows in the mean.
+    """
+    queries, scale, bias, keys, norms, values, _ = make_inputs(2, 23, 40, 27, 1, abar=(abar, abar), seed=1)
+    g = torch.Generator().manual_seed(7)
+    keys = keys[:, :5].repeat_interleave(8, dim=1) + 1e-3 * torch.randn(2, 40, 27, generator=g)  # [G, 40, D]
+    norms = keys.square().sum(-1)
+    near = keys[:, torch.randint(0, 40, (23,), generator=g)]  # [G, Bq, D]
+    queries = abar**0.5 * near + (1 - abar) ** 0.5 * torch.randn(2, 23, 27, generator=g)
+    inputs = (queries, scale, bias, keys, norms, values)
     ref, acc = fused_softmax_mean(*inputs[:6], backend="triton", **TILES)
     want_ref, want_acc = brute_force(*inputs[:6])
+    w = torch.softmax(torch.einsum("gbd,gmd->gbm", queries.double(), keys.double()) * scale.double()[None, :, None]
+                      + bias.double()[None, :, None] * norms.double()[:, None, :], dim=-1)  # [G, Bq, M]
+    assert float((1 / w.square().sum(-1)).median()) > 4  # the posterior spreads over its cluster
     delta = logit_error_bound(queries, scale, bias, keys, norms)  # [G, Bq]
     assert bool(torch.isfinite(ref).all()) and bool(torch.isfinite(acc).all())
     assert bool(((ref.double() - want_ref).abs() <= delta + 1e-6 * want_ref.abs()).all())
     mean_err = (acc[..., :-1].double() - want_acc[..., :-1]).abs().amax(-1)  # [G, Bq]
     assert bool((mean_err <= 2 * torch.expm1(2 * delta) * values.abs().max() + 1e-6).all())
     torch.testing.assert_close(acc[..., -1], torch.ones_like(acc[..., -1]))
-    # the engine (float32 SoftmaxMean) stays within the same bound of the brute force
-    e_ref, e_acc = fused_softmax_mean(*inputs[:6], backend="torch")
-    assert bool(((e_acc[..., :-1].double() - want_acc[..., :-1]).abs().amax(-1) <= 2 * torch.expm1(2 * delta) + 1e-6).all())
+    # and in practice about as accurate as the engine's float32 SoftmaxMean (measured: 2.7e-4 vs 4.3e-4 at 0.999)
+    _, e_acc = fused_softmax_mean(*inputs[:6], backend="torch")
+    engine_err = (e_acc[..., :-1].double() - want_acc[..., :-1]).abs().max()
+    assert float(mean_err.max()) <= 4 * float(engine_err) + 1e-5
 
 
 @needs_triton
