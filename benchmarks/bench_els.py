@@ -3,10 +3,15 @@
 Times one float32 ELS call (one noisy query) at three points of the published
 MNIST schedule, (t=0.9, k=15), (t=0.5, k=9), (t=0.1, k=3), for zero and
 circular padding, on the first N bundled MNIST digits, and reports the
-speed-up ratios and their geometric mean. Both implementations are first
-checked to agree on the benchmark inputs.
+speed-up ratios and their geometric mean. The baseline
+(``released_baseline.py``) has the released modules' cost structure and is
+timed with both released training batch sizes (64 and 256); the faster one is
+the reference. Circular padding uses the released dictionary (training patches
+that do not wrap) on both sides. Both implementations are first checked to
+agree on the benchmark inputs, and all timings are interleaved in one run.
 
-    python benchmarks/bench_els.py                 # N=500, both paddings
+    python benchmarks/bench_els.py                 # N=512, both paddings
+    python benchmarks/bench_els.py --threads 1     # on a CPU shared with other jobs
     python benchmarks/bench_els.py --n-train 2000 --repeats 1
     python benchmarks/bench_els.py --memory        # peak RSS per call, fresh processes
 """
@@ -30,9 +35,6 @@ from released_baseline import released_els  # noqa: E402
 from patchmosaic import CosineSchedule, ScoreMachine, noise_for_seed  # noqa: E402
 from patchmosaic.data import load_dataset  # noqa: E402
 
-POINTS = ((0.9, 15), (0.5, 9), (0.1, 3))
-
-
 def make_inputs(n_train: int, t: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """First ``n_train`` MNIST digits and one noisy held-out digit at time t."""
     data = load_dataset("mnist", n_train=n_train + 1)
@@ -42,67 +44,89 @@ def make_inputs(n_train: int, t: float) -> tuple[torch.Tensor, torch.Tensor, flo
     return train, x_t, ab
 
 
+POINTS = ((0.9, 15), (0.5, 9), (0.1, 3))
+RELEASED_BATCHES = (64, 256)  # training images per batch in the released code
+METHODS = ("patchmosaic",) + tuple(f"released-{b}" for b in RELEASED_BATCHES)
+
+
+def machine_for(train: torch.Tensor, padding: str) -> ScoreMachine:
+    """Our ELS machine with the released dictionary (circular: patches that do not wrap)."""
+    return ScoreMachine(train, kind="els", padding=padding, wrap_training_patches=padding == "zeros")
+
+
 def run_once(method: str, padding: str, t: float, k: int, n_train: int) -> float:
-    """One call of ``method``; returns seconds."""
+    """One call of ``method`` (``"patchmosaic"`` or ``"released-<batch>"``); returns seconds."""
     train, x_t, ab = make_inputs(n_train, t)
     if method == "patchmosaic":
-        machine = ScoreMachine(train, kind="els", padding=padding)
+        machine = machine_for(train, padding)
         start = time.perf_counter()
         machine.denoise(x_t, ab, patch_size=k)
     else:
+        batch = int(method.split("-")[1])
         start = time.perf_counter()
-        released_els(x_t, train, ab, k, padding)
+        released_els(x_t, train, ab, k, padding, batch_images=batch)
     return time.perf_counter() - start
 
 
 def peak_rss_mb(method: str, padding: str, t: float, k: int, n_train: int) -> float:
     """Peak resident memory of one call, in a fresh process (MB)."""
     code = (
-        "import sys, resource; sys.path.insert(0, %r); import bench_els as b; "
-        "b.run_once(%r, %r, %r, %r, %r); "
+        "import sys, resource, torch; sys.path.insert(0, %r); import bench_els as b; "
+        "torch.set_num_threads(%d); b.run_once(%r, %r, %r, %r, %r); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    ) % (str(Path(__file__).parent), method, padding, t, k, n_train)
+    ) % (str(Path(__file__).parent), torch.get_num_threads(), method, padding, t, k, n_train)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-train", type=int, default=500, help="training images (default 500)")
+    parser.add_argument("--n-train", type=int, default=512, help="training images (default 512)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per point; the median is reported")
     parser.add_argument("--paddings", default="zeros,circular", help="comma-separated paddings")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS per call in fresh processes")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); "
+                        "1 avoids threads spin-waiting for a descheduled partner on a shared CPU")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n_train}, float32, 1 query")
     results = []
     for padding in args.paddings.split(","):
         ratios = []
         for t, k in POINTS:
             train, x_t, ab = make_inputs(args.n_train, t)
-            ours = ScoreMachine(train, kind="els", padding=padding).denoise(x_t, ab, patch_size=k)
+            ours = machine_for(train, padding).denoise(x_t, ab, patch_size=k)
             base = released_els(x_t, train, ab, k, padding)
             err = (ours - base).abs().max().item()
-            if err > 1e-3:
+            rel = err / base.abs().max().item()
+            # A different machine (dictionary, border rule) differs by O(0.1-1). The baseline's
+            # float32 conv2d is less exact than our products (oneDNN may use Winograd for small
+            # filters): up to 1.3e-3 at t=0.1, k=3 on one thread, where ours is 1.4e-6 from float64.
+            if err > 1e-2:
                 raise SystemExit(f"implementations disagree at {padding} t={t} k={k}: max |diff| = {err}")
-            timing = {}
-            for method in ("released", "patchmosaic"):
-                timing[method] = statistics.median(
-                    run_once(method, padding, t, k, args.n_train) for _ in range(args.repeats)
-                )
-            ratio = timing["released"] / timing["patchmosaic"]
+            runs = {method: [] for method in METHODS}
+            for _ in range(args.repeats):  # interleaved, so load from other processes hits all alike
+                for method in METHODS:
+                    runs[method].append(run_once(method, padding, t, k, args.n_train))
+            timing = {method: statistics.median(v) for method, v in runs.items()}
+            best = min(METHODS[1:], key=timing.__getitem__)
+            ratio = timing[best] / timing["patchmosaic"]
             ratios.append(ratio)
-            row = {"padding": padding, "t": t, "k": k, "released_s": timing["released"],
-                   "patchmosaic_s": timing["patchmosaic"], "speedup": ratio, "max_abs_diff": err}
+            row = {"padding": padding, "t": t, "k": k, "released_s": timing[best], "released_best": best,
+                   **{f"{m}_s": timing[m] for m in METHODS}, "speedup": ratio,
+                   "max_abs_diff": err, "max_rel_diff": rel}
             if args.memory:
-                row["released_peak_mb"] = peak_rss_mb("released", padding, t, k, args.n_train)
+                row["released_peak_mb"] = peak_rss_mb(best, padding, t, k, args.n_train)
                 row["patchmosaic_peak_mb"] = peak_rss_mb("patchmosaic", padding, t, k, args.n_train)
             results.append(row)
             mem = (f"  peak {row['released_peak_mb']:.0f} MB vs {row['patchmosaic_peak_mb']:.0f} MB"
                    if args.memory else "")
-            print(f"{padding:9s} t={t:.1f} k={k:2d}  released {timing['released']:7.3f} s  "
+            batches = ", ".join(f"{m.split('-')[1]}: {timing[m]:.3f} s" for m in METHODS[1:])
+            print(f"{padding:9s} t={t:.1f} k={k:2d}  released {timing[best]:7.3f} s ({batches})  "
                   f"patchmosaic {timing['patchmosaic']:7.3f} s  speed-up {ratio:6.1f}x  "
-                  f"(max |diff| {err:.1e}){mem}", flush=True)
+                  f"(max |diff| {err:.1e}, {rel:.1e} of max |x0|){mem}", flush=True)
         gmean = math.exp(sum(map(math.log, ratios)) / len(ratios))
         print(f"{padding:9s} geometric-mean speed-up {gmean:.1f}x, minimum {min(ratios):.1f}x")
     if args.json:

@@ -1,5 +1,11 @@
+import os
 import sys
 from pathlib import Path
+
+# Triton kernels (optional extra "gpu") run in Triton's CPU interpreter in the tests
+# (tests/test_fused_kernel.py). triton.language fixes interpreter vs compiler when
+# it is imported, so this must precede every import of triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

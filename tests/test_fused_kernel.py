@@ -1,0 +1,232 @@
+"""The fused softmax-mean kernel against a float64 brute force and the engine's SoftmaxMean.
+
+The Triton kernel runs under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter;
+``conftest.py`` sets the variable before anything imports triton), on tiny inputs and
+16-wide tiles so that several tiles and ragged edges are exercised in well
+under a second per case. Without the ``triton`` package those tests skip; the
+torch path (used when Triton is absent) is tested either way. The interpreter
+computes ``tl.dot`` in numpy float32 whatever ``input_precision`` says, so
+keeping TF32 out is checked on a GPU only (``benchmarks/gpu_check_fused.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchmosaic.engine import SoftmaxMean, augment_keys, augment_queries, augment_values, logit_coefficients
+from patchmosaic.kernels import TRITON_AVAILABLE, fused_softmax_mean
+from patchmosaic.kernels.fused_softmax import TRITON_INTERPRETED, triton_usable
+
+TILES = {"block_q": 16, "block_m": 16, "block_d": 16, "splits": 3}  # 3 key ranges, merged afterwards
+needs_triton = pytest.mark.skipif(
+    not TRITON_AVAILABLE, reason="triton is not installed (optional extra: pip install 'patchmosaic[gpu]')"
+)
+
+
+@pytest.fixture
+def interpret():
+    """Triton kernels run in its CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+    if TRITON_AVAILABLE and not TRITON_INTERPRETED:
+        pytest.fail("triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it before any import)")
+
+
+def make_inputs(G, Bq, M, D, V, *, abar=(0.3, 0.8), counts=False, seed=0):
+    """Random float32 inputs; per-row alpha_bar drawn in ``abar``; noisy queries near some keys."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.rand(G, M, D, generator=g) * 2 - 1  # [G, M, D]
+    values = torch.rand(G, M, V, generator=g) * 2 - 1  # [G, M, V]
+    ab = torch.empty(Bq).uniform_(*abar, generator=g)  # [Bq]
+    near = keys[:, torch.randint(0, max(M, 1), (Bq,), generator=g)] if M else torch.zeros(G, Bq, D)
+    queries = ab.sqrt()[None, :, None] * near + (1 - ab).sqrt()[None, :, None] * torch.randn(G, Bq, D, generator=g)
+    scale, bias = logit_coefficients(ab)
+    c = torch.randint(0, 4, (G, M), generator=g).float() if counts else None
+    return queries, scale, bias, keys, keys.square().sum(-1), values, c
+
+
+def brute_force(queries, scale, bias, keys, norms, values, counts=None):
+    """float64 ``(ref, acc)`` from the definition: log-sum-exp and softmax-weighted mean."""
+    q, k, v, n, s, b = (t.double() for t in (queries, keys, values, norms, scale, bias))
+    logits = s[None, :, None] * torch.einsum("gbd,gmd->gbm", q, k) + b[None, :, None] * n[:, None, :]
+    if counts is not None:
+        logits = logits + counts.double().log()[:, None, :]  # log 0 = -inf: absent
+    ref = torch.logsumexp(logits, -1)  # [G, Bq]
+    w = torch.exp(logits - ref[..., None])  # [G, Bq, M]
+    acc = torch.cat([w @ v, w.sum(-1, keepdim=True)], dim=-1)  # [G, Bq, V + 1]
+    return ref, acc
+
+
+def logit_error_bound(queries, scale, bias, keys, norms):
+    """Per-row bound on the float32 logit error: ``<x, k>`` (gamma_D) plus 3 roundings of the terms."""
+    u = 2.0**-24
+    D = queries.shape[-1]
+    q, k, s, b, n = (t.double().abs() for t in (queries, keys, scale, bias, norms))
+    gamma = D * u / (1 - D * u)
+    absdot = torch.einsum("gbd,gmd->gbm", q, k)  # sum |x||k|
+    per = s[None, :, None] * absdot * (gamma + 3 * u) + 3 * u * b[None, :, None] * n[:, None, :]
+    return per.amax(-1)  # [G, Bq]
+
+
+def check(got, want, rtol, atol):
+    ref, acc = got
+    torch.testing.assert_close(ref.double(), want[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(acc.double(), want[1], rtol=rtol, atol=atol)
+
+
+SHAPES = [  # (G, Bq, M, D, V)
+    (1, 5, 7, 3, 1),  # everything smaller than one tile
+    (1, 16, 32, 16, 1),  # exact multiples of the tiles
+    (2, 37, 75, 21, 3),  # ragged query, key and feature tiles, RGB values
+    (3, 17, 33, 49, 1),  # k = 7 patches, three groups
+    (1, 9, 20, 5, 70),  # two value tiles
+]
+
+
+@pytest.mark.parametrize("counts", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_torch_path_matches_brute_force(shape, counts):
+    inputs = make_inputs(*shape, counts=counts)
+    check(fused_softmax_mean(*inputs[:6], counts=inputs[6], backend="torch"), brute_force(*inputs), 1e-5, 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("counts", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_brute_force_and_engine(interpret, shape, counts):
+    inputs = make_inputs(*shape, counts=counts)
+    got = fused_softmax_mean(*inputs[:6], counts=inputs[6], backend="triton", **TILES)
+    check(got, brute_force(*inputs), 1e-5, 1e-5)
+    check(got, tuple(t.double() for t in fused_softmax_mean(*inputs[:6], counts=inputs[6], backend="torch")), 1e-5, 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 2, 5, 100])
+def test_kernel_key_splits(interpret, splits):
+    """Any number of key ranges (more than key tiles: clipped) gives the same state."""
+    inputs = make_inputs(2, 20, 70, 9, 2, seed=5)
+    got = fused_softmax_mean(*inputs[:6], backend="triton", block_q=16, block_m=16, block_d=16, splits=splits)
+    check(got, brute_force(*inputs[:6]), 1e-5, 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("abar", [0.99, 0.999])
+def test_kernel_at_low_noise(interpret, abar):
+    """scale = sqrt(abar) / (1 - abar) ~ 1000: logit terms ~ 1e4, errors bounded by float32 rounding.
+
+    Keys come in clusters of 8 near-copies (1e-3 apart), so each query's
+    posterior spreads over a cluster (logits O(1) apart) and its mean is not
+    just one key's value: an error in the logits shows in the mean.
+    """
+    queries, scale, bias, keys, norms, values, _ = make_inputs(2, 23, 40, 27, 1, abar=(abar, abar), seed=1)
+    g = torch.Generator().manual_seed(7)
+    keys = keys[:, :5].repeat_interleave(8, dim=1) + 1e-3 * torch.randn(2, 40, 27, generator=g)  # [G, 40, D]
+    norms = keys.square().sum(-1)
+    near = keys[:, torch.randint(0, 40, (23,), generator=g)]  # [G, Bq, D]
+    queries = abar**0.5 * near + (1 - abar) ** 0.5 * torch.randn(2, 23, 27, generator=g)
+    inputs = (queries, scale, bias, keys, norms, values)
+    ref, acc = fused_softmax_mean(*inputs[:6], backend="triton", **TILES)
+    want_ref, want_acc = brute_force(*inputs[:6])
+    w = torch.softmax(torch.einsum("gbd,gmd->gbm", queries.double(), keys.double()) * scale.double()[None, :, None]
+                      + bias.double()[None, :, None] * norms.double()[:, None, :], dim=-1)  # [G, Bq, M]
+    assert float((1 / w.square().sum(-1)).median()) > 4  # the posterior spreads over its cluster
+    delta = logit_error_bound(queries, scale, bias, keys, norms)  # [G, Bq]
+    assert bool(torch.isfinite(ref).all()) and bool(torch.isfinite(acc).all())
+    assert bool(((ref.double() - want_ref).abs() <= delta + 1e-6 * want_ref.abs()).all())
+    mean_err = (acc[..., :-1].double() - want_acc[..., :-1]).abs().amax(-1)  # [G, Bq]
+    assert bool((mean_err <= 2 * torch.expm1(2 * delta) * values.abs().max() + 1e-6).all())
+    torch.testing.assert_close(acc[..., -1], torch.ones_like(acc[..., -1]))
+    # and in practice about as accurate as the engine's float32 SoftmaxMean (measured: 2.7e-4 vs 4.3e-4 at 0.999)
+    _, e_acc = fused_softmax_mean(*inputs[:6], backend="torch")
+    engine_err = (e_acc[..., :-1].double() - want_acc[..., :-1]).abs().max()
+    assert float(mean_err.max()) <= 4 * float(engine_err) + 1e-5
+
+
+@needs_triton
+def test_kernel_partials_merge_with_softmaxmean(interpret):
+    """Two chunks by the kernel, merged into an engine state that streamed a third chunk, equal one pass."""
+    queries, scale, bias, keys, norms, values, _ = make_inputs(2, 21, 90, 12, 2, seed=2)
+    chunks = [slice(0, 30), slice(30, 47), slice(47, 90)]
+    state = SoftmaxMean(augment_queries(queries, scale, bias), 2)
+    sl = chunks[0]
+    state.update(augment_keys(keys[:, sl].transpose(1, 2)), augment_values(values[:, sl]))
+    for sl in chunks[1:]:
+        state.merge(*fused_softmax_mean(queries, scale, bias, keys[:, sl], norms[:, sl], values[:, sl], backend="triton", **TILES))
+    ref, acc = brute_force(queries, scale, bias, keys, norms, values)
+    lse = state.ref + state.acc[..., -1].log()  # merge() keeps ref = max of the parts, not the log-sum-exp
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.mean().double(), acc[..., :-1], rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_kernel_reads_engine_layouts_without_copies(interpret):
+    """Keys as the engine stores them (``[G, D + 2, M]`` augmented, transposed) and per-group coefficients."""
+    queries, scale, bias, keys, norms, values, _ = make_inputs(2, 19, 35, 10, 1, seed=3)
+    keys_t = augment_keys(keys.transpose(1, 2).contiguous())  # [G, D + 2, M]
+    vals = augment_values(values)  # [G, M, V + 1]
+    D = keys.shape[-1]
+    s2, b2 = scale[None].repeat(2, 1), bias[None].repeat(2, 1)  # [G, Bq]
+    got = fused_softmax_mean(queries, s2, b2, keys_t[:, :D].transpose(1, 2), keys_t[:, D], vals[..., :-1],
+                             backend="triton", **TILES)
+    check(got, brute_force(queries, scale, bias, keys, norms, values), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
+def test_rows_without_candidates_are_empty(interpret, backend):
+    """No keys, or only absent ones (count 0): ref = -inf and acc = 0, as an empty SoftmaxMean."""
+    queries, scale, bias, keys, norms, values, _ = make_inputs(2, 6, 20, 4, 1, seed=4)
+    counts = torch.ones(2, 20)
+    counts[1] = 0  # group 1: every candidate absent
+    ref, acc = fused_softmax_mean(queries, scale, bias, keys, norms, values, counts=counts, backend=backend, **TILES)
+    assert bool(torch.isneginf(ref[1]).all()) and bool((acc[1] == 0).all())
+    check((ref[:1], acc[:1]), brute_force(queries[:1], scale, bias, keys[:1], norms[:1], values[:1]), 1e-5, 1e-5)
+    ref, acc = fused_softmax_mean(queries, scale, bias, keys[:, :0], norms[:, :0], values[:, :0], backend=backend, **TILES)
+    assert bool(torch.isneginf(ref).all()) and bool((acc == 0).all())
+
+
+def test_errors_are_clear():
+    queries, scale, bias, keys, norms, values, _ = make_inputs(1, 4, 5, 3, 1)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        fused_softmax_mean(queries, scale, bias, keys[:, :, :2], norms, values)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        fused_softmax_mean(queries, scale[:2], bias, keys, norms, values)
+    with pytest.raises(ValueError, match="one dtype and device"):
+        fused_softmax_mean(queries.double(), scale, bias, keys, norms, values)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fused_softmax_mean(queries, scale, bias, keys, norms, values, backend="cuda")
+    assert not triton_usable(torch.device("cpu"), torch.float64)
+    if TRITON_AVAILABLE:
+        with pytest.raises(ValueError, match="float32 CUDA"):
+            fused_softmax_mean(*(t.double() for t in (queries, scale, bias, keys, norms, values)), backend="triton")
+        with pytest.raises(ValueError, match="power of two"):
+            fused_softmax_mean(queries, scale, bias, keys, norms, values, backend="triton", block_q=24)
+        with pytest.raises(ValueError, match="splits must be"):
+            fused_softmax_mean(queries, scale, bias, keys, norms, values, backend="triton", splits=0)
+    else:
+        with pytest.raises(RuntimeError, match="needs the triton package"):
+            fused_softmax_mean(queries, scale, bias, keys, norms, values, backend="triton")
+
+
+def test_auto_uses_torch_for_float64():
+    """float64 (the engine's reference dtype) always takes the torch path, with or without Triton."""
+    inputs = [t.double() for t in make_inputs(1, 8, 9, 4, 1)[:6]]
+    check(fused_softmax_mean(*inputs), brute_force(*inputs), 1e-12, 1e-12)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
+@pytest.mark.parametrize("padding,k", [("zeros", 3), ("zeros", 5), ("circular", 3)])
+def test_els_through_the_kernel_equals_score_machine(interpret, backend, padding, k):
+    """The wiring in benchmarks/gpu_check_fused.py (one call per (group, chunk), merged) is the ELS machine."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_check_fused import fused_els
+
+    from patchmosaic import ScoreMachine
+
+    g = torch.Generator().manual_seed(6)
+    train = torch.rand(5, 1, 8, 7, generator=g) * 2 - 1
+    x = torch.randn(2, 1, 8, 7, generator=g)
+    want = ScoreMachine(train.double(), kind="els", padding=padding).denoise(x.double(), 0.6, patch_size=k)
+    got = fused_els(x, 0.6, train, k, padding, backend=backend)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
