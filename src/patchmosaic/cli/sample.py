@@ -443,7 +443,10 @@ def _build_denoiser(req: SampleRequest, data: Any, schedule: PatchSchedule | Non
             kind=req.kind, padding=req.padding, labels=data.labels, wrap_training_patches=req.wrap,
             chunk_elements=req.chunk_elements, distributed=req.distributed, device=device,
         )
-        return machine.bind(patch_sizes=schedule)
+        try:
+            return machine.bind(patch_sizes=schedule)
+        except ValueError as err:  # a size the machine's geometry cannot take on these images
+            raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
     if req.distributed:
         raise click.BadParameter(f"--distributed shards a score machine; it does not apply to --denoiser {req.kind}",
                                  param_hint="'--distributed'")
@@ -452,7 +455,10 @@ def _build_denoiser(req: SampleRequest, data: Any, schedule: PatchSchedule | Non
         if "patch_size" in params:
             raise click.BadParameter("pass --patch-size or --patch-sizes, not both", param_hint="'--patch-size'")
         params["patch_size"] = schedule
-    return build_denoiser(req.kind, data.images.to(device=device, dtype=torch_dtype), labels=data.labels, **params)
+    try:
+        return build_denoiser(req.kind, data.images.to(device=device, dtype=torch_dtype), labels=data.labels, **params)
+    except ValueError as err:  # a parameter out of range or missing: the flags are wrong
+        raise click.BadParameter(str(err), param_hint="'--denoiser'") from err
 
 
 def _run_sample(req: SampleRequest, device: torch.device) -> None:
