@@ -37,6 +37,7 @@ from patchmosaic.denoisers import (
     DEFAULT_CHUNK_ELEMENTS,
     KINDS,
     ScoreMachine,
+    check_machine_options,
 )
 from patchmosaic.denoisers.registry import DENOISERS, build_denoiser
 from patchmosaic.geometry import PADDINGS
@@ -357,17 +358,11 @@ def _resolve_schedule(kind: str, padding: str, spec: str | None, steps: int, wra
             return PatchSchedule.parse(resolve_schedule_spec(spec))
         except (ValueError, FileNotFoundError) as err:
             raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
-    if kind == "es" and padding != "circular":
-        raise click.BadParameter(
-            "the equivariant machine (es) is defined for circular padding only; pass --padding circular",
-            param_hint="'--padding'",
-        )
-    if not wrap and not (kind == "els" and padding == "circular"):
-        raise click.BadParameter(
-            f"--no-wrap-training-patches only applies to --machine els --padding circular "
-            f"(got --machine {kind} --padding {padding})",
-            param_hint="'--no-wrap-training-patches'",
-        )
+    try:
+        check_machine_options(kind, padding, wrap)  # the one check of kind x padding x wrap
+    except ValueError as err:
+        hint = "'--no-wrap-training-patches'" if "wrap" in str(err) else "'--padding'"
+        raise click.BadParameter(str(err), param_hint=hint) from err
     if kind in ("ideal", "es"):
         if spec is not None:
             raise click.BadParameter(

@@ -97,7 +97,8 @@ def check_machine_options(kind: str, padding: str, wrap_training_patches: bool =
     if kind == "es" and padding != "circular":
         raise ValueError("the equivariant score machine (kind='es') is defined for circular padding only")
     if not wrap_training_patches and not (kind == "els" and padding == "circular"):
-        raise ValueError("wrap_training_patches=False applies to kind='els' with padding='circular' only")
+        raise ValueError("wrap_training_patches=False (--no-wrap-training-patches) only applies to kind='els' with "
+                         "padding='circular'")
 
 
 def _patch_ids(img: torch.Tensor, q_row: torch.Tensor, q_col: torch.Tensor, H: int, W: int) -> torch.Tensor:
