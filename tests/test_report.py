@@ -477,7 +477,7 @@ def test_explorer_in_chromium(tmp_path):
         for fragment in ("Sample 1 · seed 0", "pinned", f"pixel (y, x) = ({Y0}, {X0})", "train #7", "w = 0.8123",
                          "centre (qy, qx) = (14, 10)", "train #3", "w = 0.1500", "w = 3.77e-5",
                          "constant-patch group of 40 identical patches; w is their total",
-                         f"N_eff = {np.float32(n_eff):.2f}", "entropy = ", "final step t = 0.250, k = 3"):
+                         f"N_eff = {np.float32(n_eff):.2f}", "entropy = ", "final step sigma = 0.411, k = 3"):
             assert fragment in text, (fragment, text)
         assert text.count("constant-patch group") == 1  # counts of 1 are not shown
 
