@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from patchmosaic.cli.common import family_options, family_params
+
 __all__ = ["probe_command"]
 
 
@@ -20,30 +22,6 @@ def _parse_sigmas(ctx: click.Context, param: click.Parameter, value: str) -> tup
     return sigmas
 
 
-# Denoiser parameters: (flag, keyword, click type, help). Only flags given on the command line reach
-# build_denoiser, so the registry's defaults apply otherwise.
-_PARAMS = (
-    ("--k", "k", click.INT, "topk, knn: nearest training images used exactly."),
-    ("--samples", "samples", click.INT, "knn: importance samples of the tail per query."),
-    ("--rank", "rank", click.INT, "wiener: top eigenpairs kept."),
-    ("--threshold", "threshold", click.FLOAT,
-     "data-locality: mask threshold in (0, 1]; default: the published value for a bundled dataset "
-     "(0.005 MNIST/Fashion-MNIST)."),
-    ("--temperature", "temperature", click.FLOAT, "data-locality: softmax temperature."),
-    ("--patch-size", "patch_size", click.INT, "pspc: window side P (default: the published CIFAR-10 schedule)."),
-    ("--std", "std", click.FLOAT, "smoothed: smoothing std in the VE units of x."),
-    ("--draws", "draws", click.INT, "smoothed: perturbations averaged per call."),
-    ("--base", "base", click.STRING, "smoothed: registry name of the smoothed denoiser (default ideal)."),
-    ("--denoiser-seed", "seed", click.INT, "smoothed, knn: seed of the per-call generators (default 0)."),
-)
-
-
-def _with_params(fn):
-    for flag, keyword, kind, help_text in reversed(_PARAMS):
-        fn = click.option(flag, keyword, type=kind, default=None, help=help_text)(fn)
-    return fn
-
-
 @click.command("probe")
 @click.option("--dataset", default="mnist", show_default=True,
               help="Bundled dataset (mnist, fashion-mnist) or any load_dataset spec.")
@@ -55,15 +33,14 @@ def _with_params(fn):
               help="Comma-separated noise levels (VE sigma).")
 @click.option("--queries", type=click.IntRange(min=1), default=16, show_default=True,
               help="Query images per set (training and held-out).")
-@click.option("--flips", is_flag=True, default=None, help="pspc: also use mirrored training images.")
-@_with_params
+@family_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe's noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Queries per denoiser call.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the result as JSON to this file.  [default: print only]")
 def probe_command(
-    dataset: str, n_train: int, name: str, sigmas: tuple[float, ...], queries: int, flips: bool | None,
+    dataset: str, n_train: int, name: str, sigmas: tuple[float, ...], queries: int,
     seed: int, batch_size: int, out: Path | None, **params: object,
 ) -> None:
     """Relative L2 error of a denoiser against the exact ideal one, on noised training and held-out images.
@@ -74,14 +51,10 @@ def probe_command(
     """
     from patchmosaic.cli.common import LIBRARY_ERRORS
     from patchmosaic.data import load_dataset
-    from patchmosaic.denoisers.data_locality import DATA_LOCALITY_THRESHOLDS
     from patchmosaic.denoisers.registry import build_denoiser
     from patchmosaic.denoisers.score_machines import IdealScoreMachine as Ideal
     from patchmosaic.probe import probe
 
-    given = {k: v for k, v in params.items() if v is not None}
-    if flips is not None:
-        given["flips"] = flips
     try:
         data = load_dataset(dataset)
         if n_train + queries > len(data):
@@ -91,9 +64,7 @@ def probe_command(
             )
         train = data.images[:n_train]  # [N, C, H, W]
         heldout = data.images[n_train : n_train + queries]  # [Q, C, H, W]
-        key = data.name.lower()
-        if name == "data-locality" and "threshold" not in given and key in DATA_LOCALITY_THRESHOLDS:
-            given["threshold"] = DATA_LOCALITY_THRESHOLDS[key]
+        given = family_params(params, data.name, name)
         denoiser = build_denoiser(name, train, **given)
         result = probe(denoiser, Ideal(train), train[:queries], heldout, sigmas, seed=seed, batch_size=batch_size)
     except LIBRARY_ERRORS as err:
