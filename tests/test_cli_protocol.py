@@ -88,6 +88,7 @@ def test_family_denoisers_are_conditioned_by_label(tiny, tmp_path):
         (["--denoiser", "wiener", "--patch-sizes", "3,3"], ["no patch schedule"]),
         (["--denoiser", "els", "--patch-sizes", "3,3", "--k", "3"], ["k apply to the closed-form family"]),
         (["--denoiser", "wiener", "--provenance"], ["--provenance", "not --denoiser wiener"]),
+        (["--denoiser", "topk", "--k", "2", "--provenance"], ["--provenance", "not --denoiser topk"]),
         (["--machine", "ideal", "--device", "cuda:7"], ["--device"]),
         (["--machine", "ideal", "--device", "tpu"], ["--device"]),
         (["--machine", "ideal", "--grid", "linear"], ["--grid"]),

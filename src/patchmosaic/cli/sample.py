@@ -464,9 +464,12 @@ def _run_sample(req: SampleRequest, device: torch.device) -> None:
     """
     # 1. Cheap validation of the flags, then the output directory: no work yet.
     seeds = parse_seeds_flag(req.seeds)
-    if req.provenance_top is not None and not req.is_machine:
-        raise click.BadParameter(f"--provenance records a score machine's source patches; not --denoiser {req.kind}",
-                                 param_hint="'--provenance'")
+    if req.provenance_top is not None and not (
+        req.is_machine or getattr(DENOISERS[req.kind].build, "reports_provenance", False)
+    ):
+        raise click.BadParameter(
+            f"--provenance records where each pixel came from: score machines, pspc and data-locality; "
+            f"not --denoiser {req.kind}", param_hint="'--provenance'")
     if req.is_machine and req.family:
         raise click.BadParameter(f"{', '.join(sorted(req.family))} apply to the closed-form family, not to "
                                  f"--denoiser {req.kind}", param_hint="'--denoiser'")

@@ -27,6 +27,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from patchmosaic.provenance import Provenance
+
 __all__ = [
     "CHUNK_ELEMENTS",
     "COMPUTE_DTYPES",
@@ -68,6 +70,14 @@ class LabelBound:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.denoiser(x, sigma, label=self.label)
+
+    def with_provenance(self, x: torch.Tensor, sigma: torch.Tensor, *, top: int = 8) -> tuple:
+        """The bound denoiser's ``with_provenance`` (where it has one)."""
+        return self.denoiser.with_provenance(x, sigma, label=self.label, top=top)  # type: ignore[attr-defined]
+
+    def patch_size_at(self, sigma: float) -> int | None:
+        size_at = getattr(self.denoiser, "patch_size_at", None)
+        return None if size_at is None else size_at(sigma)
 
 
 def bind_label(denoiser: object, label: LabelArg) -> object:
@@ -221,6 +231,10 @@ class TrainingSet:
             return images
         return images[self._index[cls].to(x.device)]
 
+    def global_ids(self, cls: int | None) -> torch.Tensor:
+        """``[N_c]`` index in the whole training set of each image of class ``cls`` (all for None)."""
+        return torch.arange(self.num) if cls is None else self._index[cls]
+
     def class_size(self, cls: int | None) -> int:
         """Number of training images of class ``cls`` (N for ``None``)."""
         return self.num if cls is None else int(self._index[cls].numel())
@@ -279,6 +293,7 @@ class TrainingSetDenoiser:
     """
 
     train: TrainingSet
+    reports_provenance = False  # True where with_provenance is implemented (_provenance_class)
 
     def __call__(
         self, x: torch.Tensor, sigma: float | torch.Tensor, *, label: LabelArg = None
@@ -297,6 +312,38 @@ class TrainingSetDenoiser:
         check_images(x, self.train.image_shape)
         s = sigma_vector(sigma, x)  # [B]
         return self.train.by_class(x, s, label, self._denoise_class, *self._draw(x.shape[0]))
+
+    def with_provenance(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, *, label: LabelArg = None, top: int = 8
+    ) -> tuple[torch.Tensor, Provenance]:
+        """``(x0_hat, provenance)``: the denoiser's output and, per pixel, which training images made it.
+
+        Available where the denoiser is a per-pixel mixture of training pixels
+        (:mod:`patchmosaic.denoisers.mixture_provenance`); the same
+        :class:`~patchmosaic.provenance.Provenance` as the score machines report.
+        """
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+            raise ValueError(f"top must be a non-negative integer, got {top!r}")
+        check_images(x, self.train.image_shape)
+        s = sigma_vector(sigma, x)  # [B]
+        labels = self.train.label_vector(label, x.shape[0])
+        if labels is None:
+            return self._provenance_class(x, s, None, top)
+        out, parts = torch.empty_like(x), []
+        for c in torch.unique(labels).tolist():
+            rows = torch.nonzero(labels == c).flatten().to(x.device)  # [B_c]
+            out[rows], prov = self._provenance_class(x[rows], s[rows], int(c), top)
+            parts.append((rows, prov))
+        return out, Provenance.scatter(parts, x.shape[0])
+
+    def _provenance_class(
+        self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None, top: int
+    ) -> tuple[torch.Tensor, Provenance]:
+        raise ValueError(f"{type(self).__name__} reports no provenance (its output is not a mixture of training pixels)")
+
+    def patch_size_at(self, sigma: float) -> int | None:
+        """The locality size used at ``sigma`` (None: the denoiser has none)."""
+        return None
 
     def _draw(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Per-row random inputs ``[B, ...]`` of this call (none for deterministic denoisers)."""

@@ -29,14 +29,16 @@ Chunks of training images are folded in with an online log-sum-exp per
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from patchmosaic.denoisers.base import CHUNK_ELEMENTS, TrainingSet, TrainingSetDenoiser
+from patchmosaic.denoisers.mixture_provenance import PixelMixtureTally
 from patchmosaic.denoisers.wiener import GaussianMoments
 from patchmosaic.engine import EXP_FLOOR, exact_float32_matmul
+from patchmosaic.provenance import Provenance
 
 __all__ = ["DATA_LOCALITY_THRESHOLDS", "DataLocality", "locality_mask"]
 
@@ -93,6 +95,8 @@ class DataLocality(TrainingSetDenoiser):
             ``[(B + 1) K, n]`` (and of its logit block).
     """
 
+    reports_provenance = True  # with_provenance: per-pixel image weights (mixture_provenance)
+
     def __init__(
         self,
         train: torch.Tensor | np.ndarray,
@@ -141,25 +145,27 @@ class DataLocality(TrainingSetDenoiser):
         train = self.train.subset(x, cls)  # [N_c, C, H, W]
         values = torch.unique(sigma).tolist()
         if len(values) == 1:  # the sampler's case: one sigma for the batch
-            return self._masked_posterior(x, values[0], self.mask(values[0], cls).to(x), train)
+            return self._masked_posterior(x, values[0], self.mask(values[0], cls).to(x), train)[0]
         out = torch.empty_like(x)  # [B, C, H, W]
         for value in values:  # one mask per distinct sigma
             rows = torch.nonzero(sigma == value).flatten()  # [B_s]
-            out[rows] = self._masked_posterior(x[rows], value, self.mask(value, cls).to(x), train)
+            out[rows] = self._masked_posterior(x[rows], value, self.mask(value, cls).to(x), train)[0]
         return out
 
-    def _masked_posterior(self, x: torch.Tensor, sigma: float, M: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
-        """Stream the training images in chunks; online log-sum-exp per (b, j)."""
+    def _chunk_logits(
+        self, x: torch.Tensor, sigma: float, M: torch.Tensor, train: torch.Tensor
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(start, X_k [K, n], logits [B, K, n])`` for each chunk of training images.
+
+        The logits (without the ``(M^T x^2)_j`` term, equal for every k) live in a
+        reused buffer: consume each before asking for the next.
+        """
         B = x.shape[0]
         N = train.shape[0]
         n = M.shape[0]
         xf = x.reshape(B, 1, n)  # [B, 1, n]
         X = train.reshape(N, n)  # [N, n]
         c = 1.0 / (sigma**2 * self.temperature)
-        floor = EXP_FLOOR[x.dtype]
-        ref = x.new_full((B, n), float("-inf"))  # running log-sum-exp reference
-        num = x.new_zeros((B, n))  # sum_k exp(logit - ref) X_k,j
-        den = x.new_zeros((B, n))  # sum_k exp(logit - ref)
         K = max(1, min(N, self.chunk_elements // ((B + 1) * n)))
         buffer = x.new_empty((B + 1) * K * n)  # the stacked rows of one chunk
         with exact_float32_matmul():
@@ -170,11 +176,47 @@ class DataLocality(TrainingSetDenoiser):
                 torch.mul(xf, Xk, out=rows[:B])  # x_b * X_k
                 torch.square(Xk, out=rows[B])  # X_k^2
                 prod = (rows.view(-1, n) @ M).view(B + 1, k, n)  # [B + 1, K, n]
-                logits = prod[:B].mul_(c).sub_(prod[B], alpha=0.5 * c)  # [B, K, n]
-                new_ref = torch.maximum(ref, logits.amax(1))  # [B, n]
-                w = logits.sub_(new_ref[:, None]).clamp_(min=floor).exp_()  # [B, K, n]
-                decay = torch.exp(ref - new_ref)  # [B, n] (0 on the first chunk)
-                den = den * decay + w.sum(1)
-                num = num * decay + w.mul_(Xk).sum(1)  # sum_k w X_k,j
-                ref = new_ref
-        return (num / den).reshape(x.shape)  # [B, C, H, W]
+                yield start, Xk, prod[:B].mul_(c).sub_(prod[B], alpha=0.5 * c)  # [B, K, n]
+
+    def _masked_posterior(
+        self, x: torch.Tensor, sigma: float, M: torch.Tensor, train: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stream the training images in chunks; online log-sum-exp per (b, j).
+
+        Returns:
+            ``(x0_hat [B, C, H, W], log normaliser [B, n])`` (the normaliser of the shifted logits).
+        """
+        B = x.shape[0]
+        n = M.shape[0]
+        floor = EXP_FLOOR[x.dtype]
+        ref = x.new_full((B, n), float("-inf"))  # running log-sum-exp reference
+        num = x.new_zeros((B, n))  # sum_k exp(logit - ref) X_k,j
+        den = x.new_zeros((B, n))  # sum_k exp(logit - ref)
+        for _, Xk, logits in self._chunk_logits(x, sigma, M, train):
+            new_ref = torch.maximum(ref, logits.amax(1))  # [B, n]
+            w = logits.sub_(new_ref[:, None]).clamp_(min=floor).exp_()  # [B, K, n]
+            decay = torch.exp(ref - new_ref)  # [B, n] (0 on the first chunk)
+            den = den * decay + w.sum(1)
+            num = num * decay + w.mul_(Xk).sum(1)  # sum_k w X_k,j
+            ref = new_ref
+        return (num / den).reshape(x.shape), ref + den.log()  # [B, C, H, W], [B, n]
+
+    def _provenance_class(
+        self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None, top: int
+    ) -> tuple[torch.Tensor, Provenance]:
+        """Two streams per distinct sigma: the posterior (with its normaliser), then the weights per pixel."""
+        train = self.train.subset(x, cls)  # [N_c, C, H, W]
+        ids = self.train.global_ids(cls).to(x.device)  # [N_c]
+        B, C, H, W = x.shape
+        out, parts = torch.empty_like(x), []
+        for value in torch.unique(sigma).tolist():
+            rows = torch.nonzero(sigma == value).flatten()  # [B_s]
+            M = self.mask(value, cls).to(x)
+            xs = x[rows]
+            out[rows], lse = self._masked_posterior(xs, value, M, train)  # lse [B_s, n]
+            tally = PixelMixtureTally(xs.shape[0], H, W, top, x)
+            for start, _, logits in self._chunk_logits(xs, value, M, train):
+                w = logits.sub_(lse[:, None]).exp_()  # [B_s, K, n], normalised weights
+                tally.add(w.view(xs.shape[0], -1, C, H, W).mean(2), ids[start : start + w.shape[1]])  # [B_s, K, H, W]
+            parts.append((rows, tally.result()))
+        return out, Provenance.scatter(parts, B)

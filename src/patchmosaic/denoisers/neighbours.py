@@ -21,7 +21,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from patchmosaic.denoisers.base import TrainingSet, TrainingSetDenoiser, call_generator, check_positive_int, check_seed
+from patchmosaic.denoisers.base import (
+    TrainingSet,
+    TrainingSetDenoiser,
+    call_generator,
+    check_positive_int,
+    check_seed,
+)
 
 __all__ = ["BACKENDS", "KNNImportance", "Nearest", "NeighbourSearch", "TopK", "faiss_available"]
 

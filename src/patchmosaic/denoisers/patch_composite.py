@@ -21,14 +21,21 @@ overlapping window means are summed back with ``F.fold``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from patchmosaic.denoisers.base import CHUNK_ELEMENTS, TrainingSet, TrainingSetDenoiser, check_positive_int
+from patchmosaic.denoisers.base import (
+    CHUNK_ELEMENTS,
+    TrainingSet,
+    TrainingSetDenoiser,
+    check_positive_int,
+)
+from patchmosaic.denoisers.mixture_provenance import PixelMixtureTally
 from patchmosaic.engine import SoftmaxMean, augment_queries, exact_float32_matmul
+from patchmosaic.provenance import Provenance
 from patchmosaic.schedules import PRESETS, PatchSchedule
 
 __all__ = [
@@ -56,6 +63,8 @@ class PatchComposite(TrainingSetDenoiser):
         labels: Optional ``[N]`` integer labels for ``label=`` conditioning.
         chunk_elements: Bound on the elements of one chunk's keys and logits.
     """
+
+    reports_provenance = True  # with_provenance: per-pixel image weights (mixture_provenance)
 
     def __init__(
         self,
@@ -94,6 +103,63 @@ class PatchComposite(TrainingSetDenoiser):
         """Window side P used at ``sigma``."""
         P = self.patch_size(float(sigma)) if callable(self.patch_size) else self.patch_size
         return self._check_size(P)
+
+    def patch_size_at(self, sigma: float) -> int:
+        """The window side P at ``sigma`` (the name the samplers' provenance recorder asks for)."""
+        return self.size_at(sigma)
+
+    def _window_logits(
+        self, x: torch.Tensor, sigma: torch.Tensor, train: torch.Tensor, P: int, K: int
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, logits [B, k, nh, nw])`` of every window for each chunk of k candidate images.
+
+        ``logit_w[k] = (<x_w, X_k,w> - |X_k,w|^2 / 2) / sigma^2`` (``|x_w|^2`` cancels in the
+        softmax over k), by box sums of the per-pixel products over each P x P window.
+        """
+        B = x.shape[0]
+        s2 = sigma.square()[:, None, None, None]  # [B, 1, 1, 1]
+        for start in range(0, train.shape[0], K):
+            Xk = train[start : start + K]  # [k, C, H, W]
+            k = Xk.shape[0]
+            prod = torch.einsum("bchw,kchw->bkhw", x, Xk)  # [B, k, H, W]
+            box = F.avg_pool2d(prod.reshape(B * k, 1, *prod.shape[2:]), P, stride=1, divisor_override=1)
+            sq = F.avg_pool2d(Xk.square().sum(1, keepdim=True), P, stride=1, divisor_override=1)  # [k, 1, nh, nw]
+            yield start, (box.view(B, k, *box.shape[2:]) - 0.5 * sq[:, 0][None]) / s2  # [B, k, nh, nw]
+
+    def _provenance_class(
+        self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None, top: int
+    ) -> tuple[torch.Tensor, Provenance]:
+        """Per pixel, ``omega_k(p)``: window posteriors averaged over the windows containing p.
+
+        Two streams over the candidates: the per-window log normaliser, then the
+        weights, spread back to pixels by a transposed box filter (the adjoint of
+        the window sums) and divided by the number of windows containing p.
+        """
+        train = self.train.subset(x, cls)  # [N', C, H, W] (mirrors after the originals with flips)
+        ids = self.train.global_ids(cls).to(x.device)  # [N'] index into the (doubled) training set
+        n_orig = self.train.num // (2 if self.flips else 1)
+        flipped, ids = ids >= n_orig, ids % n_orig  # [N'] each
+        B, C, H, W = x.shape
+        out = self._denoise_class(x, sigma, cls)  # [B, C, H, W]
+        K = max(1, min(train.shape[0], self.chunk_elements // (B * H * W)))
+        parts = []
+        for P in sorted({self.size_at(s) for s in sigma.tolist()}):
+            rows = torch.tensor([i for i, s in enumerate(sigma.tolist()) if self.size_at(s) == P], device=x.device)
+            xs, ss = x[rows], sigma[rows]
+            lse = None  # [B_P, nh, nw]
+            for _, logits in self._window_logits(xs, ss, train, P, K):
+                chunk = logits.logsumexp(1)
+                lse = chunk if lse is None else torch.logaddexp(lse, chunk)
+            ones = x.new_ones(1, 1, P, P)
+            count = F.conv_transpose2d(torch.ones_like(lse[:1, None]), ones)  # [1, 1, H, W]
+            tally = PixelMixtureTally(xs.shape[0], H, W, top, x)
+            for start, logits in self._window_logits(xs, ss, train, P, K):
+                w = (logits - lse[:, None]).exp()  # [B_P, k, nh, nw], window posteriors
+                k = w.shape[1]
+                omega = F.conv_transpose2d(w.reshape(-1, 1, *w.shape[2:]), ones) / count  # [B_P * k, 1, H, W]
+                tally.add(omega.view(xs.shape[0], k, H, W), ids[start : start + k], flipped[start : start + k])
+            parts.append((rows, tally.result()))
+        return out, Provenance.scatter(parts, B)
 
     def _denoise_class(self, x: torch.Tensor, sigma: torch.Tensor, cls: int | None) -> torch.Tensor:
         train = self.train.subset(x, cls)  # [N, C, H, W]

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from patchmosaic.denoisers.data_locality import DATA_LOCALITY_THRESHOLDS, DataLocality
-from patchmosaic.denoisers.score_machines import IdealScoreMachine as Ideal
 from patchmosaic.denoisers.neighbours import KNNImportance, Nearest, TopK
 from patchmosaic.denoisers.patch_composite import PatchComposite, pspc_cifar10_schedule
+from patchmosaic.denoisers.score_machines import IdealScoreMachine as Ideal
 from patchmosaic.denoisers.smoothed import Smoothed
 from patchmosaic.denoisers.wiener import Wiener
 

@@ -35,6 +35,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from patchmosaic.denoisers.base import check_images, sigma_vector
 from patchmosaic.engine import (
     SoftmaxMean,
     augment_keys,
@@ -43,13 +44,18 @@ from patchmosaic.engine import (
     exact_float32_matmul,
     flat_patches,
     logit_coefficients,
-    ve_logit_coefficients,
     patch_sq_norms,
     patch_windows,
     select_blocks,
+    ve_logit_coefficients,
 )
-from patchmosaic.geometry import PADDINGS, AxisBlocks, Geometry, make_geometry, scatter_pixels
-from patchmosaic.denoisers.base import check_images, sigma_vector
+from patchmosaic.geometry import (
+    PADDINGS,
+    AxisBlocks,
+    Geometry,
+    make_geometry,
+    scatter_pixels,
+)
 from patchmosaic.provenance import Provenance
 from patchmosaic.schedules import CosineSchedule, PatchSchedule, check_patch_size
 

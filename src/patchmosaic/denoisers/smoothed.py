@@ -24,7 +24,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from patchmosaic.denoisers.base import call_generator, check_positive_int, check_seed, sigma_vector
+from patchmosaic.denoisers.base import (
+    call_generator,
+    check_positive_int,
+    check_seed,
+    sigma_vector,
+)
 
 __all__ = ["Smoothed"]
 

@@ -22,7 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from patchmosaic.denoisers.base import TrainingSet, TrainingSetDenoiser, check_positive_int
+from patchmosaic.denoisers.base import (
+    TrainingSet,
+    TrainingSetDenoiser,
+    check_positive_int,
+)
 
 __all__ = ["GaussianMoments", "Wiener"]
 
