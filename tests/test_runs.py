@@ -208,3 +208,19 @@ def test_write_config_default_argv_and_reserved(tmp_path):
         write_config(tmp_path / "c.json", {"timestamp": 0})
     with pytest.raises(ValueError, match="not JSON-serialisable"):
         write_config(tmp_path / "c.json", {"x": object()})
+
+
+def test_sampling_setup_round_trips_and_reads_older_configs():
+    from patchmosaic.runs import SamplingSetup
+    from patchmosaic.schedules import sigmas_karras
+
+    setup = SamplingSetup(steps=18, sampler="heun", grid="karras", dtype="float64")
+    config = setup.to_config()
+    assert config["sigmas"] == sigmas_karras(18).tolist() and config["time_grid"] is None
+    assert SamplingSetup.from_config(config) == setup
+    old = {"steps": 20, "dtype": "float32", "time_grid": "t_i = i / steps"}  # written before samplers and grids
+    assert SamplingSetup.from_config(old) == SamplingSetup(steps=20)
+    with pytest.raises(ValueError, match="run/config.json: not a sampling run's configuration"):
+        SamplingSetup.from_config({"sampler": "euler"}, "run/config.json")
+    with pytest.raises(ValueError, match="do not match its cosine grid"):
+        SamplingSetup.from_config({"steps": 3, "sigmas": [1.0, 0.5, 0.2, 0.0]})

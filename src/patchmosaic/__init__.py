@@ -8,7 +8,13 @@ them, and data/CLI tooling.
 
 __version__ = "0.1.0"  # before the imports: submodules (runs) read it while the package initialises
 
-from patchmosaic.denoisers import KINDS, Denoiser, EpsDenoiser, MachineDenoiser, ScoreMachine
+from patchmosaic.denoisers import (
+    KINDS,
+    Denoiser,
+    EpsDenoiser,
+    MachineDenoiser,
+    ScoreMachine,
+)
 from patchmosaic.samplers import (
     noise_for_seed,
     noise_for_seeds,

@@ -43,11 +43,11 @@ from patchmosaic.runs import (
     EXPLAIN_FIGURES,
     EXPLAIN_FILE,
     PROVENANCE_FILE,
+    SamplingSetup,
     load_provenance,
     load_samples,
 )
 from patchmosaic.samplers import sample_seeds
-from patchmosaic.schedules import sigmas_cosine
 
 __all__ = [
     "check_explain_out",
@@ -180,23 +180,16 @@ def _read_run(run_dir: Path) -> _Run:
     return _Run(config, torch.from_numpy(samples["images"]), samples["seeds"], samples.get("labels"), prov)
 
 
-def run_sigmas(config: dict) -> torch.Tensor:
-    """The sigma grid a sampling run used (``sigmas`` in its config; older runs: the cosine grid of ``steps``)."""
-    if config.get("sigmas") is not None:
-        return torch.tensor(config["sigmas"], dtype=torch.float64)
-    return sigmas_cosine(int(config["steps"]))
-
-
 def _ideal_samples(
     run: _Run, train: torch.Tensor, labels: torch.Tensor | None, batch: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """The ideal (memorising) machine's samples from the run's seeds, labels, sampler and grid."""
-    dtype = torch.float64 if run.config.get("dtype") == "float64" else torch.float32
-    machine = ScoreMachine(train.to(dtype), kind="ideal", padding="zeros", labels=labels, device=device)
+    setup = SamplingSetup.from_config(run.config)
+    machine = ScoreMachine(train.to(setup.torch_dtype), kind="ideal", padding="zeros", labels=labels, device=device)
     return sample_seeds(
-        machine, [int(s) for s in run.seeds], tuple(run.images.shape[1:]), sigmas=run_sigmas(run.config),
-        sampler=run.config.get("sampler", "euler"), labels=None if run.labels is None else run.labels.tolist(),
-        batch_size=batch, dtype=dtype, device=device,
+        machine, [int(s) for s in run.seeds], tuple(run.images.shape[1:]), sigmas=setup.sigmas,
+        sampler=setup.sampler, labels=None if run.labels is None else run.labels.tolist(),
+        batch_size=batch, dtype=setup.torch_dtype, device=device,
     ).float()
 
 

@@ -15,7 +15,6 @@ patch machines and ``image * shifts + shift`` for IS/ES.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 

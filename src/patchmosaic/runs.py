@@ -27,6 +27,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ __all__ = [
     "ResumeError",
     "SEED_LIMIT",
     "SampleRun",
+    "SamplingSetup",
     "SAMPLES_FILE",
     "check_run_dir",
     "undo_new_dir_on_failure",
@@ -447,29 +449,71 @@ def write_config(path: str | Path, config: dict, *, argv: Sequence[str] | None =
     return payload
 
 
-def sample_settings(
-    *, steps: int, dtype: str, record: dict, sampler: str = "euler", grid: str = "cosine",
-    sigmas: torch.Tensor | None = None,
-) -> dict:
-    """The configuration every sampling run records besides its denoiser's ``record``.
+@dataclass(frozen=True)
+class SamplingSetup:
+    """How a run's samples were drawn: the part of ``config.json`` every sampling run shares.
+
+    Written by :meth:`to_config` (through :func:`sample_settings`) and read back by
+    :meth:`from_config`, the one place that knows these keys (runs written before
+    samplers and grids existed read as deterministic DDIM on the cosine grid).
+    """
+
+    steps: int  # sampler steps n; the grid has n + 1 sigmas
+    sampler: str = "euler"  # a name of patchmosaic.samplers.SAMPLERS
+    grid: str = "cosine"  # a name of patchmosaic.schedules.GRIDS
+    dtype: str = "float32"  # of the noise, the state and the denoiser's arithmetic
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The run's sigma grid, ``[steps + 1]`` float64, descending, last 0."""
+        from patchmosaic.schedules import make_grid
+
+        return make_grid(self.grid, self.steps)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def to_config(self) -> dict:
+        """The keys this setup writes into ``config.json``."""
+        from patchmosaic.samplers import NOISE_RULE
+        from patchmosaic.schedules import CosineSchedule
+
+        cosine = self.grid == "cosine"
+        return {
+            "steps": self.steps,
+            "sampler": self.sampler,
+            "grid": self.grid,
+            "sigmas": [float(x) for x in self.sigmas],
+            "time_grid": "t_i = i / steps, i = steps..1 (the paper's DDIM grid)" if cosine else None,
+            "noise_schedule": f"cosine, alpha_bar(t) = cos^2((t / (1 + s)) pi / 2), s = {CosineSchedule().s}"
+            if cosine else None,
+            "dtype": self.dtype,
+            "noise_rule": NOISE_RULE + ", then cast to --dtype; x starts at noise * sqrt(1 + sigmas[0]^2)",
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, where: str | Path = "config.json") -> "SamplingSetup":
+        """Read a run's setup back (ValueError naming ``where`` on a malformed config)."""
+        try:
+            setup = cls(steps=int(config["steps"]), sampler=str(config.get("sampler", "euler")),
+                        grid=str(config.get("grid", "cosine")), dtype=str(config.get("dtype", "float32")))
+            recorded = config.get("sigmas")
+            if recorded is not None and not torch.allclose(torch.tensor(recorded, dtype=torch.float64), setup.sigmas):
+                raise ValueError(f"its sigmas do not match its {setup.grid} grid of {setup.steps} steps")
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: not a sampling run's configuration ({err})") from err
+        return setup
+
+
+def sample_settings(setup: SamplingSetup, record: dict) -> dict:
+    """The configuration a sampling run records: its :class:`SamplingSetup` and its denoiser's ``record``.
 
     Together with the versions :func:`write_config` adds, these settings
     determine each seed's sample; :class:`SampleRun` compares them on ``--resume``.
     """
-    from patchmosaic.samplers import NOISE_RULE
-    from patchmosaic.schedules import CosineSchedule, make_grid
-
-    sigmas = make_grid(grid, steps) if sigmas is None else sigmas
     return {
-        "steps": steps,
-        "sampler": sampler,
-        "grid": grid,
-        "sigmas": [float(x) for x in sigmas],
-        "time_grid": "t_i = i / steps, i = steps..1 (the paper's DDIM grid)" if grid == "cosine" else None,
-        "noise_schedule": f"cosine, alpha_bar(t) = cos^2((t / (1 + s)) pi / 2), s = {CosineSchedule().s}"
-        if grid == "cosine" else None,
-        "dtype": dtype,
-        "noise_rule": NOISE_RULE + ", then cast to --dtype",
+        **setup.to_config(),
         "files": {"grid": GRID_FILE, "samples": SAMPLES_FILE, "config": CONFIG_FILE},
         **record,
     }

@@ -37,9 +37,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from patchmosaic.checkpoints import CHECKPOINT_FILE, atomic_write, load_checkpoint, save_checkpoint
+from patchmosaic.checkpoints import (
+    CHECKPOINT_FILE,
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+)
 from patchmosaic.data import ImageDataset, load_dataset
-from patchmosaic.models import ModelConfig, ResNetConfig, build_model, config_from_dict, config_to_dict
+from patchmosaic.models import (
+    ModelConfig,
+    ResNetConfig,
+    build_model,
+    config_from_dict,
+    config_to_dict,
+)
 from patchmosaic.runs import CONFIG_FILE, write_config
 from patchmosaic.schedules import CosineSchedule
 

@@ -36,10 +36,11 @@ from patchmosaic.runs import (
     CONFIG_FILE,
     GRID_FILE,
     SAMPLES_FILE,
+    SamplingSetup,
     sample_settings,
 )
 from patchmosaic.samplers import sample_seeds
-from patchmosaic.schedules import PatchSchedule, make_grid
+from patchmosaic.schedules import PatchSchedule
 
 
 class LoadedModel:
@@ -197,10 +198,11 @@ def run_network_sample(
         labels = model.labels(seeds)
     label_of = None if labels is None else dict(zip(seeds, labels))
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
-    sigmas = make_grid(grid, steps)  # [steps + 1]
+    setup = SamplingSetup(steps, sampler, grid, dtype)
+    sigmas = setup.sigmas  # [steps + 1]
     if device is not None:
         model.denoiser.model.to(device)
-    settings = sample_settings(steps=steps, dtype=dtype, sampler=sampler, grid=grid, sigmas=sigmas, record={
+    settings = sample_settings(setup, record={
         "denoiser": "network",
         **model.record(),
         "machine": None,

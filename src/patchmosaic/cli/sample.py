@@ -49,10 +49,11 @@ from patchmosaic.runs import (
     GRID_FILE,
     PROVENANCE_FILE,
     SAMPLES_FILE,
+    SamplingSetup,
     sample_settings,
 )
 from patchmosaic.samplers import SAMPLERS, denoiser_calls, sample_seeds
-from patchmosaic.schedules import GRIDS, PRESETS, PatchSchedule, make_grid
+from patchmosaic.schedules import GRIDS, PRESETS, PatchSchedule
 
 DENOISER_NAMES = (*KINDS, *(name for name in DENOISERS if name not in KINDS))
 
@@ -474,7 +475,7 @@ def _run_sample(req: SampleRequest, device: torch.device) -> None:
         raise click.BadParameter(f"{', '.join(sorted(req.family))} apply to the closed-form family, not to "
                                  f"--denoiser {req.kind}", param_hint="'--denoiser'")
     schedule = _resolve_schedule(req.kind, req.padding, req.patch_sizes, req.steps, req.wrap)
-    sigmas = make_grid(req.grid, req.steps)  # [steps + 1], descending, last 0
+    sigmas = SamplingSetup(req.steps, req.sampler, req.grid).sigmas  # [steps + 1], descending, last 0
     calls = denoiser_calls(req.sampler, sigmas)
     writes = (GRID_FILE, SAMPLES_FILE, CONFIG_FILE) + ((PROVENANCE_FILE,) if req.provenance_top is not None else ())
     check_out_flag(req.out, req.overwrite, writes, resume=req.resume)
@@ -496,8 +497,7 @@ def _run_sample(req: SampleRequest, device: torch.device) -> None:
         extra_config["provenance"] = {
             "file": PROVENANCE_FILE, "top": req.provenance_top,
             "contents": "top source patches per pixel at the final denoiser call; N_eff and entropy at every call"}
-    settings = sample_settings(steps=req.steps, dtype=req.dtype, sampler=req.sampler, grid=req.grid, sigmas=sigmas,
-                               record={
+    settings = sample_settings(SamplingSetup(req.steps, req.sampler, req.grid, req.dtype), record={
         "dataset": req.dataset,
         "dataset_name": data.name,
         "n_train": len(data),

@@ -6,6 +6,10 @@
 itself.
 """
 
-from patchmosaic.kernels.fused_softmax import TRITON_AVAILABLE, fused_softmax_mean, triton_usable
+from patchmosaic.kernels.fused_softmax import (
+    TRITON_AVAILABLE,
+    fused_softmax_mean,
+    triton_usable,
+)
 
 __all__ = ["TRITON_AVAILABLE", "fused_softmax_mean", "triton_usable"]
