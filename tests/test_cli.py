@@ -352,3 +352,14 @@ def test_patch_sizes_pretrained_prefix(tiny, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "q" / "config.json").read_text())["model"] == "pretrained:m"
     assert_clean_error(run("--dataset", tiny, "--patch-sizes", "pretrained:zz", "--out", tmp_path / "r"),
                        "unknown pretrained model 'zz'", "available: m")
+
+
+def test_non_square_images_name_the_cli_flag(tmp_path):
+    rng = np.random.default_rng(2)
+    path = tmp_path / "wide.npz"
+    np.savez(path, images=rng.integers(0, 256, (4, 6, 9), dtype=np.uint8))
+    result = run("--dataset", path, "--machine", "ideal", "--steps", "2", "--out", tmp_path / "run")
+    assert_clean_error(result, "6x9, not square", "--size native")
+    assert not (tmp_path / "run").exists()
+    ok("--dataset", path, "--size", "native", "--machine", "ideal", "--steps", "2", "--seeds", "0",
+       "--out", tmp_path / "native")

@@ -218,7 +218,8 @@ def _to_unit_range(images: torch.Tensor, size: int | None, name: str) -> torch.T
         if height != width:
             raise ValueError(
                 f"{name}: images are {height}x{width}, not square; resizing to {size}x{size} would distort "
-                "them, so crop them first or pass size=None"
+                "them, so crop them first or keep the stored size (--size native on the command line, "
+                "size=None in load_dataset)"
             )
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)  # [N, C, s, s]
     return x / 127.5 - 1.0  # [N, C, s, s] in [-1, 1]
