@@ -77,6 +77,10 @@ DEFAULT_CHUNK_ELEMENTS = 2**22
 # per value with a multiplicity (MNIST at k=3: 59% of the patches are constant).
 FLAT_COMPACTION_MIN_FRACTION = 0.125
 
+# Rank of the distance bound that prunes patch candidates proven below the
+# engine's exponent floor (patchmosaic.engine, "Bounded pruning"); 0 turns it off.
+PRUNE_RANK = 16
+
 # The |key|^2 slot of an absent (padding) candidate: its logit -a^2/(2 s2) * 1e30
 # lies far below every real candidate's, so it is floored to exp(EXP_FLOOR) and,
 # with a zero value row, adds nothing to the mean.
@@ -155,6 +159,10 @@ class ScoreMachine:
         device: Where the training images live (default: where they are). Queries
             may be on any device; each streamed chunk moves to the query's device,
             so keep both on the same one (``--device`` in the CLI does).
+        prune_rank: LS/ELS: rank of the bound that skips training patches proven
+            below the engine's exponent floor (:mod:`patchmosaic.engine`, within
+            its stated ``M e^floor`` bound); 0 computes every candidate.
+            ``prune_stats`` holds the last call's ``(skipped, pairs)``.
     """
 
     kind: ClassVar[str]
@@ -180,8 +188,13 @@ class ScoreMachine:
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         distributed: bool = False,
         device: torch.device | str | None = None,
+        prune_rank: int = PRUNE_RANK,
     ) -> None:
         check_machine_options(self.kind, padding, wrap_training_patches)
+        if prune_rank < 0:
+            raise ValueError(f"prune_rank must be 0 (off) or positive, got {prune_rank}")
+        self.prune_rank = int(prune_rank)
+        self.prune_stats = (0, 0)
         images = torch.as_tensor(train_images)
         if images.ndim != 4:
             raise ValueError(
@@ -654,7 +667,8 @@ class _PatchMachine(ScoreMachine):
             q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)
             rep = npr * npc
             queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
-            plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements, track=track)))
+            plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements, track=track,
+                                                 prune=self.prune_rank)))
             per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(rep, D + 2))
         shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
         compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
@@ -683,6 +697,7 @@ class _PatchMachine(ScoreMachine):
                 rows, cols, state = plan[i]
                 self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
         self._reduce([state for _, _, state in plan])
+        self.prune_stats = (sum(s.skipped for _, _, s in plan), sum(s.pairs for _, _, s in plan))
         out = torch.empty_like(x_t)
         out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
         for rows, cols, state in plan:
