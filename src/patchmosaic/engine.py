@@ -257,7 +257,7 @@ EXP_FLOOR_TRACKED = {torch.float32: -40.0, torch.float64: -100.0}
 # bounding once PRUNE_PROBES bounded tiles have skipped under PRUNE_MIN_FRACTION
 # of their (row, candidate) pairs (high noise: nothing to skip).
 PRUNE_MARGIN = 1.0
-PRUNE_ROWS = 64
+PRUNE_ROWS = 256
 PRUNE_PROBES = 4
 PRUNE_MIN_FRACTION = 0.25
 # A tile's candidates are gathered (copied) only when this fraction or less is needed.
