@@ -205,12 +205,18 @@ def flat_patches(images: torch.Tensor, radius: int, padding: str) -> torch.Tenso
     """Which k x k patches are constant (every pixel and channel equal).
 
     Returns:
-        ``[n, H, W]`` bool; exact comparisons (max pool == min pool).
+        ``[n, H, W]`` bool; exact comparisons (max pool == min pool). The k x k
+        pools are separable (a k x 1 pool, then 1 x k): the same maxima at 2k
+        instead of k^2 comparisons per pixel.
     """
     k = 2 * radius + 1
     padded = pad_images(images, radius, padding)  # [n, C, H+2r, W+2r]
-    hi = F.max_pool2d(padded, k, stride=1).amax(1)  # [n, H, W]
-    lo = -F.max_pool2d(-padded, k, stride=1).amax(1)  # [n, H, W], min over the patch and channels
+
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.max_pool2d(t, (k, 1), stride=1), (1, k), stride=1)  # [n, C, H, W]
+
+    hi = pool(padded).amax(1)  # [n, H, W]
+    lo = -pool(-padded).amax(1)  # [n, H, W], min over the patch and channels
     return hi == lo
 
 
@@ -227,13 +233,14 @@ def select_blocks(t: torch.Tensor, rows: AxisBlocks, cols: AxisBlocks, which: st
         indices are contiguous ranges).
     """
     r_ix, c_ix = rows.index(which), cols.index(which)
+    if isinstance(r_ix, slice) and isinstance(c_ix, slice):
+        return t[:, :, r_ix, c_ix].unsqueeze(2).unsqueeze(4)  # [n, C, 1, n_r, 1, n_c, ...], a view
     if isinstance(r_ix, slice):
-        t = t[:, :, r_ix].unsqueeze(2)  # [n, C, 1, n_r, W, ...]
-    else:
-        t = t[:, :, r_ix.to(t.device)]  # [n, C, nb_r, n_r, W, ...]
+        return t[:, :, r_ix][:, :, :, c_ix.to(t.device)].unsqueeze(2)  # [n, C, 1, n_r, nb_c, n_c, ...]
     if isinstance(c_ix, slice):
-        return t[:, :, :, :, c_ix].unsqueeze(4)  # [n, C, nb_r, n_r, 1, n_c, ...]
-    return t[:, :, :, :, c_ix.to(t.device)]  # [n, C, nb_r, n_r, nb_c, n_c, ...]
+        return t[:, :, :, c_ix][:, :, r_ix.to(t.device)].unsqueeze(4)  # [n, C, nb_r, n_r, 1, n_c, ...]
+    # both indexed at once, so only the selected positions are gathered: [n, C, nb_r, n_r, nb_c, n_c, ...]
+    return t[:, :, r_ix.to(t.device)[:, :, None, None], c_ix.to(t.device)[None, None]]
 
 
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -100.0}
@@ -564,7 +571,7 @@ class SoftmaxMean:
         """Add a block's ``sq``, ``xl`` and top candidates (``logits`` are shifted and clamped; reused)."""
         if counts is None:
             self.sq[:, sl] += torch.linalg.vector_norm(weights, dim=-1).square()
-            self.xl[:, sl] += logits.mul_(weights).sum(-1)
+            self.xl[:, sl] += torch.linalg.vecdot(logits, weights)  # sum_m w l, one pass
         else:
             cw = weights * counts[:, None, :].to(weights.dtype)  # [G, rows, M]
             self.sq[:, sl] += (cw * weights).sum(-1)

@@ -79,7 +79,10 @@ FLAT_COMPACTION_MIN_FRACTION = 0.125
 
 # Rank of the distance bound that prunes patch candidates proven below the
 # engine's exponent floor (patchmosaic.engine, "Bounded pruning"); 0 turns it off.
-PRUNE_RANK = 16
+# Off by default: on MNIST at the published schedule's noise levels it skipped
+# under 1% of the pairs except at the last step, and cost more than it saved
+# (benchmarks/bench_prune.py; README, Performance). prune_rank=16 turns it on.
+PRUNE_RANK = 0
 
 # The |key|^2 slot of an absent (padding) candidate: its logit -a^2/(2 s2) * 1e30
 # lies far below every real candidate's, so it is floored to exp(EXP_FLOOR) and,
