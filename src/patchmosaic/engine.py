@@ -571,7 +571,7 @@ class SoftmaxMean:
         """Add a block's ``sq``, ``xl`` and top candidates (``logits`` are shifted and clamped; reused)."""
         if counts is None:
             self.sq[:, sl] += torch.linalg.vector_norm(weights, dim=-1).square()
-            self.xl[:, sl] += torch.linalg.vecdot(logits, weights)  # sum_m w l, one pass
+            self.xl[:, sl] += logits.mul_(weights).sum(-1)
         else:
             cw = weights * counts[:, None, :].to(weights.dtype)  # [G, rows, M]
             self.sq[:, sl] += (cw * weights).sum(-1)

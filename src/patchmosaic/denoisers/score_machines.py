@@ -724,11 +724,12 @@ class _PatchMachine(ScoreMachine):
         nbc, nqc = cols.Q.shape
         G, M = nbr * nbc, n * nqr * nqc
         keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
-        keys_t = chunk.new_empty(G, D + 2, M)  # [key; |key|^2; 1], transposed
-        keys_t[:, D + 1] = 1.0
-        keys_t[:, :D].view(nbr, nbc, C, k, k, n, nqr, nqc).copy_(keys.permute(2, 4, 1, 6, 7, 0, 3, 5))
+        rows_t = chunk.new_empty(G, M, D + 2)  # [key, |key|^2, 1] per candidate, each patch copied contiguously
+        rows_t[:, :, D + 1] = 1.0
+        rows_t[:, :, :D].view(nbr, nbc, n, nqr, nqc, C, k, k).copy_(keys.permute(2, 4, 0, 3, 5, 1, 6, 7))
         sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]
-        keys_t[:, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
+        rows_t[:, :, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
+        keys_t = rows_t.transpose(1, 2)  # [G, D + 2, M] view (the products read it transposed)
         centres = select_blocks(chunk, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc]
         centres = centres.permute(2, 4, 0, 3, 5, 1).reshape(G, M, C)
         return keys_t, augment_values(centres)
@@ -774,10 +775,13 @@ class _PatchMachine(ScoreMachine):
         img, a, b = torch.nonzero(~is_flat, as_tuple=True)  # [M'] each
         y, x = rows.Q[0].to(a.device)[a], cols.Q[0].to(b.device)[b]  # [M'] pixel positions
         M = img.shape[0]
-        keys_t = chunk.new_empty(1, D + 2, M)  # [key; |key|^2; 1], transposed
-        keys_t[0, :D] = t_win[img, :, y, x].reshape(M, D).T
-        keys_t[0, D] = norms[img, 0, y, x]
-        keys_t[0, D + 1] = 1.0
+        keys = chunk.new_empty(1, M, D + 2)  # [key, |key|^2, 1] rows
+        win = select_blocks(t_win, rows, cols, "Q")[:, :, 0, :, 0]  # [n, C, nqr, nqc, k, k] view
+        every = win.permute(0, 2, 3, 1, 4, 5).reshape(-1, D)  # [n nqr nqc, D]: one sequential copy, then
+        keys[0, :, :D] = every.index_select(0, torch.nonzero(~is_flat.flatten()).flatten())  # whole-row gathers
+        keys[0, :, D] = norms[img, 0, y, x]
+        keys[0, :, D + 1] = 1.0
+        keys_t = keys.transpose(1, 2)  # [1, D + 2, M] view (the products read it transposed)
         ids = None if img_ids is None else _patch_ids(img_ids[img], y, x, H, W)[None]  # [1, M']
         state.update(keys_t, augment_values(chunk[img, :, y, x][None]), ids=ids)  # values [1, M', C + 1]
         img, a, b = torch.nonzero(is_flat, as_tuple=True)
