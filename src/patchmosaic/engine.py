@@ -315,7 +315,8 @@ class SoftmaxMean:
         prune: Rank ``r`` of the distance bound that skips candidates proven
             below the exponent floor (module docstring), 0 for none. Ignored
             with ``track > 0``. ``pairs`` and ``skipped`` count the (row,
-            candidate) pairs seen and skipped.
+            candidate) pairs seen and skipped; ``provable`` counts the pairs the
+            bound proves below the floor, of which a tile skips those no row needs.
     """
 
     def __init__(
@@ -352,6 +353,7 @@ class SoftmaxMean:
         self.prune = prune if not track else 0
         self.pairs = 0  # (row, candidate) pairs folded in
         self.skipped = 0  # of which skipped by the bound
+        self.provable = 0  # of the bounded pairs, those the bound alone proves below the floor (before tiling)
         self._probes = 0
         self._bounded = 0
         self._sketch: tuple[torch.Tensor, ...] | None = None  # (U, qa, half_gap, inv_2beta, tol_u) once built
@@ -445,6 +447,7 @@ class SoftmaxMean:
         theta = half_gap[:, sl] + (self.ref[:, sl] + self.floor - PRUNE_MARGIN) * inv_2beta[:, sl] - tol
         bound = self._workspace[: G * rows * M].view(G, rows, M)
         need = torch.bmm(qa[:, sl], ka, out=bound) >= theta[..., None]  # [G, rows, M]
+        self.provable += G * rows * M - int(need.sum())
         skipped = 0
         for start in range(sl.start, sl.stop, PRUNE_ROWS):
             tile = slice(start, min(sl.stop, start + PRUNE_ROWS))

@@ -165,7 +165,8 @@ class ScoreMachine:
         prune_rank: LS/ELS: rank of the bound that skips training patches proven
             below the engine's exponent floor (:mod:`patchmosaic.engine`, within
             its stated ``M e^floor`` bound); 0 computes every candidate.
-            ``prune_stats`` holds the last call's ``(skipped, pairs)``.
+            ``prune_stats`` holds the last call's ``(skipped, pairs, provable)``
+            (:class:`patchmosaic.engine.SoftmaxMean`).
     """
 
     kind: ClassVar[str]
@@ -197,7 +198,7 @@ class ScoreMachine:
         if prune_rank < 0:
             raise ValueError(f"prune_rank must be 0 (off) or positive, got {prune_rank}")
         self.prune_rank = int(prune_rank)
-        self.prune_stats = (0, 0)
+        self.prune_stats = (0, 0, 0)
         images = torch.as_tensor(train_images)
         if images.ndim != 4:
             raise ValueError(
@@ -700,7 +701,7 @@ class _PatchMachine(ScoreMachine):
                 rows, cols, state = plan[i]
                 self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
         self._reduce([state for _, _, state in plan])
-        self.prune_stats = (sum(s.skipped for _, _, s in plan), sum(s.pairs for _, _, s in plan))
+        self.prune_stats = tuple(sum(getattr(s, f) for _, _, s in plan) for f in ("skipped", "pairs", "provable"))
         out = torch.empty_like(x_t)
         out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
         for rows, cols, state in plan:
