@@ -41,7 +41,7 @@ def child(src: str, threads: int) -> None:
     machine = ScoreMachine(load_dataset("mnist", n_train=1000).images, kind="els", padding="zeros")
     bound = machine.bind(patch_sizes="mnist-resnet-zeros")
     sigmas = sigmas_cosine(20)
-    x = initial_state(noise_for_seeds(range(8), (1, 28, 28)), sigmas)
+    x = initial_state(noise_for_seeds(range(8), machine.image_shape), sigmas)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         i = int(line)

@@ -777,9 +777,7 @@ class _PatchMachine(ScoreMachine):
         y, x = rows.Q[0].to(a.device)[a], cols.Q[0].to(b.device)[b]  # [M'] pixel positions
         M = img.shape[0]
         keys = chunk.new_empty(1, M, D + 2)  # [key, |key|^2, 1] rows
-        win = select_blocks(t_win, rows, cols, "Q")[:, :, 0, :, 0]  # [n, C, nqr, nqc, k, k] view
-        every = win.permute(0, 2, 3, 1, 4, 5).reshape(-1, D)  # [n nqr nqc, D]: one sequential copy, then
-        keys[0, :, :D] = every.index_select(0, torch.nonzero(~is_flat.flatten()).flatten())  # whole-row gathers
+        keys[0, :, :D] = t_win[img, :, y, x].reshape(M, D)
         keys[0, :, D] = norms[img, 0, y, x]
         keys[0, :, D + 1] = 1.0
         keys_t = keys.transpose(1, 2)  # [1, D + 2, M] view (the products read it transposed)
