@@ -47,8 +47,8 @@ so ``logit - ref <= -|beta| |U^T X_m - U^T u_b|^2 + |beta| |u_b|^2 - ref``.
 orthonormal ``U`` gives a valid bound; these give a tight one), so the bound
 costs an ``r + 1``-dimensional product instead of ``D + 2``. A candidate is
 skipped only where this upper bound lies below ``floor - PRUNE_MARGIN`` nats
-(1 nat, far above the float rounding of the bound's terms) given the row's
-current reference; a chunk is pruned per tile of ``PRUNE_ROWS`` query rows,
+(1 nat) given the row's current reference, with the bound's terms also
+lowered by ``1000 eps`` of their magnitude to cover their float rounding; a chunk is pruned per tile of ``PRUNE_ROWS`` query rows,
 skipping the candidates no row of the tile needs. In the noise the bound
 is loose by about ``(D - r) / 2`` nats, so it prunes at low noise (where almost
 every candidate lies far below the best) and is switched off for a state
@@ -56,7 +56,10 @@ whose first bounds prune almost nothing (high noise); either way the result
 stays within the bound. With posterior statistics (``track = 0``) the floored
 terms of ``sq`` and ``xl`` move by at most ``M e^(2 floor)`` and
 ``M |floor| e^floor`` relative; with top candidates (``track > 0``) pruning is
-off, so the top lists are exact.
+off, so the top lists are exact. Measured on MNIST at the published schedule
+(README, Performance) the bound proves up to 84% of the pairs below the floor
+at low noise, but tiles of neighbouring query pixels need nearly every
+candidate, so it skips little and the machines leave it off by default.
 """
 
 from __future__ import annotations
@@ -358,7 +361,7 @@ class SoftmaxMean:
         self.provable = 0  # of the bounded pairs, those the bound alone proves below the floor (before tiling)
         self._probes = 0
         self._bounded = 0
-        self._sketch: tuple[torch.Tensor, ...] | None = None  # (U, qa, half_gap, inv_2beta, tol_u) once built
+        self._sketch: tuple[torch.Tensor, ...] | None = None  # (U, qa, half_gap, inv_2beta, |u|^2) once built
 
     def update(
         self,
