@@ -83,6 +83,13 @@ DEFAULT_CHUNK_ELEMENTS = 2**22
 # per value with a multiplicity (MNIST at k=3: 59% of the patches are constant).
 FLAT_COMPACTION_MIN_FRACTION = 0.125
 
+# Rank of the distance bound that prunes patch candidates proven below the
+# engine's exponent floor (patchmosaic.engine, "Bounded pruning"); 0 turns it off.
+# Off by default: on MNIST at the published schedule's noise levels it skipped
+# under 1% of the pairs except at the last step, and cost more than it saved
+# (benchmarks/bench_prune.py; README, Performance). prune_rank=16 turns it on.
+PRUNE_RANK = 0
+
 # The |key|^2 slot of an absent (padding) candidate: its logit -a^2/(2 s2) * 1e30
 # lies far below every real candidate's, so it is floored to exp(EXP_FLOOR) and,
 # with a zero value row, adds nothing to the mean.
@@ -161,6 +168,11 @@ class ScoreMachine:
         device: Where the training images live (default: where they are). Queries
             may be on any device; each streamed chunk moves to the query's device,
             so keep both on the same one (``--device`` in the CLI does).
+        prune_rank: LS/ELS: rank of the bound that skips training patches proven
+            below the engine's exponent floor (:mod:`patchmosaic.engine`, within
+            its stated ``M e^floor`` bound); 0 computes every candidate.
+            ``prune_stats`` holds the last call's ``(skipped, pairs, provable)``
+            (:class:`patchmosaic.engine.SoftmaxMean`).
     """
 
     kind: ClassVar[str]
@@ -186,8 +198,13 @@ class ScoreMachine:
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         distributed: bool = False,
         device: torch.device | str | None = None,
+        prune_rank: int = PRUNE_RANK,
     ) -> None:
         check_machine_options(self.kind, padding, wrap_training_patches)
+        if prune_rank < 0:
+            raise ValueError(f"prune_rank must be 0 (off) or positive, got {prune_rank}")
+        self.prune_rank = int(prune_rank)
+        self.prune_stats = (0, 0, 0)
         images = torch.as_tensor(train_images)
         if images.ndim != 4:
             raise ValueError(
@@ -660,7 +677,8 @@ class _PatchMachine(ScoreMachine):
             q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)
             rep = npr * npc
             queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
-            plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements, track=track)))
+            plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements, track=track,
+                                                 prune=self.prune_rank)))
             per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(rep, D + 2))
         shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
         compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
@@ -689,6 +707,7 @@ class _PatchMachine(ScoreMachine):
                 rows, cols, state = plan[i]
                 self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
         self._reduce([state for _, _, state in plan])
+        self.prune_stats = tuple(sum(getattr(s, f) for _, _, s in plan) for f in ("skipped", "pairs", "provable"))
         out = torch.empty_like(x_t)
         out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
         for rows, cols, state in plan:
@@ -712,11 +731,12 @@ class _PatchMachine(ScoreMachine):
         nbc, nqc = cols.Q.shape
         G, M = nbr * nbc, n * nqr * nqc
         keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
-        keys_t = chunk.new_empty(G, D + 2, M)  # [key; |key|^2; 1], transposed
-        keys_t[:, D + 1] = 1.0
-        keys_t[:, :D].view(nbr, nbc, C, k, k, n, nqr, nqc).copy_(keys.permute(2, 4, 1, 6, 7, 0, 3, 5))
+        rows_t = chunk.new_empty(G, M, D + 2)  # [key, |key|^2, 1] per candidate, each patch copied contiguously
+        rows_t[:, :, D + 1] = 1.0
+        rows_t[:, :, :D].view(nbr, nbc, n, nqr, nqc, C, k, k).copy_(keys.permute(2, 4, 0, 3, 5, 1, 6, 7))
         sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]
-        keys_t[:, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
+        rows_t[:, :, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
+        keys_t = rows_t.transpose(1, 2)  # [G, D + 2, M] view (the products read it transposed)
         centres = select_blocks(chunk, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc]
         centres = centres.permute(2, 4, 0, 3, 5, 1).reshape(G, M, C)
         return keys_t, augment_values(centres)
@@ -762,10 +782,11 @@ class _PatchMachine(ScoreMachine):
         img, a, b = torch.nonzero(~is_flat, as_tuple=True)  # [M'] each
         y, x = rows.Q[0].to(a.device)[a], cols.Q[0].to(b.device)[b]  # [M'] pixel positions
         M = img.shape[0]
-        keys_t = chunk.new_empty(1, D + 2, M)  # [key; |key|^2; 1], transposed
-        keys_t[0, :D] = t_win[img, :, y, x].reshape(M, D).T
-        keys_t[0, D] = norms[img, 0, y, x]
-        keys_t[0, D + 1] = 1.0
+        keys = chunk.new_empty(1, M, D + 2)  # [key, |key|^2, 1] rows
+        keys[0, :, :D] = t_win[img, :, y, x].reshape(M, D)
+        keys[0, :, D] = norms[img, 0, y, x]
+        keys[0, :, D + 1] = 1.0
+        keys_t = keys.transpose(1, 2)  # [1, D + 2, M] view (the products read it transposed)
         ids = None if img_ids is None else _patch_ids(img_ids[img], y, x, H, W)[None]  # [1, M']
         state.update(keys_t, augment_values(chunk[img, :, y, x][None]), ids=ids)  # values [1, M', C + 1]
         img, a, b = torch.nonzero(is_flat, as_tuple=True)
