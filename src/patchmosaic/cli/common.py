@@ -56,10 +56,12 @@ class ImageSize(click.ParamType):
 
 PATCH_MACHINES = ("els", "ls")
 MODEL_HELP = (
-    "Trained network: a checkpoint file, a run directory holding model.pt, 'pretrained:<name>' or a bare "
-    "pretrained name (see `patchmosaic pretrained`)."
+    "Trained network: a checkpoint file, a run directory holding model.pt, 'pretrained:<name>', a bare "
+    "pretrained name (see `patchmosaic pretrained`), or 'diffusers:DIR' (a saved diffusers UNet2DModel with its "
+    "DDPM/DDIM scheduler_config.json; safetensors only; needs the diffusers extra)."
 )
 CALIBRATE_FILES = (SCHEDULE_FILE, CONFIG_FILE)
+COMPARE_FILES = ("leaderboard.json", "leaderboard.md", "per_step.png", "comparison.png", "samples_<name>.npz")
 EVALUATE_FILES = (METRICS_FILE, "scatter.png", "comparison.png", "samples_network.npz", "samples_<machine>.npz",
                   "samples_ideal.npz")
 
