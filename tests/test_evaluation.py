@@ -183,7 +183,7 @@ def test_evaluate_end_to_end(tmp_path, conditional):
     out = tmp_path / "eval"
     seeds = [0, 1, 2, 3, 4]
     result = ok("evaluate", "--model", ckpt, "--patch-sizes", "3,5", "--seeds", "0-4", "--out", out,
-                "--bootstrap-resamples", 200, "--batch-size", 2)
+                "--bootstrap-resamples", 200, "--batch-size", 2, "--network-steps", 2)
     assert "ELS beats IS on" in result.output and "median r" in result.output
     names = sorted(p.name for p in out.iterdir())
     assert names == ["comparison.png", "metrics.json", "samples_els.npz", "samples_ideal.npz",
@@ -194,6 +194,7 @@ def test_evaluate_end_to_end(tmp_path, conditional):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_seeds"] == 5 and len(metrics["per_seed"]) == 5
     assert metrics["config"]["training_set"]["n_train"] == 6 and metrics["config"]["patch_sizes"] == [3, 5]
+    assert metrics["config"]["steps"] == 2 and metrics["config"]["network_steps"] == 2
     for name in ("els", "ideal"):
         assert metrics["aggregates"][name]["pearson_r"]["resamples"] == 200
     labels = [s % 3 for s in seeds] if conditional else None
@@ -216,6 +217,18 @@ def test_evaluate_end_to_end(tmp_path, conditional):
     r = np.corrcoef(network["images"][0].ravel(), load_samples(out / "samples_els.npz")["images"][0].ravel())[0, 1]
     assert row["pearson_r_els"] == pytest.approx(r, abs=1e-6)
     assert row["r_squared_els"] == pytest.approx(r**2, abs=1e-6)
+
+
+def test_evaluate_defaults_to_the_papers_150_network_steps(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path)
+    out = tmp_path / "eval"
+    ok("evaluate", "--model", ckpt, "--patch-sizes", "3,5", "--seeds", "0-1", "--out", out,
+       "--bootstrap-resamples", 20)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["network_steps"] == 150 and metrics["config"]["steps"] == 2
+    noise = noise_for_seeds([0, 1], (1, H, W))
+    expected = sample(load_denoiser(ckpt), noise, steps=150)
+    np.testing.assert_allclose(load_samples(out / "samples_network.npz")["images"], expected.numpy(), atol=1e-6)
 
 
 def test_evaluate_reuses_a_matching_sample_run(tmp_path):

@@ -405,6 +405,7 @@ def evaluate(
     *,
     patch_sizes: PatchSchedule,
     sigmas: torch.Tensor | None = None,
+    network_sigmas: torch.Tensor | None = None,
     labels: Sequence[int] | None = None,
     names: tuple[str, str] = ("els", "ideal"),
     train_images: torch.Tensor | None = None,
@@ -424,8 +425,10 @@ def evaluate(
         seeds: Seeds; seed s starts from ``noise_for_seed(s)``.
         shape: ``(C, H, W)``.
         patch_sizes: The machine's locality schedule k(sigma).
-        sigmas: The sampler grid of every denoiser (default: the paper's cosine grid
+        sigmas: The sampler grid of the machines (default: the paper's cosine grid
             with one step per entry of ``patch_sizes``).
+        network_sigmas: The network's grid (default: ``sigmas``; the paper samples
+            its networks on the 150-step cosine grid).
         labels: The class of each seed (conditional models), for every denoiser.
         names: Keys of the machine's and the baseline's samples.
         train_images: ``[N, C, H, W]`` for the nearest-training-image check.
@@ -436,7 +439,7 @@ def evaluate(
         device: Where the samplers run (the denoisers must live there too).
     """
     sigmas = sigmas_cosine(len(patch_sizes)) if sigmas is None else sigmas
-    steps = len(sigmas) - 1
+    network_sigmas = sigmas if network_sigmas is None else network_sigmas
     reuse = dict(reuse or {})
     runs: list[tuple[str, Any, PatchSchedule | None]] = [
         ("network", network, None), (names[0], machine, patch_sizes), (names[1], baseline, None),
@@ -449,10 +452,11 @@ def evaluate(
             images[name] = np.asarray(reuse[name], dtype=np.float32)
             seconds[name] = None
             continue
-        with tqdm(total=steps * n_batches, desc=name, unit="call", file=sys.stderr, dynamic_ncols=True,
+        grid = network_sigmas if name == "network" else sigmas
+        with tqdm(total=(len(grid) - 1) * n_batches, desc=name, unit="call", file=sys.stderr, dynamic_ncols=True,
                   disable=not progress) as bar:
             start = time.perf_counter()
-            out = run_sampler(denoiser, seeds, shape, sigmas=sigmas, patch_sizes=ps, labels=labels,
+            out = run_sampler(denoiser, seeds, shape, sigmas=grid, patch_sizes=ps, labels=labels,
                               batch_size=batch_size, bar=bar, device=device)
             seconds[name] = (time.perf_counter() - start) / len(seeds)
         images[name] = out.numpy().astype(np.float32)

@@ -41,7 +41,7 @@ from patchmosaic.runs import (
     write_config,
 )
 from patchmosaic.samplers import NOISE_RULE
-from patchmosaic.schedules import PatchSchedule
+from patchmosaic.schedules import PatchSchedule, sigmas_cosine
 
 
 def _load_reuse(
@@ -122,6 +122,9 @@ def _load_reuse(
               help="A previous `sample` run (--machine els or ideal) whose samples replace that machine's run; its "
               "config must match (dataset, n_train, size, padding, schedule, steps, float32, labels) and its seeds "
               "must include --seeds. Repeatable.")
+@click.option("--network-steps", type=click.IntRange(min=1), default=150, show_default=True,
+              help="DDIM steps of the network on the cosine grid (the paper's protocol: 150; the machines take "
+              "one step per schedule entry). --network-steps 20 with a 20-entry schedule gives both the same grid.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
               help="Seeds per sampler call.")
 @click.option("--bootstrap-resamples", type=click.IntRange(min=1), default=10_000, show_default=True,
@@ -141,6 +144,7 @@ def evaluate_command(
     out: Path,
     overwrite: bool,
     reuse_dirs: tuple[Path, ...],
+    network_steps: int,
     batch_size: int,
     bootstrap_resamples: int,
     bootstrap_seed: int,
@@ -152,7 +156,9 @@ def evaluate_command(
     """Compare a trained network with the ELS machine (and the ideal machine IS), seed by seed.
 
     For each seed the network, ELS (with the schedule) and IS run DDIM from
-    the same noise, on the network's training subset and padding. Per seed:
+    the same noise, on the network's training subset and padding: the
+    machines with one step per schedule entry, the network with
+    --network-steps (150, the paper's protocol). Per seed:
     the Pearson r of the final images (the number the paper's code reports as
     "r^2"), its square r^2, and R^2 = 1 - SS_res/SS_tot with the network as
     reference. Aggregates: medians with 95% bootstrap intervals, and the
@@ -196,7 +202,8 @@ def evaluate_command(
             reuse[name] = images
         start = time.perf_counter()
         result = evaluate(
-            model.denoiser, patch_machine, baseline, seed_list, model.shape, patch_sizes=schedule, labels=labels,
+            model.denoiser, patch_machine, baseline, seed_list, model.shape, patch_sizes=schedule,
+            network_sigmas=sigmas_cosine(network_steps), labels=labels,
             names=(machine, "ideal"), train_images=data.images, reuse=reuse, batch_size=batch_size,
             resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed, device=dev,
         )
@@ -225,6 +232,8 @@ def evaluate_command(
                 "patch_sizes": list(schedule.sizes),
                 "patch_sizes_source": schedule.name,
                 "steps": len(schedule),
+                "network_steps": network_steps,
+                "grid": "cosine",
                 "seeds": seed_list,
                 "labels": labels,
                 "label_rule": None if labels is None else LABEL_RULE,
@@ -249,7 +258,8 @@ def evaluate_command(
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     agg = summary["aggregates"]
-    click.echo(f"{len(seed_list)} seeds, schedule {','.join(map(str, schedule.sizes))}, {wall:.1f} s")
+    click.echo(f"{len(seed_list)} seeds, schedule {','.join(map(str, schedule.sizes))}, machines {len(schedule)} "
+               f"steps, network {network_steps} steps, {wall:.1f} s")
     for name, label in ((machine, machine.upper()), ("ideal", "IS")):
         a = agg[name]
         click.echo(
