@@ -122,6 +122,10 @@ def _load_reuse(
               help="A previous `sample` run (--machine els or ideal) whose samples replace that machine's run; its "
               "config must match (dataset, n_train, size, padding, schedule, steps, float32, labels) and its seeds "
               "must include --seeds. Repeatable.")
+@click.option("--dataset", default=None,
+              help="Training set of the machines, for a network that records none (diffusers:DIR): a load_dataset "
+              "spec (mnist, cifar10, a .npz ...). Refused for this toolkit's checkpoints (they record theirs).")
+@click.option("--n-train", type=click.IntRange(min=1), default=None, help="With --dataset: its first N images.")
 @click.option("--network-steps", type=click.IntRange(min=1), default=150, show_default=True,
               help="DDIM steps of the network on the cosine grid (the paper's protocol: 150; the machines take "
               "one step per schedule entry). --network-steps 20 with a 20-entry schedule gives both the same grid.")
@@ -144,6 +148,8 @@ def evaluate_command(
     out: Path,
     overwrite: bool,
     reuse_dirs: tuple[Path, ...],
+    dataset: str | None,
+    n_train: int | None,
     network_steps: int,
     batch_size: int,
     bootstrap_resamples: int,
@@ -175,6 +181,7 @@ def evaluate_command(
         seed_list = parse_seeds_flag(seeds)
         out = check_out_flag(out, overwrite, EVALUATE_FILES)
         model = LoadedModel(model_spec)
+        model.use_training_set(dataset, n_train)
         spec = patch_sizes
         if spec is None:
             if not model.source.schedule_path.is_file():
