@@ -81,6 +81,9 @@ def _recorded(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 @click.option("--patch-sizes", default=None,
               help="Locality schedule k(sigma) of ls/els: a schedule.json (from calibrate), its directory, "
               "'pretrained:<name>', a preset or a list.  [default: the model's own schedule.json]")
+@click.option("--pspc-patch-sizes", default=None,
+              help="PSPC's window schedule P(sigma): e.g. the schedule.json of `calibrate --denoiser pspc` (or its "
+              "directory), a preset or a list.  [default: --patch-size, else the published CIFAR-10 k(sigma)]")
 @click.option("--seeds", default="0-99", show_default=True,
               help="Seeds; every denoiser and the network start from the same noise; conditional: label = seed % "
               "num_classes.")
@@ -156,7 +159,10 @@ def compare_command(**params: Any) -> None:
                 schedule = PatchSchedule.parse(resolve_schedule_spec(spec))
             except (ValueError, FileNotFoundError) as err:
                 raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
-        elif p["patch_sizes"] is not None:
+        if p["pspc_patch_sizes"] is not None and "pspc" not in names:
+            raise click.BadParameter("--pspc-patch-sizes is PSPC's window schedule; pspc is not in --denoisers",
+                                     param_hint="'--pspc-patch-sizes'")
+        if schedule is None and p["patch_sizes"] is not None:
             raise click.BadParameter("--patch-sizes is the schedule of ls/els; neither is in --denoisers",
                                      param_hint="'--patch-sizes'")
         steps = p["steps"] or (len(schedule) if schedule is not None else 20)
@@ -195,6 +201,16 @@ def compare_command(**params: Any) -> None:
                     recorded[name].update({"patch_sizes": list(ps.sizes), "patch_sizes_source": ps.name})
                 continue
             kwargs = _family_kwargs(name, given)
+            pspc_schedule = None
+            if name == "pspc" and p["pspc_patch_sizes"] is not None:
+                if "patch_size" in kwargs:
+                    raise click.BadParameter("pass --patch-size or --pspc-patch-sizes, not both",
+                                             param_hint="'--pspc-patch-sizes'")
+                try:
+                    pspc_schedule = PatchSchedule.parse(resolve_schedule_spec(p["pspc_patch_sizes"]))
+                except (ValueError, FileNotFoundError) as err:
+                    raise click.BadParameter(str(err), param_hint="'--pspc-patch-sizes'") from err
+                kwargs["patch_size"] = pspc_schedule
             missing = [q.name for q in DENOISERS[name].params if q.default is REQUIRED and q.name not in kwargs]
             if missing:
                 raise click.BadParameter(f"{name} needs {', '.join('--' + m.replace('_', '-') for m in missing)} "
@@ -204,6 +220,9 @@ def compare_command(**params: Any) -> None:
             except ValueError as err:
                 raise click.BadParameter(f"{name}: {err}", param_hint="'--denoisers'") from err
             recorded[name] = _recorded(name, kwargs)
+            if pspc_schedule is not None:
+                recorded[name].update({"patch_size": list(pspc_schedule.sizes),
+                                       "patch_size_source": pspc_schedule.name})
         labels = model.labels(seeds)
         sigmas, network_sigmas = make_grid(p["grid"], steps), make_grid(p["grid"], p["network_steps"])
         model.denoiser.model.to(dev)
