@@ -271,11 +271,11 @@ def leaderboard(summary: Mapping[str, Any], parameters: Mapping[str, Mapping[str
     return sorted(entries, key=key)
 
 
-def _ci(stats: Mapping[str, Any], central: str = "median", digits: int = 3) -> str:
+def _ci(stats: Mapping[str, Any], central: str = "median", fmt: str = ".3f") -> str:
     v = stats.get(central)
     if v is None or not np.isfinite(v):
         return "n/a"
-    return f"{v:.{digits}f} [{stats['ci_low']:.{digits}f}, {stats['ci_high']:.{digits}f}]"
+    return f"{v:{fmt}} [{stats['ci_low']:{fmt}}, {stats['ci_high']:{fmt}}]"
 
 
 def leaderboard_markdown(entries: Sequence[Mapping[str, Any]], *, title: str, protocol_line: str,
@@ -294,7 +294,7 @@ def leaderboard_markdown(entries: Sequence[Mapping[str, Any]], *, title: str, pr
         lines.append(
             f"| {rank} | `{e['name']}` | {_ci(m['pearson_r'])} | {_ci(m['r_squared'])} | {_ci(m['R2'])} | "
             f"{'n/a' if ads is None else f'{ads:.3f}'} | {_ci(e['R2_pooled'], 'value')} | "
-            f"{_ci(m['mse'], digits=4)} | {win_text} | {params} |"
+            f"{_ci(m['mse'], fmt='.4g')} | {win_text} | {params} |"
         )
     lines += ["", "Medians over seeds with percentile-bootstrap 95% intervals; R^2 pooled over all seeds' pixels "
               "(bootstrap over seeds); R^2 (ADS) = 1 - SSE / (n var_unbiased(network image)), mean over images.", ""]

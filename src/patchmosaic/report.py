@@ -95,8 +95,9 @@ def build_report(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.P
     ``overwrite``, which replaces ``index.html`` only (nothing is deleted).
 
     Args:
-        run_dirs: Run directories of ``patchmosaic sample`` (``config.json``)
-            or ``patchmosaic evaluate`` (``metrics.json``), in report order.
+        run_dirs: Run directories of ``patchmosaic sample`` (``config.json``),
+            ``patchmosaic evaluate`` (``metrics.json``) or ``patchmosaic compare``
+            (``leaderboard.json``), in report order.
         out_dir: Output directory for ``index.html``.
         overwrite: Allow a non-empty ``out_dir``.
 

@@ -16,6 +16,7 @@ from patchmosaic.cli.common import (
     LIBRARY_ERRORS,
     MODEL_HELP,
     check_out_flag,
+    comparison_options,
     compute_options,
     family_options,
     family_params,
@@ -25,7 +26,7 @@ from patchmosaic.cli.common import (
 )
 from patchmosaic.cli.network import LoadedModel
 from patchmosaic.comparison import compare_denoisers, leaderboard, leaderboard_markdown, save_per_step
-from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS, KINDS, ScoreMachine, check_machine_options
+from patchmosaic.denoisers import KINDS, ScoreMachine, check_machine_options
 from patchmosaic.denoisers.registry import DENOISERS, REQUIRED, build_denoiser
 from patchmosaic.evaluation import save_comparison
 from patchmosaic.pretrained import LABEL_RULE, SCHEDULE_FILE, resolve_schedule_spec
@@ -95,11 +96,6 @@ def _recorded(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
               help="Sampler of everyone (euler on the cosine grid = the paper's deterministic DDIM).")
 @click.option("--grid", type=click.Choice(tuple(GRIDS)), default="cosine", show_default=True,
               help="Sigma grid of everyone.")
-@click.option("--dataset", default=None,
-              help="Training set of the closed-form denoisers, for a network that records none (diffusers:DIR); "
-              "a load_dataset spec (mnist, cifar10, a .npz ...).")
-@click.option("--n-train", type=click.IntRange(min=1), default=None,
-              help="With --dataset: its first N images.  [default: all]")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for leaderboard.json/.md, per_step.png, comparison.png and samples_<name>.npz; new or "
               "empty unless --overwrite.")
@@ -107,16 +103,7 @@ def _recorded(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
               help="Reuse a non-empty --out: replace the files this command writes, keep every other file.")
 @click.option("--single-step/--no-single-step", default=True, show_default=True,
               help="Also evaluate the network at every denoiser's state (one extra network call per step).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Seeds per sampler call.")
-@click.option("--bootstrap-resamples", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Bootstrap resamples for the 95% intervals.")
-@click.option("--bootstrap-seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="numpy default_rng seed of the bootstrap.")
-@click.option("--comparison-rows", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Seeds (rows) shown in comparison.png.")
-@click.option("--chunk-elements", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ELEMENTS, show_default=True,
-              help="Memory bound of the score machines: elements of one streamed logit block.")
+@comparison_options
 @family_options
 @compute_options
 def compare_command(**params: Any) -> None:
@@ -248,7 +235,9 @@ def compare_command(**params: Any) -> None:
             out.mkdir(parents=True, exist_ok=True)
             for name, images in result.images.items():
                 save_samples(out / f"samples_{name}.npz", images, seeds, labels)
-            save_per_step(out / "per_step.png", result.per_step, title=protocol_line[:120])
+            save_per_step(out / "per_step.png", result.per_step,
+                          title=f"network {p['network_steps']} steps, denoisers {steps} steps ({p['sampler']}, "
+                          f"{p['grid']} grid), {len(seeds)} seeds")
             per = {row["seed"]: row for row in result.summary["per_seed"]}
             nearest = data.images.numpy()[[per[s]["nearest_train_index"] for s in seeds]]  # [S, C, H, W]
             save_comparison(out / "comparison.png",

@@ -17,6 +17,7 @@ from patchmosaic.cli.common import (
     MODEL_HELP,
     PATCH_MACHINES,
     check_out_flag,
+    comparison_options,
     compute_options,
     parse_seeds_flag,
     resolve_device,
@@ -24,7 +25,7 @@ from patchmosaic.cli.common import (
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
 from patchmosaic.data import ImageDataset
-from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS, ScoreMachine
+from patchmosaic.denoisers import ScoreMachine
 from patchmosaic.evaluation import evaluate, save_comparison, save_scatter
 from patchmosaic.pretrained import (
     LABEL_RULE,
@@ -122,23 +123,10 @@ def _load_reuse(
               help="A previous `sample` run (--machine els or ideal) whose samples replace that machine's run; its "
               "config must match (dataset, n_train, size, padding, schedule, steps, float32, labels) and its seeds "
               "must include --seeds. Repeatable.")
-@click.option("--dataset", default=None,
-              help="Training set of the machines, for a network that records none (diffusers:DIR): a load_dataset "
-              "spec (mnist, cifar10, a .npz ...). Refused for this toolkit's checkpoints (they record theirs).")
-@click.option("--n-train", type=click.IntRange(min=1), default=None, help="With --dataset: its first N images.")
 @click.option("--network-steps", type=click.IntRange(min=1), default=150, show_default=True,
               help="DDIM steps of the network on the cosine grid (the paper's protocol: 150; the machines take "
               "one step per schedule entry). --network-steps 20 with a 20-entry schedule gives both the same grid.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Seeds per sampler call.")
-@click.option("--bootstrap-resamples", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Bootstrap resamples for the 95% intervals of the medians.")
-@click.option("--bootstrap-seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="numpy default_rng seed of the bootstrap.")
-@click.option("--comparison-rows", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Seeds (rows) shown in comparison.png.")
-@click.option("--chunk-elements", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ELEMENTS, show_default=True,
-              help="Memory bound of the machines: elements of one streamed logit block.")
+@comparison_options
 @compute_options
 def evaluate_command(
     model_spec: str,
