@@ -109,6 +109,7 @@ def test_compare_end_to_end_and_report(tmp_path):
         (["--denoisers", "ideal", "--patch-sizes", "3,5"], "neither is in --denoisers"),
         (["--denoisers", "ideal", "--dataset", "mnist"], "records its own training set"),
         (["--denoisers", "es"], "es"),
+        (["--denoisers", "pspc"], "pspc: patch_size must be in 1..8 (the image is 8x8), got 32 on this grid"),
     ],
 )
 def test_compare_usage_errors(tmp_path, args, fragment):

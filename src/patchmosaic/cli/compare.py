@@ -212,6 +212,12 @@ def compare_command(**params: Any) -> None:
                                        "patch_size_source": pspc_schedule.name})
         labels = model.labels(seeds)
         sigmas, network_sigmas = make_grid(p["grid"], steps), make_grid(p["grid"], p["network_steps"])
+        if "pspc" in denoisers:  # its window schedule must fit the images at every sigma of the grid
+            try:
+                [denoisers["pspc"].size_at(float(s)) for s in sigmas[:-1]]
+            except ValueError as err:
+                raise click.BadParameter(f"pspc: {err} on this grid; pass --patch-size or --pspc-patch-sizes",
+                                         param_hint="'--denoisers'") from err
         model.denoiser.model.to(dev)
         # 3. run and compare
         start = time.perf_counter()
