@@ -123,6 +123,11 @@ def test_evaluate_a_diffusers_unet(unet_dir, tmp_path):
     assert config["network_steps"] == 3 and config["training_set"]["n_images"] == 6
     missing = _cli("evaluate", "--model", f"diffusers:{path}", "--patch-sizes", "3,5", "--out", tmp_path / "e2")
     assert missing.exit_code == 2 and "--dataset" in missing.output
+    cal = tmp_path / "cal"
+    result = _cli("calibrate", "--model", f"diffusers:{path}", "--dataset", data, "--candidates", "3,5",
+                  "--seeds", "0-1", "--steps", 2, "--out", cal)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert json.loads((cal / "config.json").read_text())["training_set"]["n_train"] is None
 
 
 def test_diffusers_folder_errors(unet_dir, tmp_path):

@@ -26,6 +26,7 @@ from patchmosaic.cli.common import (
     parse_seeds_flag,
     resolve_device,
     set_threads,
+    training_set_options,
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
 from patchmosaic.data import ImageDataset
@@ -66,6 +67,7 @@ from patchmosaic.samplers import noise_for_seeds
               help="Reuse a non-empty --out: replace schedule.json and config.json, keep every other file.")
 @click.option("--chunk-elements", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ELEMENTS, show_default=True,
               help="Memory bound of the machine: elements of one streamed logit block.")
+@training_set_options
 @compute_options
 def calibrate_command(
     model_spec: str,
@@ -77,6 +79,8 @@ def calibrate_command(
     out: Path,
     overwrite: bool,
     chunk_elements: int,
+    dataset: str | None,
+    n_train: int | None,
     threads: int | None,
     device: str,
 ) -> None:
@@ -107,6 +111,7 @@ def calibrate_command(
         seed_list = parse_seeds_flag(seeds)
         out = check_out_flag(out, overwrite, CALIBRATE_FILES)
         model = LoadedModel(model_spec)
+        model.use_training_set(dataset, n_train)
         if machine == "pspc":
             score_machine, data, ts = _pspc_for(model, chunk_elements, dev, cands)
         else:

@@ -163,15 +163,19 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def training_set_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """``--dataset``/``--n-train``: the machines' training set, for a network that records none (diffusers:DIR)."""
+    fn = click.option("--n-train", type=click.IntRange(min=1), default=None,
+                      help="With --dataset: its first N images.  [default: all]")(fn)
+    return click.option("--dataset", default=None,
+                        help="Training set of the closed-form denoisers, for a network that records none "
+                        "(diffusers:DIR): a load_dataset spec (mnist, cifar10, a .npz ...). Refused for this "
+                        "toolkit's checkpoints (they record theirs).")(fn)
+
+
 def comparison_options(fn: Callable[..., None]) -> Callable[..., None]:
     """The options of the commands that compare denoisers with a network (``evaluate``, ``compare``)."""
     options = (
-        click.option("--dataset", default=None,
-                     help="Training set of the closed-form denoisers, for a network that records none "
-                     "(diffusers:DIR): a load_dataset spec (mnist, cifar10, a .npz ...). Refused for this toolkit's "
-                     "checkpoints (they record theirs)."),
-        click.option("--n-train", type=click.IntRange(min=1), default=None,
-                     help="With --dataset: its first N images.  [default: all]"),
         click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
                      help="Seeds per sampler call."),
         click.option("--bootstrap-resamples", type=click.IntRange(min=1), default=10_000, show_default=True,
@@ -186,7 +190,7 @@ def comparison_options(fn: Callable[..., None]) -> Callable[..., None]:
     )
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return training_set_options(fn)
 
 
 def compute_options(fn: Callable[..., None]) -> Callable[..., None]:
