@@ -132,6 +132,15 @@ def test_evaluate_a_diffusers_unet(unet_dir, tmp_path):
 
 def test_diffusers_folder_errors(unet_dir, tmp_path):
     path, _ = unet_dir
+    for name, key, value, fragment in (("config.json", "_class_name", "UNet2DConditionModel", "only UNet2DModel"),
+                                       ("scheduler_config.json", "_class_name", "EulerDiscreteScheduler",
+                                        "expected one of DDPMScheduler, DDIMScheduler"),
+                                       ("scheduler_config.json", "prediction_type", "flow", "'flow' is not supported")):
+        original = (path / name).read_text()
+        (path / name).write_text(json.dumps({**json.loads(original), key: value}))
+        result = _cli("sample", "--model", f"diffusers:{path}", "--steps", 2, "--seeds", "0", "--out", tmp_path / "s")
+        assert result.exit_code == 1 and fragment in result.output, result.output
+        (path / name).write_text(original)
     (path / "diffusion_pytorch_model.safetensors").rename(path / "diffusion_pytorch_model.bin")  # pickled: refused
     result = _cli("sample", "--model", f"diffusers:{path}", "--steps", 2, "--seeds", "0", "--out", tmp_path / "s")
     assert result.exit_code == 1 and "only safetensors" in result.output
