@@ -55,7 +55,7 @@ class Trajectory:
 
     final: np.ndarray  # [S, C, H, W] final samples
     sigmas: np.ndarray  # [n + 1] the grid
-    x: np.ndarray  # [n, S, C, H, W] the state the denoiser saw at step i (at sigmas[i])
+    x: np.ndarray | None  # [n, S, C, H, W] the state the denoiser saw at step i (at sigmas[i]); None: not kept
     denoised: np.ndarray  # [n, S, C, H, W] its output D(x_i, sigmas[i])
 
 
@@ -70,29 +70,33 @@ def run_trajectory(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     bar: tqdm | None = None,
+    keep_x: bool = True,
 ) -> Trajectory:
     """:func:`~patchmosaic.samplers.sample_seeds`, keeping every step's state and denoiser output.
 
     Batches run one after another, so the callbacks arrive as batch 0 steps
     0..n-1, batch 1 steps 0..n-1, ...; step i's arrays are their concatenation.
+    ``keep_x=False`` keeps only the outputs (the reference network's states are not needed).
     """
     n = len(sigmas) - 1
     states: list[list[torch.Tensor]] = [[] for _ in range(n + 1)]  # states[i]: x at sigmas[i], per batch
     outputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
 
     def callback(info: dict) -> None:
-        states[info["i"] + 1].append(info["x"].detach().float().cpu())  # [b, C, H, W] at sigma_next
+        if keep_x:
+            states[info["i"] + 1].append(info["x"].detach().float().cpu())  # [b, C, H, W] at sigma_next
         outputs[info["i"]].append(info["denoised"].detach().float().cpu())  # [b, C, H, W]
         if bar is not None:
             bar.update(1)
 
     final = sample_seeds(denoiser, seeds, shape, sigmas=sigmas, sampler=sampler, labels=labels,
                          batch_size=batch_size, device=device, callback=callback)  # [S, C, H, W]
-    x0 = initial_state(noise_for_seeds(list(seeds), shape), sigmas)  # [S, C, H, W]
-    x = np.stack([x0.numpy(), *(torch.cat(s).numpy() for s in states[1:n])])  # [n, S, C, H, W]
+    x = None
+    if keep_x:
+        x0 = initial_state(noise_for_seeds(list(seeds), shape), sigmas)  # [S, C, H, W]
+        x = np.stack([x0.numpy(), *(torch.cat(s).numpy() for s in states[1:n])]).astype(np.float32)  # [n, S, C, H, W]
     denoised = np.stack([torch.cat(o).numpy() for o in outputs])  # [n, S, C, H, W]
-    return Trajectory(final=final.float().numpy(), sigmas=sigmas.double().numpy(), x=x.astype(np.float32),
-                      denoised=denoised)
+    return Trajectory(final=final.float().numpy(), sigmas=sigmas.double().numpy(), x=x, denoised=denoised)
 
 
 def matching_steps(sigmas: np.ndarray, reference_sigmas: np.ndarray) -> np.ndarray:
@@ -157,6 +161,8 @@ def per_step_agreement(
         out["trajectory"]["pearson_r"].append(_median(pearson_r(ref, est)))
         out["trajectory"]["R2"].append(_median(coefficient_of_determination(ref, est)))
     if network_denoiser is not None:
+        if other.x is None:
+            raise ValueError("single-step agreement needs the denoiser's states: run_trajectory(keep_x=True)")
         out["single_step"] = {"pearson_r": [], "R2": []}
         for i, sigma in enumerate(other.sigmas[:-1]):
             ref = _network_at(network_denoiser, other.x[i], float(sigma), labels, batch_size, device)  # [S, C, H, W]
@@ -224,7 +230,8 @@ def compare_denoisers(
                   disable=not progress) as bar:
             start = time.perf_counter()
             trajectories[name] = run_trajectory(denoiser, seeds, shape, sigmas=grid, sampler=sampler, labels=labels,
-                                                batch_size=batch_size, device=device, bar=bar)
+                                                batch_size=batch_size, device=device, bar=bar,
+                                                keep_x=name != "network")
             seconds[name] = (time.perf_counter() - start) / len(seeds)
     images = {name: t.final for name, t in trajectories.items()}
     summary = summarize(images, seeds, machine=machine, baseline="ideal", labels=labels, train_images=train_images,
