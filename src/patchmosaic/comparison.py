@@ -33,7 +33,12 @@ import torch
 from tqdm import tqdm
 
 from patchmosaic.denoisers.base import bind_label
-from patchmosaic.evaluation import METRIC_NAMES, coefficient_of_determination, pearson_r, summarize
+from patchmosaic.evaluation import (
+    METRIC_NAMES,
+    coefficient_of_determination,
+    pearson_r,
+    summarize,
+)
 from patchmosaic.samplers import initial_state, noise_for_seeds, sample_seeds
 
 __all__ = [
@@ -274,7 +279,7 @@ def leaderboard(summary: Mapping[str, Any], parameters: Mapping[str, Mapping[str
         if seconds_per_seed is not None and name in seconds_per_seed:
             entry["seconds_per_seed"] = round(float(seconds_per_seed[name]), 4)
         entries.append(entry)
-    key = lambda e: -e["metrics"]["pearson_r"]["median"] if np.isfinite(e["metrics"]["pearson_r"]["median"]) else 2.0  # noqa: E731
+    key = lambda e: -e["metrics"]["pearson_r"]["median"] if np.isfinite(e["metrics"]["pearson_r"]["median"]) else 2.0
     return sorted(entries, key=key)
 
 

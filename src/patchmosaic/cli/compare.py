@@ -25,7 +25,12 @@ from patchmosaic.cli.common import (
     set_threads,
 )
 from patchmosaic.cli.network import LoadedModel
-from patchmosaic.comparison import compare_denoisers, leaderboard, leaderboard_markdown, save_per_step
+from patchmosaic.comparison import (
+    compare_denoisers,
+    leaderboard,
+    leaderboard_markdown,
+    save_per_step,
+)
 from patchmosaic.denoisers import KINDS, ScoreMachine, check_machine_options
 from patchmosaic.denoisers.registry import DENOISERS, REQUIRED, build_denoiser
 from patchmosaic.evaluation import save_comparison
@@ -71,6 +76,54 @@ def _recorded(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         out[p.name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
     out.update({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in kwargs.items() if k not in out})
     return out
+
+
+def _machine(name: str, images: torch.Tensor, labels: torch.Tensor | None, p: dict[str, Any], padding: str,
+             schedule: PatchSchedule | None, given: dict[str, Any], device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """A score machine on the network's training set and padding (ls/els bound to ``schedule``), and its record."""
+    try:
+        check_machine_options(name, padding, True)
+    except ValueError as err:
+        raise click.BadParameter(f"{name}: {err} (the network's padding is {padding})", param_hint="'--denoisers'") from err
+    machine = ScoreMachine(images, kind=name, padding=padding, labels=labels, chunk_elements=p["chunk_elements"],
+                           device=device)
+    record: dict[str, Any] = {"padding": padding}
+    if name not in ("ls", "els"):
+        return machine, record
+    try:
+        bound = machine.bind(patch_sizes=schedule)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
+    return bound, {**record, "patch_sizes": list(schedule.sizes), "patch_sizes_source": schedule.name}
+
+
+def _family_denoiser(name: str, images: torch.Tensor, labels: torch.Tensor | None, p: dict[str, Any], padding: str,
+                     schedule: PatchSchedule | None, given: dict[str, Any],
+                     device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """A closed-form family denoiser with the flags it takes (PSPC: or --pspc-patch-sizes), and its record."""
+    kwargs = _family_kwargs(name, given)
+    pspc_schedule = None
+    if name == "pspc" and p["pspc_patch_sizes"] is not None:
+        if "patch_size" in kwargs:
+            raise click.BadParameter("pass --patch-size or --pspc-patch-sizes, not both",
+                                     param_hint="'--pspc-patch-sizes'")
+        try:
+            pspc_schedule = PatchSchedule.parse(resolve_schedule_spec(p["pspc_patch_sizes"]))
+        except (ValueError, FileNotFoundError) as err:
+            raise click.BadParameter(str(err), param_hint="'--pspc-patch-sizes'") from err
+        kwargs["patch_size"] = pspc_schedule
+    missing = [q.name for q in DENOISERS[name].params if q.default is REQUIRED and q.name not in kwargs]
+    if missing:
+        raise click.BadParameter(f"{name} needs {', '.join('--' + m.replace('_', '-') for m in missing)} "
+                                 "(no published default)", param_hint="'--denoisers'")
+    try:
+        denoiser = build_denoiser(name, images, labels=labels, **kwargs)
+    except ValueError as err:
+        raise click.BadParameter(f"{name}: {err}", param_hint="'--denoisers'") from err
+    record = _recorded(name, kwargs)
+    if pspc_schedule is not None:
+        record.update({"patch_size": list(pspc_schedule.sizes), "patch_size_source": pspc_schedule.name})
+    return denoiser, record
 
 
 @click.command("compare")
@@ -170,46 +223,9 @@ def compare_command(**params: Any) -> None:
         denoisers: dict[str, Any] = {}
         recorded: dict[str, dict[str, Any]] = {}
         for name in names:
-            if name in KINDS:
-                try:
-                    check_machine_options(name, ts.padding, True)
-                except ValueError as err:
-                    raise click.BadParameter(f"{name}: {err} (the network's padding is {ts.padding})",
-                                             param_hint="'--denoisers'") from err
-                machine = ScoreMachine(data.images, kind=name, padding=ts.padding, labels=labels_train,
-                                       chunk_elements=p["chunk_elements"], device=dev)
-                ps = schedule if name in ("ls", "els") else None
-                try:
-                    denoisers[name] = machine.bind(patch_sizes=ps) if ps is not None else machine
-                except ValueError as err:
-                    raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
-                recorded[name] = {"padding": ts.padding}
-                if ps is not None:
-                    recorded[name].update({"patch_sizes": list(ps.sizes), "patch_sizes_source": ps.name})
-                continue
-            kwargs = _family_kwargs(name, given)
-            pspc_schedule = None
-            if name == "pspc" and p["pspc_patch_sizes"] is not None:
-                if "patch_size" in kwargs:
-                    raise click.BadParameter("pass --patch-size or --pspc-patch-sizes, not both",
-                                             param_hint="'--pspc-patch-sizes'")
-                try:
-                    pspc_schedule = PatchSchedule.parse(resolve_schedule_spec(p["pspc_patch_sizes"]))
-                except (ValueError, FileNotFoundError) as err:
-                    raise click.BadParameter(str(err), param_hint="'--pspc-patch-sizes'") from err
-                kwargs["patch_size"] = pspc_schedule
-            missing = [q.name for q in DENOISERS[name].params if q.default is REQUIRED and q.name not in kwargs]
-            if missing:
-                raise click.BadParameter(f"{name} needs {', '.join('--' + m.replace('_', '-') for m in missing)} "
-                                         "(no published default)", param_hint="'--denoisers'")
-            try:
-                denoisers[name] = build_denoiser(name, data.images.to(dev), labels=labels_train, **kwargs)
-            except ValueError as err:
-                raise click.BadParameter(f"{name}: {err}", param_hint="'--denoisers'") from err
-            recorded[name] = _recorded(name, kwargs)
-            if pspc_schedule is not None:
-                recorded[name].update({"patch_size": list(pspc_schedule.sizes),
-                                       "patch_size_source": pspc_schedule.name})
+            build = _machine if name in KINDS else _family_denoiser
+            denoisers[name], recorded[name] = build(name, data.images.to(dev), labels_train, p, ts.padding, schedule,
+                                                    given, dev)
         labels = model.labels(seeds)
         sigmas, network_sigmas = make_grid(p["grid"], steps), make_grid(p["grid"], p["network_steps"])
         if "pspc" in denoisers:  # its window schedule must fit the images at every sigma of the grid

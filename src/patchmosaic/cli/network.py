@@ -41,7 +41,6 @@ from patchmosaic.runs import (
 from patchmosaic.samplers import sample_seeds
 from patchmosaic.schedules import PatchSchedule, make_grid
 
-
 DIFFUSERS_PREFIX = "diffusers:"
 
 

@@ -92,7 +92,7 @@ class DiffusersDenoiser:
         """``[T]`` the sigma of each training timestep (float64, increasing)."""
         return torch.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
 
-    def bind(self, *, label: Any = None, patch_sizes: object = None, **_: object) -> "DiffusersDenoiser":
+    def bind(self, *, label: Any = None, patch_sizes: object = None, **_: object) -> DiffusersDenoiser:
         if patch_sizes is not None:
             raise ValueError("patch_sizes do not apply to a trained network (it has no locality schedule); pass None")
         if label is not None:
