@@ -7,7 +7,8 @@ published mnist-resnet-zeros model), zero padding, the published
 mnist-resnet-zeros schedule, deterministic DDIM (sample_euler) on the 20-step
 cosine grid, the same seeds for every n_train. The largest n_train is run first
 (it is the reference); each n_train's samples are saved as they finish
-(samples_<n>.npz), so an interrupted run keeps what it has. Reports, per
+(samples_<n>.npz, reused by a rerun with the same seeds), so an interrupted run
+keeps what it has. Reports, per
 n_train, the Pearson r of each seed's final image with the largest n_train's
 image, its median and range, and the seconds per sample.
 """
@@ -47,7 +48,10 @@ def main() -> None:
     seconds: dict[int, float] = {}
     for n in sizes:
         path = args.out / f"samples_{n}.npz"
-        if path.is_file():  # finished earlier
+        if path.is_file():  # finished earlier: only if for the same seeds
+            have = np.load(path)["seeds"].tolist()
+            if have != seeds:
+                raise SystemExit(f"{path} holds seeds {have}, not {seeds}: use another --out or remove it")
             continue
         data = load_dataset("mnist", n_train=n, size=args.size)
         machine = ScoreMachine(data.images, kind="els", padding="zeros").bind(patch_sizes=schedule)
