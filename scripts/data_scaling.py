@@ -92,7 +92,7 @@ def _figure(path: Path, rows: list[dict], ref_n: int) -> None:
     ax.plot([r["n_train"] for r in rows], [r["median_r"] for r in rows], "o-", color="#c33", label="median")
     ax.set_xscale("log")
     ax.set_xlabel("n_train (first images of bundled MNIST)")
-    ax.set_ylabel(f"Pearson r with the n_train = {ref_n} sample")
+    ax.set_ylabel(f"Pearson r with n_train = {ref_n}")
     ax.set_title("ELS (mnist-resnet-zeros schedule), same seeds", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
