@@ -38,8 +38,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="Image side (the published schedule's 32).")
     parser.add_argument("--schedule", default="mnist-resnet-zeros", help="Locality schedule (preset or list).")
     parser.add_argument("--batch-size", type=int, default=8, help="Seeds per sampler call.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--out", type=Path, required=True, help="Directory for samples_<n>.npz, data_scaling.json/.png.")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     sizes = sorted({int(n) for n in args.n_train.split(",")}, reverse=True)  # the reference first
     seeds = parse_seeds(args.seeds)
     schedule = PatchSchedule.parse(args.schedule)
