@@ -47,7 +47,7 @@ publish_one() {
   echo "== $name: calibrated in $((SECONDS - start)) s; evaluate ($(date +%T))"
   local mid=$SECONDS
   "$PM" evaluate --model "$run" --machine els --patch-sizes "runs/calibrate-$name/schedule.json" \
-    --seeds "$EVAL_SEEDS" --threads "$THREADS" --out "runs/evaluate-$name" --overwrite
+    --seeds "$EVAL_SEEDS" --network-steps 20 --threads "$THREADS" --out "runs/evaluate-$name" --overwrite
   echo "== $name: evaluated in $((SECONDS - mid)) s; publish ($(date +%T))"
   "$PM" pretrained publish "$name" --run "$run" --schedule "runs/calibrate-$name/schedule.json" \
     --metrics "runs/evaluate-$name/metrics.json" --overwrite

@@ -24,6 +24,7 @@ from patchmosaic.calibration import (
     similarity,
 )
 from patchmosaic.checkpoints import save_checkpoint
+from patchmosaic.denoisers import PatchComposite
 from patchmosaic.cli import main
 from patchmosaic.models import ResNetConfig, build_model
 from patchmosaic.runs import load_samples
@@ -112,6 +113,44 @@ def test_calibration_recovers_the_schedule_of_a_machine_network(train64, metric)
     expected = sample(fake_network, noise, steps=len(KNOWN))
     again = sample(machine, noise, steps=len(KNOWN), patch_sizes=result.schedule)
     torch.testing.assert_close(again, expected, rtol=0, atol=0)
+
+
+def test_calibration_recovers_the_window_schedule_of_a_pspc_network(train64):
+    """PSPC's window P(sigma), calibrated against a PSPC 'network' with a known schedule, is recovered exactly."""
+    images, _ = train64
+    known = PatchSchedule((3, 5, 7, 5), tuple(sigmas_cosine(4).flip(0)[1:].tolist()))  # lowest noise first
+    fake_network = PatchComposite(images, patch_size=known)
+    candidate = PatchComposite(images, patch_size=3)
+    noise = noise_for_seeds([0, 1, 2], (1, H, W), dtype=torch.float64)  # [3, 1, H, W]
+    result = calibrate(fake_network, candidate, noise, candidates=(3, 5, 7), steps=4, seeds=[0, 1, 2])
+    assert result.schedule.sizes == known.sizes
+    assert candidate.patch_size == 3  # the candidates are copies
+    expected = sample(fake_network, noise, steps=4)
+    again = sample(PatchComposite(images, patch_size=result.schedule), noise, steps=4)
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="patch_size must be in 1..8"):
+        calibrate(fake_network, candidate, noise, candidates=(3, 9), steps=4)
+
+
+def test_calibrate_command_pspc(tiny_model, tmp_path):
+    ckpt, _ = tiny_model
+    out = tmp_path / "cal"
+    result = invoke("calibrate", "--model", ckpt, "--denoiser", "pspc", "--candidates", "3,5,7", "--seeds", "0-1",
+                    "--steps", "2", "--out", out)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    meta = json.loads((out / "schedule.json").read_text())
+    assert len(meta["patch_sizes"]) == 2 and set(meta["patch_sizes"]) <= {3, 5, 7}
+    assert json.loads((out / "config.json").read_text())["machine"] == "pspc"
+    # compare takes it as PSPC's k(sigma)
+    cmp = tmp_path / "cmp"
+    result = invoke("compare", "--model", ckpt, "--denoisers", "pspc", "--pspc-patch-sizes", out, "--seeds", "0-1",
+                    "--steps", 2, "--network-steps", 2, "--bootstrap-resamples", 20, "--out", cmp)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    entry = json.loads((cmp / "leaderboard.json").read_text())["leaderboard"][0]
+    assert entry["parameters"]["patch_size"] == meta["patch_sizes"]
+    bad = invoke("calibrate", "--model", ckpt, "--denoiser", "pspc", "--candidates", "3,9", "--steps", "1",
+                 "--out", tmp_path / "c2")
+    assert bad.exit_code == 2 and "does not fit" in bad.output
 
 
 def test_calibration_round_trip_conditional_and_saved(train64, tmp_path):

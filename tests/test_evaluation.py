@@ -13,11 +13,16 @@ from patchmosaic.checkpoints import load_denoiser, save_checkpoint
 from patchmosaic.cli import main
 from patchmosaic.data import load_dataset
 from patchmosaic.evaluation import (
+    beats_fraction,
     bootstrap_median,
+    bootstrap_pooled_r2,
     coefficient_of_determination,
     compare,
+    mean_squared_error,
     nearest_training_images,
     pearson_r,
+    pooled_r2,
+    r2_ads,
     summarize,
 )
 from patchmosaic.models import ResNetConfig, build_model
@@ -62,6 +67,43 @@ def test_coefficient_of_determination_closed_forms():
         pearson_r(ref, est[:2])
 
 
+def test_metrics_against_a_hand_computation():
+    """Two 2-image, 4-pixel cases worked out by hand (pixels in the comments)."""
+    net = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 2.0, 2.0]]).reshape(2, 1, 2, 2)
+    est = np.array([[1.0, 2.0, 3.0, 6.0], [1.0, 1.0, 3.0, 3.0]]).reshape(2, 1, 2, 2)
+    # image 0: mean 2.5, SS_tot = 2.25 + 0.25 + 0.25 + 2.25 = 5, SS_res = 4, n = 4
+    # image 1: mean 1, SS_tot = 4, SS_res = 4 (an offset of 1 everywhere), so r = 1
+    np.testing.assert_allclose(mean_squared_error(net, est), [1.0, 1.0])
+    np.testing.assert_allclose(coefficient_of_determination(net, est), [1 - 4 / 5, 0.0])
+    # ADS: 1 - SSE / (n * SS_tot / (n - 1)) = 1 - 4 / (4 * 5 / 3) = 0.4; 1 - 4 / (4 * 4 / 3) = 0.25
+    np.testing.assert_allclose(r2_ads(net, est), [0.4, 0.25])
+    # r of image 0: centred est = (-2, -1, 0, 3); sum a*b = 3 + 0.5 + 0 + 4.5 = 8;
+    # |a|^2 = 5, |b|^2 = 4 + 1 + 0 + 9 = 14 -> r = 8 / sqrt(70)
+    np.testing.assert_allclose(pearson_r(net, est), [8 / np.sqrt(70), 1.0])
+    np.testing.assert_allclose(compare(net, est)["r_squared"], [64 / 70, 1.0])
+    # pooled: mean of all 8 pixels = 14 / 8 = 1.75; SS_tot = sum (x - 1.75)^2 over the 8
+    # values 1,2,3,4,0,0,2,2 -> squares 0.5625, 0.0625, 1.5625, 5.0625, 3.0625, 3.0625, 0.0625, 0.0625 = 13.5
+    # SS_res = 4 + 4 = 8 -> R2_pooled = 1 - 8 / 13.5
+    assert pooled_r2(net, est) == pytest.approx(1 - 8 / 13.5, rel=1e-12)
+    assert np.isnan(pooled_r2(np.ones((2, 1, 2, 2)), est))
+    np.testing.assert_allclose(r2_ads(net, net), 1.0)
+    assert beats_fraction([0.9, 0.5, np.nan, 0.7], [0.8, 0.5, 0.1, 0.1]) == {"wins": 2, "n": 3, "fraction": 2 / 3}
+
+
+def test_bootstrap_pooled_r2_brackets_the_value():
+    rng = np.random.default_rng(5)
+    net = rng.normal(size=(30, 1, 3, 3))
+    est = net + 0.5 * rng.normal(size=net.shape)
+    out = bootstrap_pooled_r2(net, est, resamples=500)
+    assert out["value"] == pytest.approx(pooled_r2(net, est)) and out["n"] == 30
+    assert out["ci_low"] < out["value"] < out["ci_high"]
+    assert bootstrap_pooled_r2(net, est, resamples=500) == out  # deterministic
+    # the vectorised resample equals pooled_r2 of the resampled images
+    idx = np.random.default_rng(0).integers(0, 30, size=(1, 30))[0]
+    one = bootstrap_pooled_r2(net, est, resamples=1, level=0.5)
+    assert one["ci_low"] == pytest.approx(pooled_r2(net[idx], est[idx]))
+
+
 def test_bootstrap_is_deterministic_and_brackets_the_median():
     values = np.random.default_rng(2).normal(size=50)
     a = bootstrap_median(values)
@@ -101,7 +143,10 @@ def test_summarize_fraction_and_rows():
     assert [r["seed"] for r in rows] == [10, 11, 12, 13] and rows[0]["els_beats_ideal"] is False
     assert rows[0]["nearest_train_index"] == 0 and rows[0]["nearest_train_l2"] == 0.0
     assert set(out["aggregates"]) == {"els", "ideal", "nearest_train"}
-    assert set(out["aggregates"]["els"]) == {"pearson_r", "r_squared", "R2"}
+    assert set(out["aggregates"]["els"]) == {"pearson_r", "r_squared", "R2", "R2_ads", "mse"}
+    assert out["machine_beats"]["versus"]["ideal"] == {"wins": 3, "n": 4, "fraction": 0.75}
+    assert out["pooled"]["els"]["R2_pooled"]["value"] == pytest.approx(pooled_r2(net, els))
+    assert out["R2_ads_mean"]["els"] == pytest.approx(np.mean(r2_ads(net, els)))
 
 
 # ------------------------------------------------------------------ command
@@ -138,7 +183,7 @@ def test_evaluate_end_to_end(tmp_path, conditional):
     out = tmp_path / "eval"
     seeds = [0, 1, 2, 3, 4]
     result = ok("evaluate", "--model", ckpt, "--patch-sizes", "3,5", "--seeds", "0-4", "--out", out,
-                "--bootstrap-resamples", 200, "--batch-size", 2)
+                "--bootstrap-resamples", 200, "--batch-size", 2, "--network-steps", 2)
     assert "ELS beats IS on" in result.output and "median r" in result.output
     names = sorted(p.name for p in out.iterdir())
     assert names == ["comparison.png", "metrics.json", "samples_els.npz", "samples_ideal.npz",
@@ -149,6 +194,7 @@ def test_evaluate_end_to_end(tmp_path, conditional):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_seeds"] == 5 and len(metrics["per_seed"]) == 5
     assert metrics["config"]["training_set"]["n_train"] == 6 and metrics["config"]["patch_sizes"] == [3, 5]
+    assert metrics["config"]["steps"] == 2 and metrics["config"]["network_steps"] == 2
     for name in ("els", "ideal"):
         assert metrics["aggregates"][name]["pearson_r"]["resamples"] == 200
     labels = [s % 3 for s in seeds] if conditional else None
@@ -171,6 +217,18 @@ def test_evaluate_end_to_end(tmp_path, conditional):
     r = np.corrcoef(network["images"][0].ravel(), load_samples(out / "samples_els.npz")["images"][0].ravel())[0, 1]
     assert row["pearson_r_els"] == pytest.approx(r, abs=1e-6)
     assert row["r_squared_els"] == pytest.approx(r**2, abs=1e-6)
+
+
+def test_evaluate_defaults_to_the_papers_150_network_steps(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path)
+    out = tmp_path / "eval"
+    ok("evaluate", "--model", ckpt, "--patch-sizes", "3,5", "--seeds", "0-1", "--out", out,
+       "--bootstrap-resamples", 20)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["network_steps"] == 150 and metrics["config"]["steps"] == 2
+    noise = noise_for_seeds([0, 1], (1, H, W))
+    expected = sample(load_denoiser(ckpt), noise, steps=150)
+    np.testing.assert_allclose(load_samples(out / "samples_network.npz")["images"], expected.numpy(), atol=1e-6)
 
 
 def test_evaluate_reuses_a_matching_sample_run(tmp_path):

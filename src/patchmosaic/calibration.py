@@ -32,6 +32,7 @@ call, per step and in total: how many machine sampling runs one calibration cost
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchmosaic.denoisers import Denoiser, ScoreMachine
+from patchmosaic.denoisers import Denoiser, PatchComposite, ScoreMachine
 from patchmosaic.samplers import initial_state, sample_euler
 from patchmosaic.schedules import PatchSchedule, check_patch_size, sigmas_cosine
 
@@ -109,15 +110,24 @@ def parse_candidates(spec: str) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def check_candidates(machine: ScoreMachine, candidates: Sequence[int]) -> tuple[int, ...]:
+def check_candidates(machine: ScoreMachine | PatchComposite, candidates: Sequence[int]) -> tuple[int, ...]:
     """Validate candidate patch sizes against ``machine``; return them sorted.
 
     A size must be odd and accepted by the machine (:meth:`ScoreMachine.check_patch_sizes`:
-    its geometry bounds the size by the image).
+    its geometry bounds the size by the image; a PSPC window must fit in the image).
 
     Raises:
         ValueError: Naming the offending size and the limit.
     """
+    if isinstance(machine, PatchComposite):
+        if len(candidates) == 0:
+            raise ValueError("no candidate window sizes given")
+        out = sorted(check_patch_size(int(k)) for k in candidates)
+        if len(set(out)) != len(out):
+            raise ValueError(f"candidate sizes are repeated: {out}")
+        for k in out:
+            machine._check_size(k)
+        return tuple(out)
     if not machine.needs_patch_size:
         raise ValueError(f"calibration needs a patch machine (ls or els), got kind={machine.kind!r}")
     if len(candidates) == 0:
@@ -212,9 +222,21 @@ class CalibrationResult:
         self.schedule.save(path, **metadata, **self.metadata())
 
 
+def _candidate_calls(machine: ScoreMachine | PatchComposite,
+                     cands: Sequence[int]) -> tuple[Callable[..., torch.Tensor], torch.dtype]:
+    """``call(x, sigma, k, label)`` of candidate k, and the dtype the machine computes in."""
+    if isinstance(machine, PatchComposite):
+        views = {}
+        for k in cands:  # one shallow copy per window size: the training set is shared
+            views[k] = copy.copy(machine)
+            views[k].patch_size = int(k)
+        return (lambda x, sigma, k, label: views[k](x, sigma, label=label)), machine.train.images.dtype
+    return (lambda x, sigma, k, label: machine(x, sigma, patch_size=k, label=label)), machine.images.dtype
+
+
 def calibrate(
     network: Denoiser,
-    machine: ScoreMachine,
+    machine: ScoreMachine | PatchComposite,
     noise: torch.Tensor,
     *,
     candidates: Sequence[int],
@@ -235,7 +257,8 @@ def calibrate(
     Args:
         network: ``D(x, sigma) -> x0_hat`` (a conditional network must be bound to
             ``label`` already, or offer ``bind(label=)``).
-        machine: A ``"ls"`` or ``"els"`` :class:`ScoreMachine` on the network's training set.
+        machine: A ``"ls"`` or ``"els"`` :class:`ScoreMachine` on the network's training set, or a
+            :class:`~patchmosaic.denoisers.PatchComposite` (PSPC; its window side P is calibrated).
         noise: ``[B, C, H, W]`` initial VP noise ``x_1``, one row per seed
             (:func:`~patchmosaic.samplers.initial_state` scales it to ``sigmas[0]``).
         candidates: Odd patch sizes to try (see :func:`check_candidates`).
@@ -267,7 +290,8 @@ def calibrate(
         bind = getattr(network, "bind", None)
         if bind is not None:
             network = bind(label=label)
-        machine._label_vector(label, B)  # validate before the first step
+        if isinstance(machine, ScoreMachine):
+            machine._label_vector(label, B)  # validate before the first step
     K = len(cands)
     scores = np.full((steps, K, B), np.nan)
     choices = np.zeros((steps, B), dtype=np.int64)
@@ -275,6 +299,7 @@ def calibrate(
     network_seconds = np.zeros(steps)
     lower_is_better = metric == "l2"
     calls = [0]
+    call_k, machine_dtype = _candidate_calls(machine, cands)
 
     def probe(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The network's estimate (it drives DDIM); records every candidate's match at this x."""
@@ -283,10 +308,10 @@ def calibrate(
         start = time.perf_counter()
         x0_net = network(x, sigma)  # [B, C, H, W]
         network_seconds[row] = time.perf_counter() - start
-        xm = x.to(machine.images.dtype)
+        xm = x.to(machine_dtype)
         for j, k in enumerate(cands):
             start = time.perf_counter()
-            x0_k = machine(xm, sigma.to(xm.dtype), patch_size=k, label=label)  # [B, C, H, W]
+            x0_k = call_k(xm, sigma.to(xm.dtype), k, label)  # [B, C, H, W]
             candidate_seconds[row, j] = time.perf_counter() - start
             sim = similarity(x0_net, x0_k, metric)  # [B], higher is better
             scores[row, j] = (-sim if lower_is_better else sim).numpy()

@@ -8,14 +8,24 @@ compared with the network's (the reference):
   is the number the paper's released code reports (and labels "r^2");
 * ``r_squared``: its square, r^2;
 * ``R2``: the coefficient of determination ``1 - SS_res / SS_tot`` with
-  ``SS_res = sum (net - machine)^2`` and ``SS_tot = sum (net - mean(net))^2``:
-  unlike r it penalises offsets and scale errors, and can be negative.
+  ``SS_res = sum (net - machine)^2`` and ``SS_tot = sum (net - mean(net))^2``
+  over one image's n pixels: unlike r it penalises offsets and scale errors,
+  and can be negative;
+* ``R2_ads``: per-image R^2 as Analytic Diffusion Studio defines it,
+  ``1 - SSE / (n * var(net))`` with the unbiased variance
+  ``var(net) = SS_tot / (n - 1)``, i.e. ``1 - (n - 1) / n * SS_res / SS_tot``
+  (ADS reports its mean over images: ``R2_ads_mean``);
+* ``mse``: ``SS_res / n``, the mean squared pixel error;
+* ``R2_pooled`` (one number per denoiser, not per seed):
+  ``1 - sum_s SS_res_s / sum_s sum_p (net_sp - mean(net))^2`` over all seeds'
+  pixels, the mean taken over all of them (:func:`pooled_r2`).
 
 Aggregates are medians over seeds with a percentile-bootstrap 95% interval
 (:func:`bootstrap_median`: numpy ``default_rng(seed)``, 10,000 resamples by
-default), plus the fraction of seeds where the ELS machine beats the ideal
-(memorising) machine on Pearson r. The nearest training image (L2) to each
-network sample is recorded as a memorisation check.
+default; ``R2_pooled`` gets a bootstrap over seeds of the pooled value,
+:func:`bootstrap_pooled_r2`), plus the fraction of seeds where the ELS machine
+beats each other denoiser on Pearson r (strictly greater). The nearest training
+image (L2) to each network sample is recorded as a memorisation check.
 """
 
 from __future__ import annotations
@@ -37,19 +47,24 @@ from patchmosaic.schedules import PatchSchedule, sigmas_cosine
 __all__ = [
     "METRIC_NAMES",
     "EvaluationResult",
+    "beats_fraction",
     "bootstrap_median",
+    "bootstrap_pooled_r2",
     "coefficient_of_determination",
     "compare",
     "evaluate",
+    "mean_squared_error",
     "nearest_training_images",
     "pearson_r",
+    "pooled_r2",
+    "r2_ads",
     "run_sampler",
     "save_comparison",
     "save_scatter",
     "summarize",
 ]
 
-METRIC_NAMES = ("pearson_r", "r_squared", "R2")
+METRIC_NAMES = ("pearson_r", "r_squared", "R2", "R2_ads", "mse")
 
 
 def _flat(images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -100,10 +115,99 @@ def coefficient_of_determination(
         return np.where(ss_tot > 0, 1.0 - ss_res / ss_tot, np.nan)
 
 
+def r2_ads(reference: np.ndarray | torch.Tensor, estimate: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per-image R^2 of Analytic Diffusion Studio: ``1 - SSE / (n * var_unbiased(reference))``.
+
+    With n pixels per image, ``var_unbiased = SS_tot / (n - 1)``, so this is
+    ``1 - (n - 1) / n * SS_res / SS_tot`` (slightly above :func:`coefficient_of_determination`).
+
+    Returns:
+        ``[B]`` float64; NaN for a constant reference or a one-pixel image.
+    """
+    a, b = _pair(reference, estimate)
+    n = a.shape[1]
+    sse = ((a - b) ** 2).sum(axis=1)  # [B]
+    var = a.var(axis=1, ddof=1) if n > 1 else np.full(a.shape[0], np.nan)  # [B] unbiased
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(var > 0, 1.0 - sse / (n * var), np.nan)
+
+
+def mean_squared_error(reference: np.ndarray | torch.Tensor, estimate: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``[B]`` mean over pixels of ``(reference - estimate)^2``."""
+    a, b = _pair(reference, estimate)
+    return ((a - b) ** 2).mean(axis=1)
+
+
+def pooled_r2(reference: np.ndarray | torch.Tensor, estimate: np.ndarray | torch.Tensor) -> float:
+    """One R^2 over all images' pixels: ``1 - sum (ref - est)^2 / sum (ref - mean(ref))^2``.
+
+    The mean is over every pixel of every image (not per image), so the
+    denominator also counts the variation between images.
+
+    Returns:
+        float (NaN for a constant reference).
+    """
+    a, b = _pair(reference, estimate)
+    ss_tot = float(((a - a.mean()) ** 2).sum())
+    return 1.0 - float(((a - b) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+
+
+def bootstrap_pooled_r2(
+    reference: np.ndarray | torch.Tensor,
+    estimate: np.ndarray | torch.Tensor,
+    *,
+    resamples: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`pooled_r2` with a percentile-bootstrap interval over images (resampled with replacement).
+
+    Returns:
+        ``{"value", "ci_low", "ci_high", "n", "level", "resamples", "seed"}``.
+    """
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"need resamples >= 1 and 0 < level < 1, got {resamples}, {level}")
+    a, b = _pair(reference, estimate)  # [S, D]
+    S = a.shape[0]
+    out: dict[str, Any] = {"n": S, "level": level, "resamples": resamples, "seed": seed}
+    value = pooled_r2(a, b)
+    sse = ((a - b) ** 2).sum(axis=1)  # [S]
+    s1, s2, d = a.sum(axis=1), (a * a).sum(axis=1), a.shape[1]  # [S], [S], pixels per image
+    rng = np.random.default_rng(seed)
+    values = np.empty(resamples)
+    per_chunk = max(1, 2**20 // max(S, 1))
+    for start in range(0, resamples, per_chunk):
+        stop = min(resamples, start + per_chunk)
+        idx = rng.integers(0, S, size=(stop - start, S))  # [r, S]
+        total = s1[idx].sum(axis=1)  # [r]
+        ss_tot = s2[idx].sum(axis=1) - total**2 / (S * d)  # [r] sum of squares about the pooled mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values[start:stop] = np.where(ss_tot > 0, 1.0 - sse[idx].sum(axis=1) / ss_tot, np.nan)
+    finite = values[np.isfinite(values)]
+    if not np.isfinite(value) or finite.size == 0:
+        return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), **out}
+    lo, hi = np.quantile(finite, [(1.0 - level) / 2, (1.0 + level) / 2])
+    return {"value": value, "ci_low": float(lo), "ci_high": float(hi), **out}
+
+
+def beats_fraction(r_machine: Sequence[float] | np.ndarray, r_other: Sequence[float] | np.ndarray) -> dict[str, Any]:
+    """How often ``r_machine > r_other`` (strictly), over the seeds where both are finite.
+
+    Returns:
+        ``{"wins", "n", "fraction"}`` (fraction NaN when n = 0).
+    """
+    a, b = np.asarray(r_machine, dtype=np.float64), np.asarray(r_other, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    wins = int((a[ok] > b[ok]).sum())
+    n = int(ok.sum())
+    return {"wins": wins, "n": n, "fraction": wins / n if n else float("nan")}
+
+
 def compare(reference: np.ndarray | torch.Tensor, estimate: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-    """``{"pearson_r", "r_squared", "R2"}``, each ``[B]``, of ``estimate`` against ``reference``."""
+    """Every metric of :data:`METRIC_NAMES`, each ``[B]``, of ``estimate`` against ``reference``."""
     r = pearson_r(reference, estimate)
-    return {"pearson_r": r, "r_squared": r**2, "R2": coefficient_of_determination(reference, estimate)}
+    return {"pearson_r": r, "r_squared": r**2, "R2": coefficient_of_determination(reference, estimate),
+            "R2_ads": r2_ads(reference, estimate), "mse": mean_squared_error(reference, estimate)}
 
 
 def bootstrap_median(
@@ -223,6 +327,17 @@ def summarize(
         for n in names
     }
     out: dict[str, Any] = {"n_seeds": S, "per_seed": rows, "aggregates": aggregates}
+    out["pooled"] = {n: {"R2_pooled": bootstrap_pooled_r2(ref, images[n], resamples=resamples, seed=bootstrap_seed)}
+                     for n in names}
+    out["R2_ads_mean"] = {n: _json_float(np.nanmean(metrics[n]["R2_ads"])) if np.isfinite(metrics[n]["R2_ads"]).any()
+                          else None for n in names}
+    if machine in metrics:
+        out["machine_beats"] = {
+            "machine": machine,
+            "metric": "pearson_r (strictly greater)",
+            "versus": {n: beats_fraction(metrics[machine]["pearson_r"], metrics[n]["pearson_r"])
+                       for n in names if n != machine},
+        }
     if machine in metrics and baseline in metrics:
         wins = metrics[machine]["pearson_r"] > metrics[baseline]["pearson_r"]  # [S]
         out["fraction_machine_beats_baseline"] = {
@@ -290,6 +405,7 @@ def evaluate(
     *,
     patch_sizes: PatchSchedule,
     sigmas: torch.Tensor | None = None,
+    network_sigmas: torch.Tensor | None = None,
     labels: Sequence[int] | None = None,
     names: tuple[str, str] = ("els", "ideal"),
     train_images: torch.Tensor | None = None,
@@ -309,8 +425,10 @@ def evaluate(
         seeds: Seeds; seed s starts from ``noise_for_seed(s)``.
         shape: ``(C, H, W)``.
         patch_sizes: The machine's locality schedule k(sigma).
-        sigmas: The sampler grid of every denoiser (default: the paper's cosine grid
+        sigmas: The sampler grid of the machines (default: the paper's cosine grid
             with one step per entry of ``patch_sizes``).
+        network_sigmas: The network's grid (default: ``sigmas``; the paper samples
+            its networks on the 150-step cosine grid).
         labels: The class of each seed (conditional models), for every denoiser.
         names: Keys of the machine's and the baseline's samples.
         train_images: ``[N, C, H, W]`` for the nearest-training-image check.
@@ -321,7 +439,7 @@ def evaluate(
         device: Where the samplers run (the denoisers must live there too).
     """
     sigmas = sigmas_cosine(len(patch_sizes)) if sigmas is None else sigmas
-    steps = len(sigmas) - 1
+    network_sigmas = sigmas if network_sigmas is None else network_sigmas
     reuse = dict(reuse or {})
     runs: list[tuple[str, Any, PatchSchedule | None]] = [
         ("network", network, None), (names[0], machine, patch_sizes), (names[1], baseline, None),
@@ -334,10 +452,11 @@ def evaluate(
             images[name] = np.asarray(reuse[name], dtype=np.float32)
             seconds[name] = None
             continue
-        with tqdm(total=steps * n_batches, desc=name, unit="call", file=sys.stderr, dynamic_ncols=True,
+        grid = network_sigmas if name == "network" else sigmas
+        with tqdm(total=(len(grid) - 1) * n_batches, desc=name, unit="call", file=sys.stderr, dynamic_ncols=True,
                   disable=not progress) as bar:
             start = time.perf_counter()
-            out = run_sampler(denoiser, seeds, shape, sigmas=sigmas, patch_sizes=ps, labels=labels,
+            out = run_sampler(denoiser, seeds, shape, sigmas=grid, patch_sizes=ps, labels=labels,
                               batch_size=batch_size, bar=bar, device=device)
             seconds[name] = (time.perf_counter() - start) / len(seeds)
         images[name] = out.numpy().astype(np.float32)

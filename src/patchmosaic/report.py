@@ -13,6 +13,9 @@ files are there:
 * the locality schedule k(t) (``patch_sizes[i-1]`` is used at t = i/steps);
 * evaluation results (``metrics.json`` of ``patchmosaic evaluate``):
   ``scatter.png``, ``comparison.png``, the aggregates and the per-seed table;
+* comparison results (``leaderboard.json`` of ``patchmosaic compare``): the
+  leaderboard table (medians with intervals, pooled R^2, ELS wins), the protocol
+  (both step counts), ``per_step.png`` and ``comparison.png``;
 * ``explain.json`` of ``patchmosaic explain``: its scalars, the ``summary``
   (medians over seeds) and ``per_seed`` metrics as tables, the ``definitions``
   (also as header tooltips), ``n_eff_over_time`` as a sentence with collapsed
@@ -65,11 +68,14 @@ from patchmosaic.runs import (
     to_uint8,
 )
 
-__all__ = ["EVALUATION_FIGURES", "METRICS_FILE", "REPORT_FILE", "build_report"]
+__all__ = ["COMPARISON_FIGURES", "EVALUATION_FIGURES", "LEADERBOARD_FILE", "METRICS_FILE", "REPORT_FILE",
+           "build_report"]
 
 REPORT_FILE = "index.html"
 METRICS_FILE = "metrics.json"  # as patchmosaic.pretrained.METRICS_FILE (written by `patchmosaic evaluate`)
 EVALUATION_FIGURES = ("scatter.png", "comparison.png")
+LEADERBOARD_FILE = "leaderboard.json"  # written by `patchmosaic compare`
+COMPARISON_FIGURES = ("per_step.png", "comparison.png")
 
 SAMPLE_SIDE_PX = 192  # explorer: a sample canvas is about this many CSS pixels wide
 THUMB_SIDE_PX = 112  # explorer: training-image thumbnails
@@ -89,8 +95,9 @@ def build_report(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.P
     ``overwrite``, which replaces ``index.html`` only (nothing is deleted).
 
     Args:
-        run_dirs: Run directories of ``patchmosaic sample`` (``config.json``)
-            or ``patchmosaic evaluate`` (``metrics.json``), in report order.
+        run_dirs: Run directories of ``patchmosaic sample`` (``config.json``),
+            ``patchmosaic evaluate`` (``metrics.json``) or ``patchmosaic compare``
+            (``leaderboard.json``), in report order.
         out_dir: Output directory for ``index.html``.
         overwrite: Allow a non-empty ``out_dir``.
 
@@ -160,6 +167,7 @@ class _Run:
     path: Path
     config: dict[str, Any]  # config.json, or metrics.json["config"] of an evaluation directory
     metrics: dict[str, Any] | None  # metrics.json with per_seed and aggregates, or None
+    comparison: dict[str, Any] | None = None  # leaderboard.json of `compare`, or None
 
     @property
     def title(self) -> str:
@@ -167,6 +175,8 @@ class _Run:
 
     @property
     def kind(self) -> str:
+        if self.comparison is not None:
+            return "comparison"
         if self.metrics is not None:
             return "evaluation"
         return "network samples" if self.config.get("denoiser") == "network" else "sample run"
@@ -186,8 +196,18 @@ class _Run:
                     raise ValueError(f"{path / METRICS_FILE}: 'per_seed' must be a list of objects and 'aggregates' "
                                      "an object (not an evaluate metrics file?)")
                 metrics = data
+        comparison = None
+        if (path / LEADERBOARD_FILE).is_file():
+            data = _read_json(path / LEADERBOARD_FILE)
+            if not (isinstance(data, dict) and isinstance(data.get("leaderboard"), list)
+                    and all(isinstance(e, dict) for e in data["leaderboard"]) and isinstance(data.get("config"), dict)):
+                raise ValueError(f"{path / LEADERBOARD_FILE}: expected 'leaderboard' (a list of objects) and 'config' "
+                                 "(not a compare leaderboard?)")
+            comparison = data
         if (path / CONFIG_FILE).is_file():
             config = _read_json(path / CONFIG_FILE)
+        elif comparison is not None:
+            config = comparison["config"]
         elif metrics is not None and isinstance(metrics.get("config"), dict):
             config = metrics["config"]
         else:
@@ -196,7 +216,7 @@ class _Run:
             )
         if not isinstance(config, dict):
             raise ValueError(f"{path / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
-        return cls(path=path, config=config, metrics=metrics)
+        return cls(path=path, config=config, metrics=metrics, comparison=comparison)
 
 
 def _read_json(path: Path) -> Any:
@@ -252,6 +272,8 @@ def _run_section(run: _Run, anchor: str) -> str:
     ]
     if run.metrics is not None:
         parts.append(_evaluation_html(run))
+    if run.comparison is not None:
+        parts.append(_comparison_html(run))
     parts.append(_explain_html(run))
     if (run.path / PROVENANCE_FILE).is_file():
         parts.append(_explorer_html(run, anchor))
@@ -289,7 +311,7 @@ def _samples_html(run: _Run) -> str:
         archive = load_samples(samples)
         return _figure("Samples", _data_uri(_grid_png(archive["images"])),
                        _grid_caption(SAMPLES_FILE, archive["seeds"]))
-    archives = sorted(run.path.glob("samples_*.npz")) if run.metrics is not None else []
+    archives = sorted(run.path.glob("samples_*.npz")) if run.metrics is not None or run.comparison else []
     archives.sort(key=lambda path: path.stem != "samples_network")  # the reference first, then by name
     if not archives:
         return _note("Samples", f"no {GRID_FILE} or {SAMPLES_FILE} in this directory.")
@@ -318,6 +340,8 @@ def _grid_caption(name: str, seeds: np.ndarray) -> str:
 
 
 def _schedule_html(run: _Run) -> str:
+    if run.comparison is not None:
+        return ""  # each denoiser's schedule is among its parameters in the leaderboard
     sizes = run.config.get("patch_sizes")
     machine = run.config.get("machine")
     if sizes is None:
@@ -383,6 +407,45 @@ def _evaluation_html(run: _Run) -> str:
     parts.append(_records_table(rows) if _is_records(rows) else _kv_table(_flatten(rows, "per_seed")))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _comparison_html(run: _Run) -> str:
+    data = run.comparison or {}
+    cfg = data["config"]
+    parts = ['<section class="sub"><h3>Comparison with the network</h3>',
+             f"<p>Network sampled with <b>{_fmt(cfg.get('network_steps'))}</b> steps, denoisers with "
+             f"<b>{_fmt(cfg.get('steps'))}</b> steps ({_e(cfg.get('sampler'))} sampler, {_e(cfg.get('grid'))} grid), "
+             f"{_fmt(len(cfg.get('seeds') or []))} seeds, the same noise for everyone.</p>"]
+    figures = [f'<figure><img src="{_data_uri((run.path / name).read_bytes())}" alt="{_e(name)}">'
+               f"<figcaption>{_e(name)}</figcaption></figure>"
+               for name in COMPARISON_FIGURES if (run.path / name).is_file()]
+    if figures:
+        parts.append('<div class="figures">' + "".join(figures) + "</div>")
+    columns = ["#", "denoiser", "Pearson r", "r^2", "R^2", "R^2 (ADS, mean)", "R^2 pooled", "MSE", "ELS beats it",
+               "s / seed", "parameters"]
+    rows = []
+    for rank, e in enumerate(data["leaderboard"], 1):
+        m = e.get("metrics", {})
+        win = e.get("els_beats_this")
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in (e.get("parameters") or {}).items()) or "-"
+        rows.append([str(rank), str(e.get("name")), *(_interval(m.get(k, {})) for k in ("pearson_r", "r_squared", "R2")),
+                     _fmt(e.get("R2_ads_mean")), _interval(e.get("R2_pooled", {}), "value"),
+                     _interval(m.get("mse", {})), "-" if not win else f"{_fmt(win['wins'])}/{_fmt(win['n'])}",
+                     _fmt(e.get("seconds_per_seed")), params])
+    parts.append("<h4>Leaderboard</h4>")
+    parts.append("<p>Medians over seeds with percentile-bootstrap 95% intervals, best Pearson r first.</p>")
+    parts.append('<div class="scroll">' + _table(columns, rows) + "</div>")
+    per_seed = data.get("per_seed")
+    if _is_records(per_seed):
+        parts.append(f"<details><summary>per seed ({len(per_seed)})</summary>{_records_table(per_seed)}</details>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _interval(stats: Any, central: str = "median") -> str:
+    if not isinstance(stats, dict) or stats.get(central) is None:
+        return "n/a"
+    return f"{_fmt(stats[central])} [{_fmt(stats.get('ci_low'))}, {_fmt(stats.get('ci_high'))}]"
 
 
 def _is_records(value: Any) -> bool:

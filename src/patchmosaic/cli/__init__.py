@@ -1,6 +1,6 @@
 """The ``patchmosaic`` command line: configuration lives here, at the edge.
 
-One module per command (``sample``, ``train``, ``calibrate``, ``evaluate``,
+One module per command (``sample``, ``train``, ``calibrate``, ``evaluate``, ``compare``,
 ``pretrained``, ``explain``, ``report``, ``probe``), shared flag handling in
 :mod:`patchmosaic.cli.common` and the trained-network side in
 :mod:`patchmosaic.cli.network`. Conventions: usage errors (bad flags or values,
@@ -28,6 +28,7 @@ def main() -> None:
 def _register() -> None:
     """Attach every command's module (imported here, so no command module imports another)."""
     from patchmosaic.cli.calibrate import calibrate_command
+    from patchmosaic.cli.compare import compare_command
     from patchmosaic.cli.evaluate import evaluate_command
     from patchmosaic.cli.explain import explain_command
     from patchmosaic.cli.pretrained import pretrained_group
@@ -36,8 +37,8 @@ def _register() -> None:
     from patchmosaic.cli.sample import sample_command
     from patchmosaic.cli.train import train
 
-    for command in (sample_command, train, calibrate_command, evaluate_command, pretrained_group, explain_command,
-                    report_command, probe_command):
+    for command in (sample_command, train, calibrate_command, evaluate_command, compare_command, pretrained_group,
+                    explain_command, report_command, probe_command):
         main.add_command(command)
 
 

@@ -26,12 +26,15 @@ from patchmosaic.cli.common import (
     parse_seeds_flag,
     resolve_device,
     set_threads,
+    training_set_options,
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
-from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS
+from patchmosaic.data import ImageDataset
+from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS, PatchComposite
 from patchmosaic.pretrained import (
     LABEL_RULE,
     SCHEDULE_FILE,
+    TrainingSet,
 )
 from patchmosaic.runs import (
     CONFIG_FILE,
@@ -43,8 +46,10 @@ from patchmosaic.samplers import noise_for_seeds
 
 @click.command("calibrate")
 @click.option("--model", "model_spec", required=True, help=MODEL_HELP)
-@click.option("--machine", type=click.Choice(PATCH_MACHINES), default="els", show_default=True,
-              help="Patch machine whose patch size is calibrated (on the network's training subset and padding).")
+@click.option("--denoiser", "--machine", "machine", type=click.Choice((*PATCH_MACHINES, "pspc")), default="els",
+              show_default=True,
+              help="Denoiser whose locality knob is calibrated, on the network's training subset (--machine is an "
+              "alias): ls/els (patch size k, with the network's padding) or pspc (PSPC-Square window side P).")
 @click.option("--candidates", default="3,5,7,9,11,13,15,17,19,21", show_default=True,
               help="Odd patch sizes to try: a list '3,5,7' or odd ranges '3-31' (= 3,5,...,31). "
               "Sizes the machine does not allow are an error.")
@@ -62,6 +67,7 @@ from patchmosaic.samplers import noise_for_seeds
               help="Reuse a non-empty --out: replace schedule.json and config.json, keep every other file.")
 @click.option("--chunk-elements", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ELEMENTS, show_default=True,
               help="Memory bound of the machine: elements of one streamed logit block.")
+@training_set_options
 @compute_options
 def calibrate_command(
     model_spec: str,
@@ -73,10 +79,12 @@ def calibrate_command(
     out: Path,
     overwrite: bool,
     chunk_elements: int,
+    dataset: str | None,
+    n_train: int | None,
     threads: int | None,
     device: str,
 ) -> None:
-    """Calibrate a locality schedule k(t) against a trained network.
+    """Calibrate a locality schedule k(t) against a trained network (ls/els patch size, or PSPC's window).
 
     The network drives deterministic DDIM from each seed's noise; at every step
     t = i/steps each candidate machine denoises the network's current x_t and
@@ -103,7 +111,11 @@ def calibrate_command(
         seed_list = parse_seeds_flag(seeds)
         out = check_out_flag(out, overwrite, CALIBRATE_FILES)
         model = LoadedModel(model_spec)
-        score_machine, data, ts = machine_for(model, machine, chunk_elements, dev)
+        model.use_training_set(dataset, n_train)
+        if machine == "pspc":
+            score_machine, data, ts = _pspc_for(model, chunk_elements, dev, cands)
+        else:
+            score_machine, data, ts = machine_for(model, machine, chunk_elements, dev)
         try:
             cands = check_candidates(score_machine, cands)
         except ValueError as err:
@@ -152,6 +164,24 @@ def calibrate_command(
         "each candidate is a full machine call, nothing shared across k)"
     )
     click.echo(f"wrote {out / SCHEDULE_FILE} and {out / CONFIG_FILE}")
+
+
+def _pspc_for(model: LoadedModel, chunk_elements: int, device: torch.device,
+              cands: tuple[int, ...]) -> tuple[PatchComposite, ImageDataset, TrainingSet]:
+    """PSPC-Square on the network's training subset (windows stay inside the image: no padding)."""
+    ts = model.training_set()
+    data = ts.load()
+    if tuple(data.images.shape[1:]) != model.shape:
+        raise ValueError(f"the training set {ts.dataset!r} loads as {list(data.images.shape[1:])} images but the "
+                         f"network expects {list(model.shape)}")
+    model.denoiser.model.to(device)
+    _, H, W = model.shape
+    if max(cands) > min(H, W):
+        raise click.BadParameter(f"window size {max(cands)} does not fit the {H}x{W} images",
+                                 param_hint="'--candidates'")
+    pspc = PatchComposite(data.images.to(device), patch_size=min(cands), chunk_elements=chunk_elements,
+                          labels=data.labels if model.num_classes else None)
+    return pspc, data, ts
 
 
 def _parse_candidates(spec: str) -> tuple[int, ...]:

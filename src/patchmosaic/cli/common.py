@@ -11,6 +11,7 @@ from typing import Any
 import click
 import torch
 
+from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS
 from patchmosaic.pretrained import (
     METRICS_FILE,
     SCHEDULE_FILE,
@@ -56,10 +57,12 @@ class ImageSize(click.ParamType):
 
 PATCH_MACHINES = ("els", "ls")
 MODEL_HELP = (
-    "Trained network: a checkpoint file, a run directory holding model.pt, 'pretrained:<name>' or a bare "
-    "pretrained name (see `patchmosaic pretrained`)."
+    "Trained network: a checkpoint file, a run directory holding model.pt, 'pretrained:<name>', a bare "
+    "pretrained name (see `patchmosaic pretrained`), or 'diffusers:DIR' (a saved diffusers UNet2DModel with its "
+    "DDPM/DDIM scheduler_config.json; safetensors only; needs the diffusers extra)."
 )
 CALIBRATE_FILES = (SCHEDULE_FILE, CONFIG_FILE)
+COMPARE_FILES = ("leaderboard.json", "leaderboard.md", "per_step.png", "comparison.png", "samples_<name>.npz")
 EVALUATE_FILES = (METRICS_FILE, "scatter.png", "comparison.png", "samples_network.npz", "samples_<machine>.npz",
                   "samples_ideal.npz")
 
@@ -158,6 +161,36 @@ def resolve_device(spec: str) -> torch.device:
     elif device.type != "cpu":
         raise click.BadParameter(f"--device {spec}: only cpu and cuda devices are supported", param_hint="'--device'")
     return device
+
+
+def training_set_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """``--dataset``/``--n-train``: the machines' training set, for a network that records none (diffusers:DIR)."""
+    fn = click.option("--n-train", type=click.IntRange(min=1), default=None,
+                      help="With --dataset: its first N images.  [default: all]")(fn)
+    return click.option("--dataset", default=None,
+                        help="Training set of the closed-form denoisers, for a network that records none "
+                        "(diffusers:DIR): a load_dataset spec (mnist, cifar10, a .npz ...). Refused for this "
+                        "toolkit's checkpoints (they record theirs).")(fn)
+
+
+def comparison_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The options of the commands that compare denoisers with a network (``evaluate``, ``compare``)."""
+    options = (
+        click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Seeds per sampler call."),
+        click.option("--bootstrap-resamples", type=click.IntRange(min=1), default=10_000, show_default=True,
+                     help="Bootstrap resamples for the 95% intervals."),
+        click.option("--bootstrap-seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="numpy default_rng seed of the bootstrap."),
+        click.option("--comparison-rows", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Seeds (rows) shown in comparison.png."),
+        click.option("--chunk-elements", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ELEMENTS,
+                     show_default=True, help="Memory bound of the score machines: elements of one streamed logit "
+                     "block."),
+    )
+    for option in reversed(options):
+        fn = option(fn)
+    return training_set_options(fn)
 
 
 def compute_options(fn: Callable[..., None]) -> Callable[..., None]:

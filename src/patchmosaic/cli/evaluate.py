@@ -17,6 +17,7 @@ from patchmosaic.cli.common import (
     MODEL_HELP,
     PATCH_MACHINES,
     check_out_flag,
+    comparison_options,
     compute_options,
     parse_seeds_flag,
     resolve_device,
@@ -24,7 +25,7 @@ from patchmosaic.cli.common import (
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
 from patchmosaic.data import ImageDataset
-from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS, ScoreMachine
+from patchmosaic.denoisers import ScoreMachine
 from patchmosaic.evaluation import evaluate, save_comparison, save_scatter
 from patchmosaic.pretrained import (
     LABEL_RULE,
@@ -41,7 +42,7 @@ from patchmosaic.runs import (
     write_config,
 )
 from patchmosaic.samplers import NOISE_RULE
-from patchmosaic.schedules import PatchSchedule
+from patchmosaic.schedules import PatchSchedule, sigmas_cosine
 
 
 def _load_reuse(
@@ -122,16 +123,10 @@ def _load_reuse(
               help="A previous `sample` run (--machine els or ideal) whose samples replace that machine's run; its "
               "config must match (dataset, n_train, size, padding, schedule, steps, float32, labels) and its seeds "
               "must include --seeds. Repeatable.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Seeds per sampler call.")
-@click.option("--bootstrap-resamples", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Bootstrap resamples for the 95% intervals of the medians.")
-@click.option("--bootstrap-seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="numpy default_rng seed of the bootstrap.")
-@click.option("--comparison-rows", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Seeds (rows) shown in comparison.png.")
-@click.option("--chunk-elements", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ELEMENTS, show_default=True,
-              help="Memory bound of the machines: elements of one streamed logit block.")
+@click.option("--network-steps", type=click.IntRange(min=1), default=150, show_default=True,
+              help="DDIM steps of the network on the cosine grid (the paper's protocol: 150; the machines take "
+              "one step per schedule entry). --network-steps 20 with a 20-entry schedule gives both the same grid.")
+@comparison_options
 @compute_options
 def evaluate_command(
     model_spec: str,
@@ -141,6 +136,9 @@ def evaluate_command(
     out: Path,
     overwrite: bool,
     reuse_dirs: tuple[Path, ...],
+    dataset: str | None,
+    n_train: int | None,
+    network_steps: int,
     batch_size: int,
     bootstrap_resamples: int,
     bootstrap_seed: int,
@@ -152,7 +150,9 @@ def evaluate_command(
     """Compare a trained network with the ELS machine (and the ideal machine IS), seed by seed.
 
     For each seed the network, ELS (with the schedule) and IS run DDIM from
-    the same noise, on the network's training subset and padding. Per seed:
+    the same noise, on the network's training subset and padding: the
+    machines with one step per schedule entry, the network with
+    --network-steps (150, the paper's protocol). Per seed:
     the Pearson r of the final images (the number the paper's code reports as
     "r^2"), its square r^2, and R^2 = 1 - SS_res/SS_tot with the network as
     reference. Aggregates: medians with 95% bootstrap intervals, and the
@@ -169,6 +169,7 @@ def evaluate_command(
         seed_list = parse_seeds_flag(seeds)
         out = check_out_flag(out, overwrite, EVALUATE_FILES)
         model = LoadedModel(model_spec)
+        model.use_training_set(dataset, n_train)
         spec = patch_sizes
         if spec is None:
             if not model.source.schedule_path.is_file():
@@ -196,7 +197,8 @@ def evaluate_command(
             reuse[name] = images
         start = time.perf_counter()
         result = evaluate(
-            model.denoiser, patch_machine, baseline, seed_list, model.shape, patch_sizes=schedule, labels=labels,
+            model.denoiser, patch_machine, baseline, seed_list, model.shape, patch_sizes=schedule,
+            network_sigmas=sigmas_cosine(network_steps), labels=labels,
             names=(machine, "ideal"), train_images=data.images, reuse=reuse, batch_size=batch_size,
             resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed, device=dev,
         )
@@ -225,6 +227,8 @@ def evaluate_command(
                 "patch_sizes": list(schedule.sizes),
                 "patch_sizes_source": schedule.name,
                 "steps": len(schedule),
+                "network_steps": network_steps,
+                "grid": "cosine",
                 "seeds": seed_list,
                 "labels": labels,
                 "label_rule": None if labels is None else LABEL_RULE,
@@ -249,7 +253,8 @@ def evaluate_command(
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     agg = summary["aggregates"]
-    click.echo(f"{len(seed_list)} seeds, schedule {','.join(map(str, schedule.sizes))}, {wall:.1f} s")
+    click.echo(f"{len(seed_list)} seeds, schedule {','.join(map(str, schedule.sizes))}, machines {len(schedule)} "
+               f"steps, network {network_steps} steps, {wall:.1f} s")
     for name, label in ((machine, machine.upper()), ("ideal", "IS")):
         a = agg[name]
         click.echo(

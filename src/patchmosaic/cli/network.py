@@ -42,23 +42,70 @@ from patchmosaic.runs import (
 from patchmosaic.samplers import sample_seeds
 from patchmosaic.schedules import PatchSchedule
 
+DIFFUSERS_PREFIX = "diffusers:"
+
 
 class LoadedModel:
-    """A resolved ``--model``: the network as a denoiser, its configs and training set."""
+    """A resolved ``--model``: the network as a denoiser, its configs and training set.
+
+    ``diffusers:DIR`` loads a saved diffusers ``UNet2DModel`` and scheduler
+    (:func:`patchmosaic.denoisers.external.load_diffusers_unet`); its training set
+    is unknown, so commands that build machines pass it with :meth:`use_training_set`.
+    """
 
     def __init__(self, spec: str) -> None:
-        self.source: ModelSource = resolve_model(spec)
+        spec = str(spec).strip()
+        self.external: dict[str, Any] | None = None
+        self._given_set: TrainingSet | None = None
+        if spec.startswith(DIFFUSERS_PREFIX):
+            from patchmosaic.denoisers.external import load_diffusers_unet
+
+            directory = Path(spec.removeprefix(DIFFUSERS_PREFIX)).expanduser()
+            self.denoiser, self.external = load_diffusers_unet(directory)
+            self.source = ModelSource(spec, directory / "diffusion_pytorch_model.safetensors", directory, None)
+            self.config = None
+            self.meta = {}
+            self.num_classes = 0
+            self._shape = tuple(self.external["shape"])
+            return
+        self.source = resolve_model(spec)
         model, config, meta = load_checkpoint(self.source.checkpoint)
-        self.config: ModelConfig = config
+        self.config: ModelConfig | None = config
         self.meta: dict[str, Any] = meta
         self.denoiser = EpsDenoiser(model)
         self.num_classes = int(config.num_classes)
+        self._shape = (config.in_channels, config.image_size, config.image_size)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return (self.config.in_channels, self.config.image_size, self.config.image_size)
+        return self._shape  # type: ignore[return-value]
+
+    def use_training_set(self, dataset: str | None, n_train: int | None, padding: str = "zeros") -> None:
+        """``--dataset/--n-train``: the machines' training set, for a network whose own is unknown (diffusers).
+
+        Raises:
+            click.BadParameter: Given for a checkpoint of this toolkit (which records its own),
+                or missing for an external network.
+        """
+        if self.external is None:
+            if dataset is not None or n_train is not None:
+                raise click.BadParameter(
+                    f"model {self.source.describe()} records its own training set; --dataset/--n-train are only "
+                    "for external (diffusers:) networks", param_hint="'--dataset'")
+            return
+        if dataset is None:
+            raise click.BadParameter(
+                f"the training set of {self.source.spec} is unknown (a diffusers model records none); pass "
+                "--dataset (and --n-train) for the closed-form denoisers", param_hint="'--dataset'")
+        side = self.shape[1]
+        self._given_set = TrainingSet(dataset=dataset, n_train=n_train, image_size=side, padding=padding,
+                                      num_classes=0)
 
     def training_set(self) -> TrainingSet:
+        if self.external is not None:
+            if self._given_set is None:
+                raise ValueError(f"the training set of {self.source.spec} is unknown; pass --dataset/--n-train")
+            return self._given_set
         return training_set(self.config, self.meta["train_config"], where=f"checkpoint {self.source.checkpoint}")
 
     def labels(self, seeds: list[int]) -> list[int] | None:
@@ -66,6 +113,10 @@ class LoadedModel:
 
     def record(self) -> dict[str, Any]:
         """What a run's config records about the model."""
+        if self.external is not None:
+            return {"model": self.source.spec, "model_checkpoint": str(self.source.checkpoint),
+                    "model_kind": "diffusers", "diffusers": self.external,
+                    "training_set_given": None if self._given_set is None else self._given_set.to_dict()}
         return {
             "model": self.source.describe(),
             "model_checkpoint": str(self.source.checkpoint),

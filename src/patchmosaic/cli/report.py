@@ -25,9 +25,10 @@ __all__ = ["report_command"]
 def report_command(run_dirs: tuple[Path, ...], out: Path, overwrite: bool) -> None:
     """Write one self-contained HTML report (--out/index.html) about RUN_DIR...
 
-    For each run directory (of `sample` or `evaluate`): its key settings, the
-    sample grid, the locality schedule k(t), the evaluation figures and tables
-    (metrics.json), the `explain` figures and numbers (explain.json), and, with
+    For each run directory (of `sample`, `evaluate` or `compare`): its key
+    settings, the sample grid, the locality schedule k(t), the evaluation
+    figures and tables (metrics.json), the leaderboard and per-step figure
+    (leaderboard.json), the `explain` figures and numbers (explain.json), and, with
     provenance.npz (`sample --provenance`), the mosaic explorer: hover over or
     click a pixel of a sample to see the training patches it was built from.
     The page needs no server and no network; open it in a browser.
