@@ -84,15 +84,16 @@ def calibrate_command(
     threads: int | None,
     device: str,
 ) -> None:
-    """Calibrate a locality schedule k(t) against a trained network (ls/els patch size, or PSPC's window).
+    """Calibrate a locality schedule k(sigma) against a trained network (ls/els patch size, or PSPC's window).
 
     The network drives deterministic DDIM from each seed's noise; at every step
-    t = i/steps each candidate machine denoises the network's current x_t and
-    the candidate whose x0 estimate best matches the network's wins. The
-    schedule takes the median over seeds per step, rounded down to a candidate
-    (with odd candidates 3,5,7,...: the lower odd size when the median falls
-    between two), and stores it lowest noise first: the size chosen at t = i/steps
-    is entry i-1, the entry `sample --patch-sizes FILE` uses at that time.
+    (noise level sigma_i of the cosine grid t = i/steps) each candidate machine
+    denoises the network's current x and the candidate whose x0 estimate best
+    matches the network's wins. The schedule takes the median over seeds per
+    step, rounded down to a candidate (with odd candidates 3,5,7,...: the lower
+    odd size when the median falls between two), and stores it keyed by sigma_i,
+    lowest noise first (schedule.json: patch_sizes and sigmas), so
+    `sample --patch-sizes FILE` uses it at that noise level on any grid.
 
     Every candidate costs one full machine call per step (no work is shared
     across sizes); the reported cost ratio is the time of all candidate calls
