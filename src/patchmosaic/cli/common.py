@@ -15,6 +15,7 @@ from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS
 from patchmosaic.pretrained import (
     METRICS_FILE,
     SCHEDULE_FILE,
+    resolve_schedule_spec,
 )
 from patchmosaic.runs import (
     BATCH_DIR,
@@ -25,6 +26,7 @@ from patchmosaic.runs import (
     parse_seeds,
     undo_new_dir_on_failure,
 )
+from patchmosaic.schedules import PatchSchedule
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -92,6 +94,14 @@ def parse_seeds_flag(spec: str) -> list[int]:
         return parse_seeds(spec)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--seeds'") from err
+
+
+def parse_schedule_flag(spec: str, flag: str = "--patch-sizes") -> PatchSchedule:
+    """:meth:`PatchSchedule.parse` of a schedule flag (preset, list, file, ``pretrained:<name>``) as a usage error."""
+    try:
+        return PatchSchedule.parse(resolve_schedule_spec(spec))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.BadParameter(str(err), param_hint=f"'{flag}'") from err
 
 
 def undo_new_out_on_failure(

@@ -20,6 +20,7 @@ from patchmosaic.cli.common import (
     compute_options,
     family_options,
     family_params,
+    parse_schedule_flag,
     parse_seeds_flag,
     resolve_device,
     set_threads,
@@ -34,7 +35,7 @@ from patchmosaic.comparison import (
 from patchmosaic.denoisers import KINDS, ScoreMachine, check_machine_options
 from patchmosaic.denoisers.registry import DENOISERS, REQUIRED, build_denoiser
 from patchmosaic.evaluation import save_comparison
-from patchmosaic.pretrained import LABEL_RULE, SCHEDULE_FILE, resolve_schedule_spec
+from patchmosaic.pretrained import LABEL_RULE
 from patchmosaic.runs import save_samples, undo_new_dir_on_failure, write_config
 from patchmosaic.samplers import NOISE_RULE, SAMPLERS
 from patchmosaic.schedules import GRIDS, PatchSchedule, make_grid
@@ -107,10 +108,7 @@ def _family_denoiser(name: str, images: torch.Tensor, labels: torch.Tensor | Non
         if "patch_size" in kwargs:
             raise click.BadParameter("pass --patch-size or --pspc-patch-sizes, not both",
                                      param_hint="'--pspc-patch-sizes'")
-        try:
-            pspc_schedule = PatchSchedule.parse(resolve_schedule_spec(p["pspc_patch_sizes"]))
-        except (ValueError, FileNotFoundError) as err:
-            raise click.BadParameter(str(err), param_hint="'--pspc-patch-sizes'") from err
+        pspc_schedule = parse_schedule_flag(p["pspc_patch_sizes"], "--pspc-patch-sizes")
         kwargs["patch_size"] = pspc_schedule
     missing = [q.name for q in DENOISERS[name].params if q.default is REQUIRED and q.name not in kwargs]
     if missing:
@@ -188,17 +186,7 @@ def compare_command(**params: Any) -> None:
         # 1. the locality schedule of ls/els
         schedule = None
         if {"ls", "els"} & set(names):
-            spec = p["patch_sizes"]
-            if spec is None:
-                if not model.source.schedule_path.is_file():
-                    raise click.BadParameter(
-                        f"model {model.source.describe()} has no {SCHEDULE_FILE}; pass --patch-sizes for ls/els",
-                        param_hint="'--patch-sizes'")
-                spec = str(model.source.schedule_path)
-            try:
-                schedule = PatchSchedule.parse(resolve_schedule_spec(spec))
-            except (ValueError, FileNotFoundError) as err:
-                raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
+            schedule = parse_schedule_flag(model.schedule_spec(p["patch_sizes"]))
         if p["pspc_patch_sizes"] is not None and "pspc" not in names:
             raise click.BadParameter("--pspc-patch-sizes is PSPC's window schedule; pspc is not in --denoisers",
                                      param_hint="'--pspc-patch-sizes'")

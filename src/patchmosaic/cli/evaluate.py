@@ -19,6 +19,7 @@ from patchmosaic.cli.common import (
     check_out_flag,
     comparison_options,
     compute_options,
+    parse_schedule_flag,
     parse_seeds_flag,
     resolve_device,
     set_threads,
@@ -30,9 +31,7 @@ from patchmosaic.evaluation import evaluate, save_comparison, save_scatter
 from patchmosaic.pretrained import (
     LABEL_RULE,
     METRICS_FILE,
-    SCHEDULE_FILE,
     TrainingSet,
-    resolve_schedule_spec,
 )
 from patchmosaic.runs import (
     CONFIG_FILE,
@@ -170,19 +169,7 @@ def evaluate_command(
         out = check_out_flag(out, overwrite, EVALUATE_FILES)
         model = LoadedModel(model_spec)
         model.use_training_set(dataset, n_train)
-        spec = patch_sizes
-        if spec is None:
-            if not model.source.schedule_path.is_file():
-                raise click.BadParameter(
-                    f"model {model.source.describe()} has no {SCHEDULE_FILE} in {model.source.directory}; "
-                    "pass --patch-sizes (e.g. the schedule.json of `patchmosaic calibrate`)",
-                    param_hint="'--patch-sizes'",
-                )
-            spec = str(model.source.schedule_path)
-        try:
-            schedule = PatchSchedule.parse(resolve_schedule_spec(spec))
-        except (ValueError, FileNotFoundError) as err:
-            raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
+        schedule = parse_schedule_flag(model.schedule_spec(patch_sizes))
         patch_machine, data, ts = machine_for(model, machine, chunk_elements, dev)
         baseline = ScoreMachine(data.images, kind="ideal", padding=ts.padding, device=dev,
                                 labels=data.labels if model.num_classes else None, chunk_elements=chunk_elements)

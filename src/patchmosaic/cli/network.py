@@ -101,6 +101,18 @@ class LoadedModel:
         self._given_set = TrainingSet(dataset=dataset, n_train=n_train, image_size=side, padding=padding,
                                       num_classes=0)
 
+    def schedule_spec(self, patch_sizes: str | None, param_hint: str = "'--patch-sizes'") -> str:
+        """``patch_sizes`` if given, else the model's calibrated ``schedule.json`` (a usage error if it has none)."""
+        if patch_sizes is not None:
+            return patch_sizes
+        if not self.source.schedule_path.is_file():
+            raise click.BadParameter(
+                f"model {self.source.describe()} has no {SCHEDULE_FILE} in {self.source.directory}; "
+                "calibrate it (`patchmosaic calibrate`) or pass --patch-sizes",
+                param_hint=param_hint,
+            )
+        return str(self.source.schedule_path)
+
     def training_set(self) -> TrainingSet:
         if self.external is not None:
             if self._given_set is None:
@@ -192,14 +204,7 @@ def resolve_like(
             f"model {model.source.describe()} is unconditional, so its ELS machine is too; drop --label",
             param_hint="'--label'",
         )
-    if patch_sizes is None:
-        if not model.source.schedule_path.is_file():
-            raise click.BadParameter(
-                f"model {model.source.describe()} has no {SCHEDULE_FILE} in {model.source.directory}; "
-                "calibrate it (`patchmosaic calibrate`) or pass --patch-sizes",
-                param_hint="'--like'",
-            )
-        patch_sizes = str(model.source.schedule_path)
+    patch_sizes = model.schedule_spec(patch_sizes, param_hint="'--like'")
     schedule = PatchSchedule.parse(resolve_schedule_spec(patch_sizes))
     return {
         "dataset": ts.dataset,

@@ -25,6 +25,7 @@ from patchmosaic.cli.common import (
     family_options,
     family_params,
     open_sample_run,
+    parse_schedule_flag,
     parse_seeds_flag,
     report_kept_samples,
     resolve_device,
@@ -41,7 +42,7 @@ from patchmosaic.denoisers import (
 )
 from patchmosaic.denoisers.registry import DENOISERS, build_denoiser
 from patchmosaic.geometry import PADDINGS
-from patchmosaic.pretrained import LABEL_RULE, labels_for_seeds, resolve_schedule_spec
+from patchmosaic.pretrained import LABEL_RULE, labels_for_seeds
 from patchmosaic.provenance import ProvenanceRecorder
 from patchmosaic.runs import (
     BATCH_DIR,
@@ -355,10 +356,7 @@ def _resolve_schedule(kind: str, padding: str, spec: str | None, steps: int, wra
                                      param_hint="'--patch-sizes'")
         if spec is None:
             return None
-        try:
-            return PatchSchedule.parse(resolve_schedule_spec(spec))
-        except (ValueError, FileNotFoundError) as err:
-            raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
+        return parse_schedule_flag(spec)
     try:
         check_machine_options(kind, padding, wrap)  # the one check of kind x padding x wrap
     except ValueError as err:
@@ -376,11 +374,7 @@ def _resolve_schedule(kind: str, padding: str, spec: str | None, steps: int, wra
             "a list like 3,5,7 or a schedule JSON file",
             param_hint="'--patch-sizes'",
         )
-    try:
-        schedule = PatchSchedule.parse(resolve_schedule_spec(spec))
-    except (ValueError, FileNotFoundError) as err:
-        raise click.BadParameter(str(err), param_hint="'--patch-sizes'") from err
-    return schedule
+    return parse_schedule_flag(spec)
 
 
 def _check_label(data: ImageDataset, label: int | None) -> str | None:
