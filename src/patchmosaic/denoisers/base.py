@@ -41,6 +41,7 @@ __all__ = [
     "call_generator",
     "check_positive_int",
     "check_images",
+    "check_label_vector",
     "sigma_vector",
 ]
 
@@ -84,6 +85,33 @@ def bind_label(denoiser: object, label: LabelArg) -> object:
     """``denoiser`` with ``label`` bound: its own ``bind(label=)`` where it has one, else :class:`LabelBound`."""
     bind = getattr(denoiser, "bind", None)
     return bind(label=label) if bind is not None else LabelBound(denoiser, label)  # type: ignore[arg-type]
+
+
+def check_label_vector(
+    label: LabelArg, batch: int, classes: Sequence[int] | None, what: str = "denoiser"
+) -> torch.Tensor | None:
+    """``label`` (an int or a ``[B]`` tensor) as a checked ``[B]`` long tensor, or None.
+
+    Args:
+        label: The class of every sample, or of each.
+        batch: B.
+        classes: The classes present in the training labels; None when the
+            ``what`` was built without labels.
+    """
+    if label is None:
+        return None
+    if classes is None:
+        raise ValueError(f"label given but the {what} was built without training labels (labels=[N])")
+    lab = torch.as_tensor(label)
+    if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+        raise ValueError(f"label must be an integer or an integer [B] tensor, got {lab.dtype}")
+    lab = lab.to(torch.long).flatten() if lab.ndim else lab.to(torch.long).expand(batch)
+    if lab.shape != (batch,):
+        raise ValueError(f"label must be an int or a [B] = [{batch}] tensor, got {tuple(lab.shape)}")
+    missing = sorted(set(lab.tolist()) - set(classes))
+    if missing:
+        raise ValueError(f"label(s) {missing} not present in the training labels (classes: {list(classes)})")
+    return lab
 
 
 def check_positive_int(value: object, name: str, *, maximum: int | None = None, what_max: str = "") -> int:
@@ -240,21 +268,8 @@ class TrainingSet:
         return self.num if cls is None else int(self._index[cls].numel())
 
     def label_vector(self, label: LabelArg, batch: int) -> torch.Tensor | None:
-        """``label`` (int or ``[B]``) as a checked ``[B]`` long tensor, or None."""
-        if label is None:
-            return None
-        if self.labels is None:
-            raise ValueError("label given but the denoiser was built without training labels (labels=[N])")
-        lab = torch.as_tensor(label)
-        if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
-            raise ValueError(f"label must be an integer or an integer [B] tensor, got {lab.dtype}")
-        lab = lab.to(torch.long).flatten() if lab.ndim else lab.to(torch.long).expand(batch)
-        if lab.shape != (batch,):
-            raise ValueError(f"label must be an int or a [B] = [{batch}] tensor, got {tuple(lab.shape)}")
-        missing = sorted(set(lab.tolist()) - set(self.classes))
-        if missing:
-            raise ValueError(f"label(s) {missing} not present in the training labels (classes: {self.classes})")
-        return lab
+        """``label`` (int or ``[B]``) as a checked ``[B]`` long tensor, or None (:func:`check_label_vector`)."""
+        return check_label_vector(label, batch, None if self.labels is None else self.classes)
 
     def by_class(
         self,

@@ -35,7 +35,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from patchmosaic.denoisers.base import check_images, sigma_vector
+from patchmosaic.denoisers.base import check_images, check_label_vector, sigma_vector
 from patchmosaic.engine import (
     SoftmaxMean,
     augment_keys,
@@ -289,22 +289,7 @@ class ScoreMachine:
         return ab.contiguous()
 
     def _label_vector(self, label: int | torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        if label is None:
-            return None
-        if self.labels is None:
-            raise ValueError("label given but the machine was built without training labels")
-        lab = torch.as_tensor(label)
-        if lab.is_floating_point():
-            raise ValueError(f"label must be an integer or an integer [B] tensor, got {lab.dtype}")
-        lab = lab.to(torch.long).flatten() if lab.ndim else lab.to(torch.long).expand(batch)
-        if lab.shape != (batch,):
-            raise ValueError(f"label must be an int or a [B] = [{batch}] tensor, got {tuple(lab.shape)}")
-        missing = sorted(set(lab.tolist()) - set(self._classes))
-        if missing:
-            raise ValueError(
-                f"label(s) {missing} not present in the training labels (classes: {self._classes})"
-            )
-        return lab
+        return check_label_vector(label, batch, None if self.labels is None else self._classes, what="machine")
 
     # --------------------------------------------------------------- denoise
     def denoise(
