@@ -133,14 +133,15 @@ class PatchComposite(TrainingSetDenoiser):
 
         Two streams over the candidates: the per-window log normaliser, then the
         weights, spread back to pixels by a transposed box filter (the adjoint of
-        the window sums) and divided by the number of windows containing p.
+        the window sums) and divided by the number of windows containing p; the
+        output ``sum_k omega_k(p) X_k[p]`` comes from the second stream.
         """
         train = self.train.subset(x, cls)  # [N', C, H, W] (mirrors after the originals with flips)
         ids = self.train.global_ids(cls).to(x.device)  # [N'] index into the (doubled) training set
         n_orig = self.train.num // (2 if self.flips else 1)
         flipped, ids = ids >= n_orig, ids % n_orig  # [N'] each
         B, C, H, W = x.shape
-        out = self._denoise_class(x, sigma, cls)  # [B, C, H, W]
+        out = torch.empty_like(x)  # [B, C, H, W], sum_k omega_k(p) X_k[p]: the denoiser's output
         K = max(1, min(train.shape[0], self.chunk_elements // (B * H * W)))
         parts = []
         for P in sorted({self.size_at(s) for s in sigma.tolist()}):
@@ -153,11 +154,15 @@ class PatchComposite(TrainingSetDenoiser):
             ones = x.new_ones(1, 1, P, P)
             count = F.conv_transpose2d(torch.ones_like(lse[:1, None]), ones)  # [1, 1, H, W]
             tally = PixelMixtureTally(xs.shape[0], H, W, top, x)
+            mean = torch.zeros_like(xs)  # [B_P, C, H, W]
             for start, logits in self._window_logits(xs, ss, train, P, K):
                 w = (logits - lse[:, None]).exp()  # [B_P, k, nh, nw], window posteriors
                 k = w.shape[1]
                 omega = F.conv_transpose2d(w.reshape(-1, 1, *w.shape[2:]), ones) / count  # [B_P * k, 1, H, W]
-                tally.add(omega.view(xs.shape[0], k, H, W), ids[start : start + k], flipped[start : start + k])
+                omega = omega.view(xs.shape[0], k, H, W)
+                mean += torch.einsum("bkhw,kchw->bchw", omega, train[start : start + k])
+                tally.add(omega, ids[start : start + k], flipped[start : start + k])
+            out[rows] = mean
             parts.append((rows, tally.result()))
         return out, Provenance.scatter(parts, B)
 
