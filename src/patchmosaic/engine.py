@@ -405,6 +405,54 @@ class SoftmaxMean:
             else:
                 self._update_rows(sl, keys_t, values, ids, counts)
 
+    @classmethod
+    def for_logits(
+        cls, rows: int, values: int, *, dtype: torch.dtype, device: torch.device, max_logits: int = 1 << 22
+    ) -> SoftmaxMean:
+        """An untracked state of ``rows`` query rows fed with precomputed logits (:meth:`fold`), not keys."""
+        return cls(torch.empty((1, rows, 0), dtype=dtype, device=device), values, max_logits=max_logits)
+
+    def fold(self, sl: slice, logits: torch.Tensor, values: torch.Tensor, shift: torch.Tensor) -> None:
+        """Fold one block of precomputed logits of rows ``sl`` into the state (untracked states only).
+
+        The same arithmetic as :meth:`update` (floor, cap, exp, weighted sum,
+        rebase) on logits the caller formed, e.g. partial sums shared between
+        nested windows (:mod:`patchmosaic.nested`). The caller passes them
+        shifted by ``shift``, ideally the rows' current reference (so that, as in
+        :meth:`update`, no pass is spent on the shift).
+
+        Args:
+            sl: Rows of the state.
+            logits: ``[G, rows, M]`` logits minus ``shift`` (any strides; not modified).
+            values: ``[G, M, V + 1]`` augmented values (:func:`augment_values`).
+            shift: ``[G, rows]`` the shift of each row (finite).
+        """
+        if self.track is not None:
+            raise ValueError("fold() feeds untracked states; provenance needs update()")
+        G, rows, M = logits.shape
+        if M == 0 or rows == 0:
+            return
+        if self._workspace.numel() < G * rows * M:
+            self._workspace = self.acc.new_empty(G * rows * M)
+        work = self._workspace[: G * rows * M].view(G, rows, M)
+        self.pairs += G * rows * M
+        ref = self.ref[:, sl]
+        if bool((ref == shift).all()):
+            weights = torch.clamp(logits, min=self.floor, max=self.cap, out=work).exp_()
+            contrib = torch.bmm(weights, values)  # [G, rows, V + 1]
+            if not bool((contrib[..., -1] >= 0.999 * math.exp(self.cap)).any()):
+                self.acc[:, sl] += contrib
+                self._rebase(sl)
+                return
+        # first block of a row (no reference yet), a shift that is not the reference, or a capped logit
+        new_ref = torch.maximum(ref, logits.amax(dim=-1) + shift)  # [G, rows]
+        new_ref = torch.where(torch.isinf(new_ref), torch.zeros_like(new_ref), new_ref)
+        weights = torch.sub(logits, (new_ref - shift)[..., None], out=work).clamp_(min=self.floor).exp_()
+        self._rescale(sl, new_ref - ref)
+        self.acc[:, sl].baddbmm_(weights, values)
+        self.ref[:, sl] = new_ref
+        self._rebase(sl)
+
     def _key_sketch(self, keys_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[U^T X; |U^T X|^2]`` of a chunk's keys ``[G, r + 1, M]`` and ``max |U^T X|^2`` (builds U first)."""
         D = keys_t.shape[1] - 2

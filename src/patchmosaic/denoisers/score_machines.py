@@ -56,6 +56,7 @@ from patchmosaic.geometry import (
     make_geometry,
     scatter_pixels,
 )
+from patchmosaic.nested import NESTED_FROM, NESTED_TILE, nested_dense_means
 from patchmosaic.provenance import Provenance
 from patchmosaic.schedules import CosineSchedule, PatchSchedule, check_patch_size
 
@@ -438,23 +439,28 @@ class ScoreMachine:
         """Softmax means (and provenance when ``track`` is not None) for every class in the batch."""
         geometry = self._geometry(patch_size)
         labels = self._label_vector(label, x_t.shape[0])
-        offset = self.rank * self.num_train // self.world  # global index of this shard's first image
         if labels is None:
-            ids = offset + torch.arange(self.images.shape[0])  # [N_shard]
-            return self._run_subset(x_t, coeffs, self.images, ids, geometry, track)
+            _, train, ids = next(self._subsets(None))
+            return self._run_subset(x_t, coeffs, train, ids, geometry, track)
         out = torch.empty_like(x_t)
         parts = []
-        for c in torch.unique(labels).tolist():
-            rows = torch.nonzero(labels == c).flatten()
-            subset = self._class_index[c]
-            scale, bias = coeffs
-            out[rows], prov = self._run_subset(
-                x_t[rows], (scale[rows], bias[rows]), self.images[subset], offset + subset, geometry, track
-            )
+        scale, bias = coeffs
+        for rows, train, ids in self._subsets(labels):
+            out[rows], prov = self._run_subset(x_t[rows], (scale[rows], bias[rows]), train, ids, geometry, track)
             parts.append((rows, prov))
         if track is None:
             return out, None
         return out, Provenance.scatter(parts, x_t.shape[0])
+
+    def _subsets(self, labels: torch.Tensor | None) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+        """``(batch rows, training images, their global ids)`` per class of the batch (one entry, rows None, unconditioned)."""
+        offset = self.rank * self.num_train // self.world  # global index of this shard's first image
+        if labels is None:
+            yield None, self.images, offset + torch.arange(self.images.shape[0])  # [N_shard]
+            return
+        for c in torch.unique(labels).tolist():
+            subset = self._class_index[c]
+            yield torch.nonzero(labels == c).flatten(), self.images[subset], offset + subset
 
     def _run_subset(
         self,
@@ -636,6 +642,90 @@ class _PatchMachine(ScoreMachine):
         for k in sorted(set(sizes)):
             self._geometry(k)
 
+    def denoise_sizes(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        sizes: Sequence[int],
+        *,
+        label: int | torch.Tensor | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """``{k: D_k(x, sigma)}`` for every patch size k: what calibration scores.
+
+        Each entry equals ``self(x, sigma, patch_size=k, label=label)`` up to
+        float rounding. ELS computes the sizes from ``NESTED_FROM`` (7) up in one
+        stream over the training set (:mod:`patchmosaic.nested`: the products of
+        nested windows are shared, so their matrix products cost one call at the
+        largest size) and smaller sizes one call each (that path collapses
+        constant patches); LS, and ELS sharded over processes
+        (``distributed=True``), make one call per size.
+
+        Args:
+            x: ``[B, C, H, W]`` noisy images.
+            sigma: Float or ``[B]`` tensor of noise levels > 0.
+            sizes: Odd patch sizes (any order; repeats are computed once).
+            label: As for :meth:`__call__`.
+
+        Returns:
+            One ``[B, C, H, W]`` estimate per distinct size, keyed by size.
+        """
+        self._check_images(x, "x")
+        ks = sorted({check_patch_size(k) for k in sizes})
+        if not ks:
+            raise ValueError("denoise_sizes needs at least one patch size")
+        geometries = [self._geometry(k) for k in ks]
+        coeffs = ve_logit_coefficients(sigma_vector(sigma, x))
+        shared = [k for k in ks if k >= NESTED_FROM] if self.kind == "els" and self.world == 1 else []
+        if len(shared) < 2:
+            shared = []
+        result = {k: self._run(x, coeffs, k, label, track=None)[0] for k in ks if k not in shared}
+        if not shared:
+            return result
+        geometries = geometries[len(ks) - len(shared) :]
+        labels = self._label_vector(label, x.shape[0])
+        out = x.new_empty((len(shared),) + tuple(x.shape))  # [K, B, C, H, W]
+        scale, bias = coeffs
+        for rows, train, ids in self._subsets(labels):
+            sub = (scale, bias) if rows is None else (scale[rows], bias[rows])
+            xs = x if rows is None else x[rows]
+            with exact_float32_matmul():
+                part = self._denoise_sizes(xs, sub, train, ids, geometries)
+            if rows is None:
+                out = part
+            else:
+                out[:, rows] = part
+        result.update({k: out[i] for i, k in enumerate(shared)})
+        return dict(sorted(result.items()))
+
+    def _denoise_sizes(
+        self,
+        x: torch.Tensor,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        train: torch.Tensor,
+        train_ids: torch.Tensor,
+        geometries: list[Geometry],
+    ) -> torch.Tensor:
+        """``[K, B, C, H, W]``: the dense pairs of every size in one nested stream, the others per size."""
+        out = x.new_empty((len(geometries),) + tuple(x.shape))
+        dense = []
+        for i, geometry in enumerate(geometries):
+            groups = geometry.groups()
+            inner = [g for g in groups if g[0].P.shape[0] == 1 and g[1].P.shape[0] == 1]
+            assert len(inner) == 1, "an ELS geometry has exactly one dense (single-block) group"
+            dense.append(inner[0])
+            rest = [g for g in groups if g is not inner[0]]
+            if rest:  # pixels within r of an edge (zero padding): few pairs, the single-size path
+                out[i] = self._denoise(x, coeffs, train, train_ids, geometry, None, groups=rest)[0]
+        C, H, W = x.shape[1:]
+        R = geometries[-1].radius
+        per_image = H * W * (C * (2 * R + 1) ** 2 + 2 * len(geometries) + C + 1)  # a chunk's keys and values
+        nested_dense_means(
+            x, coeffs, (chunk for _, chunk in self._chunks(train, per_image, x)),
+            [g[0] for g in dense], [g[1] for g in dense], [g.radius for g in geometries],
+            geometries[0].padding, out, tile=min(NESTED_TILE, self.chunk_elements),
+        )
+        return out
+
     def _denoise(
         self,
         x_t: torch.Tensor,
@@ -644,8 +734,10 @@ class _PatchMachine(ScoreMachine):
         train_ids: torch.Tensor,
         geometry: Geometry | None,
         track: int | None,
+        groups: list[tuple[AxisBlocks, AxisBlocks]] | None = None,
     ) -> tuple[torch.Tensor, Provenance | None]:
-        """Per-pixel softmax over the training patches the geometry admits."""
+        """Per-pixel softmax over the training patches the geometry admits (only ``groups`` of it when given:
+        the other pixels of the output are left unwritten)."""
         assert geometry is not None
         B, C, H, W = x_t.shape
         r, pad = geometry.radius, geometry.padding
@@ -655,7 +747,7 @@ class _PatchMachine(ScoreMachine):
         x_win = patch_windows(x_t, r, pad)  # [B, C, H, W, k, k]
         plan = []  # (rows, cols, augmented queries, state) per group
         per_image = (C + 1) * (H + 2 * r) * (W + 2 * r)  # padded copy of one training image
-        for rows, cols in geometry.groups():
+        for rows, cols in geometry.groups() if groups is None else groups:
             nbr, npr = rows.P.shape
             nbc, npc = cols.P.shape
             q = select_blocks(x_win, rows, cols, "P")  # [B, C, nbr, npr, nbc, npc, k, k]
