@@ -160,7 +160,8 @@ def test_calibration_round_trip_conditional_and_saved(train64, tmp_path):
     label = torch.tensor([s % 3 for s in seeds])  # label_for_seed
     fake_network = machine.bind(patch_sizes=KNOWN, label=label)
     noise = noise_for_seeds(seeds, (1, H, W), dtype=torch.float64)
-    result = calibrate(fake_network, machine, noise, candidates=(3, 5, 7), steps=4, label=label, seeds=seeds)
+    result = calibrate(fake_network, machine, noise, candidates=(3, 5, 7), steps=4, label=label, seeds=seeds,
+                       shared=False)
     assert result.schedule.sizes == KNOWN and result.labels == [0, 1, 2, 0]
     path = tmp_path / "schedule.json"
     result.save(path, model="fake")
@@ -216,7 +217,7 @@ def test_calibrate_command_writes_a_schedule_that_sample_accepts(tiny_model, tmp
     result = invoke("calibrate", "--model", ckpt, "--candidates", "3,5", "--seeds", "0-2", "--steps", "3",
                     "--out", out)
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "calibrated schedule" in result.output and "cost =" in result.output
+    assert "calibrated schedule" in result.output and "in the machine (all candidates of a step in one call" in result.output
     meta = json.loads((out / "schedule.json").read_text())
     assert len(meta["patch_sizes"]) == 3 and set(meta["patch_sizes"]) <= {3, 5}
     assert meta["calibration"]["training_set"]["n_train"] == 6 and meta["calibration"]["metric"] == "cosine"
@@ -230,6 +231,11 @@ def test_calibrate_command_writes_a_schedule_that_sample_accepts(tiny_model, tmp
         assert result.exit_code == 0, result.output
         assert json.loads((run / "config.json").read_text())["patch_sizes"] == meta["patch_sizes"]
         assert load_samples(run)["images"].shape == (2, 1, H, W)
+    # one call per candidate on request: the same schedule, with the cost ratio
+    separate = invoke("calibrate", "--model", ckpt, "--candidates", "3,5", "--seeds", "0-2", "--steps", "3",
+                      "--separate-calls", "--out", tmp_path / "cal-separate")
+    assert separate.exit_code == 0 and "cost =" in separate.output
+    assert json.loads((tmp_path / "cal-separate" / "schedule.json").read_text())["patch_sizes"] == meta["patch_sizes"]
     # non-empty --out is refused
     result = invoke("calibrate", "--model", ckpt, "--candidates", "3", "--steps", "1", "--out", out)
     assert result.exit_code != 0 and "--overwrite" in result.output
@@ -249,3 +255,25 @@ def test_calibrate_command_errors(tiny_model, tmp_path, args, fragment):
     result = invoke("calibrate", "--model", ckpt, "--steps", "1", *args, "--out", tmp_path / "cal")
     assert result.exit_code != 0 and fragment in result.output and "Traceback" not in result.output
     assert not (tmp_path / "cal").exists()
+
+
+def test_shared_calls_give_the_separate_calls_result(train64, monkeypatch):
+    """One denoise_sizes call per step (nested windows, every size shared here) scores like one call per size."""
+    import patchmosaic.denoisers.score_machines as score_machines
+
+    monkeypatch.setattr(score_machines, "NESTED_FROM", 1)
+    images, labels = train64
+    machine = ScoreMachine(images, kind="els", padding="zeros", labels=labels)
+    seeds = [0, 1, 2, 3]
+    label = torch.tensor([s % 3 for s in seeds])
+    fake_network = machine.bind(patch_sizes=KNOWN, label=label)
+    noise = noise_for_seeds(seeds, (1, H, W), dtype=torch.float64)
+    runs = {shared: calibrate(fake_network, machine, noise, candidates=(3, 5, 7), steps=4, label=label,
+                              seeds=seeds, shared=shared) for shared in (True, False)}
+    assert runs[True].shared and not runs[False].shared
+    assert runs[True].schedule.sizes == runs[False].schedule.sizes == KNOWN
+    np.testing.assert_array_equal(runs[True].choices, runs[False].choices)
+    np.testing.assert_allclose(runs[True].scores, runs[False].scores, atol=1e-12, rtol=0)
+    cost = runs[True].cost()
+    assert len(cost["per_step_seconds"]) == 4 and cost["machine_seconds_total"] > 0
+    assert np.isnan(runs[True].candidate_seconds).all()

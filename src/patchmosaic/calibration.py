@@ -22,12 +22,15 @@ size chosen at grid point sigma_i is keyed by sigma_i (lowest noise first), so
 log sigma) on any other. (The paper's released code stores the size for
 t = i/n at index i - 1 but reads index i.)
 
-Cost: every candidate k is one full machine call per step on the whole batch of
-seeds; nothing is shared across k yet (the logit blocks of different patch
-sizes share the same per-channel products and could be accumulated
-incrementally from k to k + 2). :class:`CalibrationResult` reports the cost as
-the time of all candidate evaluations over the time of the chosen candidate's
-call, per step and in total: how many machine sampling runs one calibration costs.
+Cost: for an ELS :class:`~patchmosaic.denoisers.ScoreMachine` all candidates of
+a step come from one call, :meth:`ScoreMachine.denoise_sizes`, which streams the
+sizes from 7 up once over the training set and shares the products of nested
+windows (:mod:`patchmosaic.nested`); ``shared=False`` (``calibrate
+--separate-calls``) makes one full machine call per candidate instead, as LS
+and the patch composite always do. :class:`CalibrationResult` reports the
+machine time per step; with separate calls also the time of all candidate calls
+over the time of the chosen candidate's call, per step and in total (how many
+machine sampling runs one calibration costs).
 """
 
 from __future__ import annotations
@@ -167,8 +170,10 @@ class CalibrationResult:
     sigmas: list[float]  # [steps] the grid's sigma of each row, ascending
     choices: np.ndarray  # [steps, S] best candidate per step and seed
     scores: np.ndarray  # [steps, K, S] raw metric (cosine similarity, or L2 distance)
-    candidate_seconds: np.ndarray  # [steps, K] wall time of each candidate's machine call
+    candidate_seconds: np.ndarray  # [steps, K] wall time of each candidate's machine call (NaN: shared)
     network_seconds: np.ndarray  # [steps] wall time of the network call
+    shared: bool = False  # all candidates of a step in one ScoreMachine.denoise_sizes call
+    machine_seconds: np.ndarray | None = None  # [steps] wall time of all candidates of the step
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -182,7 +187,19 @@ class CalibrationResult:
         the same with both sides summed over the steps, i.e. calibration time
         over the time of one machine sampling run with the calibrated schedule.
         The chosen k is one of the candidates, so its call was timed already.
+        With shared calls (:attr:`shared`) no single candidate is timed, and the
+        record holds the machine seconds per step instead.
         """
+        if self.shared:
+            machine = self.machine_seconds if self.machine_seconds is not None else np.zeros(self.steps)
+            return {
+                "definition": "all candidates of a step in one ScoreMachine.denoise_sizes call on the same x_t batch "
+                "(sizes >= 7 share the products of nested windows); per-step machine seconds, no single-candidate "
+                "call is timed (benchmarks/bench_calibrate.py measures the ratios)",
+                "per_step_seconds": [round(float(t), 3) for t in machine],
+                "machine_seconds_total": round(float(machine.sum()), 3),
+                "network_seconds_total": round(float(self.network_seconds.sum()), 3),
+            }
         idx = [self.candidates.index(k) for k in self.schedule.sizes]  # [steps]
         chosen = self.candidate_seconds[np.arange(self.steps), idx]  # [steps]
         per_step = self.candidate_seconds.sum(axis=1) / np.maximum(chosen, 1e-12)  # [steps]
@@ -224,7 +241,7 @@ class CalibrationResult:
 
 def _candidate_calls(machine: ScoreMachine | PatchComposite,
                      cands: Sequence[int]) -> tuple[Callable[..., torch.Tensor], torch.dtype]:
-    """``call(x, sigma, k, label)`` of candidate k, and the dtype the machine computes in."""
+    """``call(x, sigma, k, label)`` of candidate k (one call per candidate), and the dtype the machine computes in."""
     if isinstance(machine, PatchComposite):
         views = {}
         for k in cands:  # one shallow copy per window size: the training set is shared
@@ -246,6 +263,7 @@ def calibrate(
     label: int | torch.Tensor | None = None,
     seeds: Sequence[int] | None = None,
     progress: Callable[[int, float, int], None] | None = None,
+    shared: bool = True,
 ) -> CalibrationResult:
     """Calibrate a locality schedule: the machine patch size that best matches the network per step.
 
@@ -269,6 +287,10 @@ def calibrate(
         label: ``None``, an int or a ``[B]`` tensor, for network and machine alike.
         seeds: Names of the ``B`` rows, recorded in the result (default ``0..B-1``).
         progress: Called as ``progress(i, sigma_i, k_best)`` after each step (i from 1).
+        shared: ELS score machines: all candidates of a step in one
+            :meth:`~patchmosaic.denoisers.ScoreMachine.denoise_sizes` call (the same
+            estimates up to float rounding, faster); False: one timed call per candidate.
+            Other machines always make one call per candidate.
 
     Returns:
         A :class:`CalibrationResult` whose schedule is keyed by the grid's sigmas.
@@ -300,6 +322,8 @@ def calibrate(
     lower_is_better = metric == "l2"
     calls = [0]
     call_k, machine_dtype = _candidate_calls(machine, cands)
+    shared = bool(shared) and isinstance(machine, ScoreMachine) and machine.kind == "els"
+    machine_seconds = np.zeros(steps)
 
     def probe(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The network's estimate (it drives DDIM); records every candidate's match at this x."""
@@ -309,12 +333,22 @@ def calibrate(
         x0_net = network(x, sigma)  # [B, C, H, W]
         network_seconds[row] = time.perf_counter() - start
         xm = x.to(machine_dtype)
-        for j, k in enumerate(cands):
+        if shared:
             start = time.perf_counter()
-            x0_k = call_k(xm, sigma.to(xm.dtype), k, label)  # [B, C, H, W]
-            candidate_seconds[row, j] = time.perf_counter() - start
+            x0_all = machine.denoise_sizes(xm, sigma.to(xm.dtype), cands, label=label)
+            machine_seconds[row] = time.perf_counter() - start
+            candidate_seconds[row] = np.nan
+        for j, k in enumerate(cands):
+            if shared:
+                x0_k = x0_all[k]
+            else:
+                start = time.perf_counter()
+                x0_k = call_k(xm, sigma.to(xm.dtype), k, label)  # [B, C, H, W]
+                candidate_seconds[row, j] = time.perf_counter() - start
             sim = similarity(x0_net, x0_k, metric)  # [B], higher is better
             scores[row, j] = (-sim if lower_is_better else sim).numpy()
+        if not shared:
+            machine_seconds[row] = candidate_seconds[row].sum()
         best = np.argmax(-scores[row] if lower_is_better else scores[row], axis=0)  # [B], first max: smallest k
         choices[row] = np.asarray(cands)[best]
         if progress is not None:
@@ -339,4 +373,6 @@ def calibrate(
         scores=scores,
         candidate_seconds=candidate_seconds,
         network_seconds=network_seconds,
+        shared=shared,
+        machine_seconds=machine_seconds,
     )
