@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from patchmosaic.runs import format_seeds
+
 # The models of Table 1, in its order (scripts/reproduce_table1.sh trains and evaluates the same list).
 TABLE1_MODELS = (
     "mnist-resnet-zeros",
@@ -82,22 +84,6 @@ def _get(data: dict[str, Any], path: Path, *keys: str) -> Any:
 def format_interval(aggregate: dict[str, Any]) -> str:
     """``median [ci_low, ci_high]`` with three decimals, as the README's tables."""
     return f"{aggregate['median']:.3f} [{aggregate['ci_low']:.3f}, {aggregate['ci_high']:.3f}]"
-
-
-def format_seeds(seeds: list[int]) -> str:
-    """``1000-1099 (100)``: runs of consecutive seeds as ranges, then the count."""
-    parts: list[str] = []
-    start = prev = None
-    for s in seeds:
-        if prev is not None and s == prev + 1:
-            prev = s
-            continue
-        if start is not None:
-            parts.append(str(start) if start == prev else f"{start}-{prev}")
-        start = prev = s
-    if start is not None:
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-    return f"{','.join(parts)} ({len(seeds)})"
 
 
 def read_evaluation(path: Path, network_steps: int) -> dict[str, Any]:

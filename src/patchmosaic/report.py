@@ -62,6 +62,7 @@ from patchmosaic.runs import (
     PROVENANCE_FILE,
     SAMPLES_FILE,
     check_run_dir,
+    format_seeds,
     load_provenance,
     load_samples,
     save_grid,
@@ -835,15 +836,7 @@ def _sig(value: Any) -> str:
 
 
 def _format_seeds(seeds: Sequence[int]) -> str:
-    """``[0, 1, 2, 3, 5]`` as ``"0-3, 5"`` (the inverse of :func:`~patchmosaic.runs.parse_seeds`, order kept)."""
+    """:func:`~patchmosaic.runs.format_seeds` of integer seeds (``"0-3, 5 (5)"``); anything else as :func:`_fmt`."""
     if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
         return _fmt(list(seeds))
-    parts: list[str] = []
-    i = 0
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
-        i = j + 1
-    return ", ".join(parts) + f" ({len(seeds)})"
+    return format_seeds(seeds)
