@@ -85,6 +85,31 @@ def test_round_trip_without_ema_and_load_denoiser(tmp_path):
     torch.testing.assert_close(denoiser(x, 0.5), EpsDenoiser(model.eval())(x, 0.5), rtol=0, atol=0)
 
 
+def test_attention_unet_round_trip_and_checkpoints_from_before_the_option(tmp_path):
+    config = UNetConfig(image_size=8, base_width=8, channel_mults=(1, 2), blocks_per_level=1, attention=True,
+                        attention_heads=2)
+    model, _ = make_checkpoint(tmp_path / CHECKPOINT_FILE, ema=False, config=config)
+    assert model.mid_attention.proj.weight.abs().sum() > 0  # one optimizer step moved the zero-initialised projection
+    loaded, loaded_config, _ = load_checkpoint(tmp_path)
+    assert loaded_config == config and loaded.mid_attention is not None
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    torch.testing.assert_close(loaded(x, t), model.eval()(x, t), rtol=0, atol=0)
+
+    # A UNet checkpoint written before attention existed: no attention keys in its model_config.
+    plain = UNetConfig(image_size=8, base_width=8, channel_mults=(1, 2), blocks_per_level=1)
+    old_path = tmp_path / "old.pt"
+    make_checkpoint(old_path, ema=False, config=plain)
+    old_config = {k: v for k, v in config_to_dict(plain).items() if not k.startswith("attention")}
+    rewrite(old_path, model_config=old_config)
+    loaded, loaded_config, _ = load_checkpoint(old_path)
+    assert loaded_config == plain and loaded_config.attention is False and loaded.mid_attention is None
+
+    # Attention weights under a config without attention are refused by name.
+    rewrite(tmp_path / CHECKPOINT_FILE, model_config=old_config)
+    with pytest.raises(ValueError, match=r"unexpected keys \['mid_attention\.norm\.bias'"):
+        load_checkpoint(tmp_path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")

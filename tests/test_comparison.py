@@ -99,6 +99,37 @@ def test_compare_end_to_end_and_report(tmp_path):
     assert again.exit_code == 2 and "--overwrite" in again.output
 
 
+def test_compare_overwrite_refuses_samples_of_other_denoisers_and_report_reads_only_listed_ones(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path)
+    out = tmp_path / "cmp"
+    common = ("--model", ckpt, "--seeds", "0-1", "--steps", 2, "--network-steps", 2, "--out", out,
+              "--bootstrap-resamples", 20, "--no-single-step")
+    ok("compare", *common, "--denoisers", "ideal,wiener")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # fewer denoisers: samples_wiener.npz would stay beside the new files, so --overwrite is refused, naming it
+    refused = invoke("compare", *common, "--denoisers", "ideal", "--overwrite")
+    assert refused.exit_code == 2, refused.output
+    assert "Invalid value for '--out'" in refused.output and "samples_wiener.npz" in refused.output
+    assert "samples_ideal.npz" not in refused.output.split("holds")[1].split("from an earlier run")[0]
+    assert "Move or delete them" in refused.output and "Traceback" not in refused.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, moved or deleted
+    # the same or more denoisers replace the files as before
+    ok("compare", *common, "--denoisers", "wiener,ideal,nearest", "--overwrite")
+    assert "samples_nearest.npz" in {p.name for p in out.iterdir()}
+    # once the user removes the stale files, the smaller run goes through and lists exactly its own files
+    for name in ("wiener", "nearest"):
+        (out / f"samples_{name}.npz").unlink()
+    ok("compare", *common, "--denoisers", "ideal", "--overwrite")
+    files = json.loads((out / "leaderboard.json").read_text())["config"]["files"]
+    assert sorted(f for f in files.values() if f.startswith("samples_")) == ["samples_ideal.npz",
+                                                                            "samples_network.npz"]
+    # a samples file put there afterwards is not shown by the report as one of this comparison's
+    (out / "samples_foreign.npz").write_bytes((out / "samples_ideal.npz").read_bytes())
+    ok("report", out, "--out", tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "samples_ideal.npz" in page and "samples_network.npz" in page and "samples_foreign.npz" not in page
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

@@ -292,3 +292,16 @@ def test_evaluate_refuses_non_empty_out_and_needs_a_schedule(tmp_path):
     assert result.exit_code != 0 and "has no schedule.json" in result.output
     result = invoke("evaluate", "--model", ckpt, "--patch-sizes", "3,4", "--out", tmp_path / "e3")
     assert result.exit_code != 0 and "must be odd" in result.output and "Traceback" not in result.output
+
+
+def test_evaluate_overwrite_refuses_samples_of_another_machine(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path)
+    out = tmp_path / "eval"
+    common = ("--model", ckpt, "--patch-sizes", "3,5", "--seeds", "0-1", "--network-steps", 2, "--out", out,
+              "--bootstrap-resamples", 20)
+    ok("evaluate", *common)
+    ok("evaluate", *common, "--overwrite")  # the same machine: its files are replaced
+    refused = invoke("evaluate", *common, "--machine", "ls", "--overwrite")
+    assert refused.exit_code == 2 and "samples_els.npz" in refused.output and "Move or delete" in refused.output
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.png", "metrics.json", "samples_els.npz",
+                                                     "samples_ideal.npz", "samples_network.npz", "scatter.png"]

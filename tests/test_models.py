@@ -12,6 +12,7 @@ from patchmosaic.models import (
     MinimalResNet,
     MinimalUNet,
     ResNetConfig,
+    SelfAttention,
     UNetConfig,
     build_model,
     config_from_dict,
@@ -201,3 +202,98 @@ def test_sample_drives_a_network():
     assert out.shape == noise.shape and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="no locality schedule"):
         patchmosaic.sample(EpsDenoiser(model), noise, steps=3, patch_sizes=[3, 3, 3])
+
+
+# ------------------------------------------------------------------ UNet with self-attention
+
+
+def attention_unet(size=16, padding="zeros", **kw):
+    """A tiny UNet with attention whose zero-initialised output projection is made non-zero."""
+    cfg = UNetConfig(image_size=size, base_width=8, channel_mults=(1, 2), blocks_per_level=1, padding_mode=padding,
+                     attention=True, attention_heads=2, **kw)
+    model = build_model(cfg).double()
+    with torch.no_grad():
+        model.mid_attention.proj.weight.normal_(0.0, 0.5)  # [16, 16, 1, 1]
+    return model
+
+
+def test_attention_block_starts_as_identity_and_has_heads():
+    block = SelfAttention(16, heads=4, groups=8)
+    x = torch.randn(2, 16, 4, 4)  # [B, C, H, W]
+    torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="heads=3 must divide channels=16"):
+        SelfAttention(16, heads=3, groups=8)
+
+
+def test_attention_block_matches_multihead_attention_written_out():
+    """Brute force: softmax(q k^T / sqrt(d)) v per head, from the block's own 1x1 weights."""
+    torch.manual_seed(0)
+    block = SelfAttention(6, heads=2, groups=0).double()
+    with torch.no_grad():
+        block.proj.weight.normal_()
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)  # [B, C, H, W]
+    tokens = x.flatten(2).transpose(1, 2)  # [B, N, C]
+    w_qkv, b_qkv = block.qkv.weight[:, :, 0, 0], block.qkv.bias  # [3C, C], [3C]
+    q, k, v = (tokens @ w_qkv.T + b_qkv).split(6, dim=-1)  # each [B, N, C]
+    heads = []
+    for h in range(2):
+        sl = slice(3 * h, 3 * h + 3)
+        a = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(3), dim=-1)  # [B, N, N]
+        heads.append(a @ v[..., sl])  # [B, N, 3]
+    out = torch.cat(heads, dim=-1) @ block.proj.weight[:, :, 0, 0].T + block.proj.bias  # [B, N, C]
+    expected = x + out.transpose(1, 2).reshape(2, 6, 3, 4)
+    torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_attention_unet_output_shape(num_classes):
+    cfg = tiny_config("unet", num_classes=num_classes, in_channels=3, attention=True, attention_heads=4)
+    model = build_model(cfg)
+    assert isinstance(model.mid_attention, SelfAttention) and model.mid_attention.heads == 4
+    x = torch.randn(2, 3, 8, 8)  # [B, C, H, W]
+    eps = model(x, torch.rand(2), torch.tensor([0, 2]) if num_classes else None)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    plain = build_model(tiny_config("unet", num_classes=num_classes, in_channels=3))
+    assert plain.mid_attention is None
+    assert set(model.state_dict()) - set(plain.state_dict()) == {
+        f"mid_attention.{name}" for name in ("norm.weight", "norm.bias", "qkv.weight", "qkv.bias",
+                                             "proj.weight", "proj.bias")
+    }
+
+
+def test_attention_unet_sees_the_far_corner():
+    """Without GroupNorm, the corner output of the plain UNet ignores the opposite corner; with attention not."""
+    t = torch.full((1,), 0.5, dtype=torch.float64)
+    for attention in (False, True):
+        torch.manual_seed(0)
+        model = attention_unet(norm_groups=0) if attention else build_model(
+            UNetConfig(image_size=16, base_width=8, channel_mults=(1, 2), blocks_per_level=1, norm_groups=0)
+        ).double()
+        x = torch.randn(1, 1, 16, 16, dtype=torch.float64, requires_grad=True)
+        model(x, t)[0, 0, 0, 0].backward()
+        far = x.grad[0, 0, 15, 15].item()
+        assert (far != 0) == attention, (attention, far)
+
+
+def test_circular_attention_unet_is_still_equivariant_to_shifts_of_the_pooling_grid():
+    """Attention has no positional encoding: it permutes with the positions."""
+    torch.manual_seed(0)
+    model = attention_unet(size=8, padding="circular")
+    x, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    rolled = model(torch.roll(x, (2, 4), dims=(2, 3)), t)
+    torch.testing.assert_close(rolled, torch.roll(model(x, t), (2, 4), dims=(2, 3)), rtol=0, atol=1e-12)
+
+
+def test_attention_config_round_trip_defaults_and_errors():
+    cfg = tiny_config("unet", attention=True, attention_heads=2)
+    d = config_to_dict(cfg)
+    assert d["attention"] is True and d["attention_heads"] == 2
+    assert config_from_dict(d) == cfg
+    old = {k: v for k, v in config_to_dict(tiny_config("unet")).items() if not k.startswith("attention")}
+    assert config_from_dict(old).attention is False  # configs written before the option
+    with pytest.raises(ValueError, match="attention_heads=3 must divide the 16 channels of the lowest level"):
+        tiny_config("unet", attention=True, attention_heads=3)
+    with pytest.raises(ValueError, match="attention must be true or false"):
+        tiny_config("unet", attention=1)
+    with pytest.raises(ValueError, match=r"unknown resnet config field\(s\) \['attention'\]"):
+        config_from_dict({"arch": "resnet", "attention": True})

@@ -12,6 +12,7 @@ from PIL import Image
 import patchmosaic
 from patchmosaic.runs import (
     check_run_dir,
+    format_seeds,
     load_samples,
     parse_seeds,
     prepare_run_dir,
@@ -37,6 +38,13 @@ from patchmosaic.runs import (
 )
 def test_parse_seeds(spec, seeds):
     assert parse_seeds(spec) == seeds
+    text = format_seeds(seeds)
+    assert text.endswith(f" ({len(seeds)})") and parse_seeds(text.rsplit(" (", 1)[0]) == seeds  # round trip
+
+
+def test_format_seeds():
+    assert format_seeds([1000, 1001, 1002, 5, 7, 8]) == "1000-1002, 5, 7-8 (6)"
+    assert format_seeds([3]) == "3 (1)"
 
 
 @pytest.mark.parametrize(

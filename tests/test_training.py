@@ -1,5 +1,6 @@
 """Training loop (patchmosaic.training) and the ``train`` command, on a tiny .npz set."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -137,6 +138,55 @@ def test_unet_conditional_run_samples(tiny, tmp_path):
     denoiser = load_denoiser(tmp_path / "run")
     assert denoiser.model.config.num_classes == 3
     assert denoiser.bind(label=2)(torch.randn(2, 1, 8, 8), 0.5).shape == (2, 1, 8, 8)
+
+
+def test_unet_run_saved_before_attention_existed_resumes(tiny, tmp_path):
+    """A UNet checkpoint whose configs lack the attention fields resumes as attention=False."""
+    from patchmosaic.checkpoints import CHECKSUM_KEY, tensor_sha256
+
+    unet = UNetConfig(base_width=8, channel_mults=(1, 2), blocks_per_level=1, norm_groups=4)
+    run = tmp_path / "run"
+    train(config(tiny, model=unet, steps=2, ema=0.0), run, progress=False)
+    data = torch.load(run / CHECKPOINT_FILE, weights_only=True)
+    for model_config in (data["model_config"], data["train_config"]["model"]):
+        for key in ("attention", "attention_heads"):
+            del model_config[key]
+    data[CHECKSUM_KEY] = tensor_sha256(data)
+    torch.save(data, run / CHECKPOINT_FILE)
+    summary = train(config(tiny, model=unet, steps=3, ema=0.0), run, resume=True, progress=False)
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 3
+    with pytest.raises(ValueError, match="model.attention: False -> True"):
+        train(config(tiny, model=dataclasses.replace(unet, attention=True), steps=4, ema=0.0), run, resume=True,
+              progress=False)
+
+
+def test_cli_unet_with_attention(tiny, tmp_path):
+    out = tmp_path / "att"
+    plain = [
+        "--dataset", str(tiny), "--size", "8", "--n-train", "8", "--arch", "unet", "--width", "8",
+        "--channel-mults", "1,2", "--blocks-per-level", "1", "--norm-groups", "4", "--steps", "3",
+        "--batch-size", "4", "--out", str(out), "--threads", "1", "--no-progress",
+    ]
+    result = CliRunner().invoke(train_command, [*plain, "--attention", "--attention-heads", "2"])
+    assert result.exit_code == 0, result.output
+    assert "trained steps 1-3 in" in result.output
+    model, cfg, _ = load_checkpoint(out)
+    assert cfg.attention is True and cfg.attention_heads == 2 and model.mid_attention.heads == 2
+    assert json.loads((out / "config.json").read_text())["train"]["model"]["attention"] is True
+    changed = CliRunner().invoke(train_command, [*plain, "--steps", "4", "--resume"])
+    assert changed.exit_code == 2 and "--attention on in the run, off now" in changed.output, changed.output
+
+    for extra, flag in ((["--attention"], "--attention"), (["--attention-heads", "2"], "--attention-heads")):
+        bad = CliRunner().invoke(train_command, ["--dataset", str(tiny), "--arch", "resnet", *extra,
+                                                 "--out", str(tmp_path / "r")])
+        assert bad.exit_code == 2, bad.output
+        assert f"Invalid value for '{flag}': {flag} applies to --arch unet only" in bad.output
+        assert "Traceback" not in bad.output
+    alone = CliRunner().invoke(train_command, ["--dataset", str(tiny), "--arch", "unet", "--attention-heads", "2",
+                                               "--out", str(tmp_path / "u")])
+    assert alone.exit_code == 2 and "--attention-heads applies with --attention only" in alone.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "u").exists()
+    assert "--attention" in CliRunner().invoke(train_command, ["--help"]).output
 
 
 def test_epoch_sampler_visits_every_image_once_per_epoch():

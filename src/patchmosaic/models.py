@@ -2,15 +2,18 @@
 
 The networks follow Kamb & Ganguli (2412.20292, App. B): only 3x3
 convolutions (1x1 where a skip connection changes the channel count), no
-self-attention, GroupNorm + SiLU residual blocks and a sinusoidal time
-embedding that each block adds to its features. Both predict the noise
+self-attention unless asked for, GroupNorm + SiLU residual blocks and a
+sinusoidal time embedding that each block adds to its features. Both predict the noise
 ``eps_hat = net(x_t, t, label)`` of the forward process
 ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps``.
 
 * :class:`MinimalResNet`: a stack of residual blocks at full resolution. Its
   receptive field (``4 * depth + 5`` pixels wide) is what makes it local.
 * :class:`MinimalUNet`: residual blocks on an average-pool / nearest-upsample
-  pyramid with skip connections.
+  pyramid with skip connections; ``attention=True`` adds one multi-head
+  self-attention block (:class:`SelfAttention`) at the lowest resolution, the
+  paper's ``mnist-unet-attention`` (Table 1), whose outputs depend on every
+  input pixel.
 
 :class:`patchmosaic.denoisers.EpsDenoiser` adapts either one to the denoiser
 protocol ``D(x, sigma) -> x0_hat``.
@@ -38,6 +41,7 @@ __all__ = [
     "MinimalUNet",
     "ModelConfig",
     "ResNetConfig",
+    "SelfAttention",
     "UNetConfig",
     "build_model",
     "config_from_dict",
@@ -106,9 +110,14 @@ class UNetConfig:
     num_classes: int = 0  # > 0: class-conditional with this many classes
     norm_groups: int = 8  # GroupNorm groups; 0 drops normalisation
     time_scale: float = 1000.0  # t in [0, 1] is embedded as sinusoids of time_scale * t
+    attention: bool = False  # one self-attention block at the lowest resolution (mnist-unet-attention)
+    attention_heads: int = 1  # heads of that block; must divide base_width * channel_mults[-1]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
+        if not isinstance(self.attention, bool):
+            raise ValueError(f"attention must be true or false, got {self.attention!r}")
+        _check_positive_int(self.attention_heads, "attention_heads")
         _check_positive_int(self.base_width, "base_width")
         _check_positive_int(self.blocks_per_level, "blocks_per_level")
         if not self.channel_mults:
@@ -121,6 +130,11 @@ class UNetConfig:
             raise ValueError(
                 f"image_size={self.image_size} is not divisible by 2 ** (levels - 1) = {factor} "
                 f"for channel_mults={self.channel_mults}"
+            )
+        lowest = self.base_width * self.channel_mults[-1]
+        if self.attention and lowest % self.attention_heads:
+            raise ValueError(
+                f"attention_heads={self.attention_heads} must divide the {lowest} channels of the lowest level"
             )
 
 
@@ -230,6 +244,48 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class SelfAttention(nn.Module):
+    """``x + proj(MHA(norm(x)))``: multi-head self-attention over the ``H * W`` positions.
+
+    The block of DDPM's UNet (Ho et al. 2020, App. B), with ``heads`` heads:
+    queries, keys and values are 1x1 convolutions of the normalised features,
+    each position attends to every position (softmax of ``q.k / sqrt(d)``,
+    ``d = channels / heads``), and a 1x1 output projection is added back to
+    ``x``. There is no positional encoding, so the block commutes with any
+    permutation of the positions (circular shifts included), but every output
+    depends on every input: the network is no longer local.
+
+    The output projection starts at zero (as in DDPM), so at initialisation the
+    block is the identity and the network starts as the UNet without attention;
+    its gradient is not zero, so training moves it. Normalisation follows the
+    network's ``norm_groups`` (0: none).
+
+    Args:
+        channels: Feature channels ``c``.
+        heads: Attention heads; must divide ``channels``.
+        groups: GroupNorm groups (0: no normalisation).
+    """
+
+    def __init__(self, channels: int, heads: int, groups: int) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"heads={heads} must divide channels={channels}")
+        self.heads = heads
+        self.norm = _norm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.proj = nn.Conv2d(channels, channels, kernel_size=1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)  # [B, 3, nh, d, N]
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [B, nh, N, d]
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, nh, N, d]
+        h = h.transpose(-1, -2).reshape(B, C, H, W)  # [B, C, H, W]
+        return x + self.proj(h)
+
+
 class _EpsNet(nn.Module):
     """Input checks shared by both networks."""
 
@@ -292,12 +348,17 @@ class MinimalResNet(_EpsNet):
 
 
 class MinimalUNet(_EpsNet):
-    """UNet without attention: ResBlocks, 2x average-pool down, nearest up, concatenated skips.
+    """UNet: ResBlocks, 2x average-pool down, nearest up, concatenated skips, optional attention.
 
     Level ``l`` runs ``blocks_per_level`` blocks at ``base_width * channel_mults[l]``
     channels and resolution ``image_size / 2**l``. On the way up, the first block
     of each level takes the upsampled features concatenated with the skip saved
     at the end of the same level on the way down.
+
+    With ``config.attention``, a :class:`SelfAttention` block sits in the middle,
+    at the lowest resolution: after the last down block (whose output is saved
+    as that level's skip) and before the first up block. Without it the network
+    is exactly the attention-free UNet (same modules, same parameter names).
 
     Args:
         config: Architecture; see :class:`UNetConfig`.
@@ -319,6 +380,7 @@ class MinimalUNet(_EpsNet):
                 nn.ModuleList(ResBlock(c if i == 0 else w, w, emb_dim, g, pm) for i in range(n_blocks))
             )
             c = w
+        self.mid_attention = SelfAttention(c, config.attention_heads, g) if config.attention else None
         self.up = nn.ModuleList()
         for w in reversed(widths):
             # first block: upsampled features (c channels) + skip of this level (w channels)
@@ -342,6 +404,8 @@ class MinimalUNet(_EpsNet):
             skips.append(h)
             if level < levels - 1:
                 h = F.avg_pool2d(h, 2)  # [B, w_l, H / 2^(l+1), W / 2^(l+1)]
+        if self.mid_attention is not None:
+            h = self.mid_attention(h)  # [B, w_L, H / 2^L, W / 2^L], L = levels - 1
         for i, blocks in enumerate(self.up):
             level = levels - 1 - i
             if level < levels - 1:

@@ -62,6 +62,7 @@ from patchmosaic.runs import (
     PROVENANCE_FILE,
     SAMPLES_FILE,
     check_run_dir,
+    format_seeds,
     load_provenance,
     load_samples,
     save_grid,
@@ -311,7 +312,7 @@ def _samples_html(run: _Run) -> str:
         archive = load_samples(samples)
         return _figure("Samples", _data_uri(_grid_png(archive["images"])),
                        _grid_caption(SAMPLES_FILE, archive["seeds"]))
-    archives = sorted(run.path.glob("samples_*.npz")) if run.metrics is not None or run.comparison else []
+    archives = _sample_archives(run)
     archives.sort(key=lambda path: path.stem != "samples_network")  # the reference first, then by name
     if not archives:
         return _note("Samples", f"no {GRID_FILE} or {SAMPLES_FILE} in this directory.")
@@ -323,6 +324,23 @@ def _samples_html(run: _Run) -> str:
                        f'alt="{_e(name)} samples"><figcaption><b>{_e(name)}</b> '
                        f'{_e(_grid_caption(path.name, archive["seeds"]))}</figcaption></figure>')
     return '<section class="sub"><h3>Samples</h3><div class="figures">' + "".join(figures) + "</div></section>"
+
+
+def _sample_archives(run: _Run) -> list[Path]:
+    """The ``samples_<name>.npz`` of an evaluation or comparison, sorted by name.
+
+    Those its ``config["files"]`` lists (only this run's, so a file an earlier run
+    left in the directory is never shown as current); every ``samples_*.npz`` for
+    runs that predate the list.
+    """
+    if run.metrics is None and run.comparison is None:
+        return []
+    config = (run.comparison or run.metrics or {}).get("config")
+    listed = config.get("files") if isinstance(config, dict) else None
+    if not isinstance(listed, dict):
+        return sorted(run.path.glob("samples_*.npz"))
+    names = {f for k, f in listed.items() if k.startswith("samples_") and isinstance(f, str) and Path(f).name == f}
+    return sorted(run.path / f for f in names if (run.path / f).is_file())
 
 
 def _grid_png(images: np.ndarray) -> bytes:
@@ -818,15 +836,7 @@ def _sig(value: Any) -> str:
 
 
 def _format_seeds(seeds: Sequence[int]) -> str:
-    """``[0, 1, 2, 3, 5]`` as ``"0-3, 5"`` (the inverse of :func:`~patchmosaic.runs.parse_seeds`, order kept)."""
+    """:func:`~patchmosaic.runs.format_seeds` of integer seeds (``"0-3, 5 (5)"``); anything else as :func:`_fmt`."""
     if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
         return _fmt(list(seeds))
-    parts: list[str] = []
-    i = 0
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
-        i = j + 1
-    return ", ".join(parts) + f" ({len(seeds)})"
+    return format_seeds(seeds)

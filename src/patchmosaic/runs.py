@@ -55,6 +55,7 @@ __all__ = [
     "undo_new_dir_on_failure",
     "load_provenance",
     "load_samples",
+    "format_seeds",
     "parse_seeds",
     "prepare_run_dir",
     "save_grid",
@@ -147,6 +148,19 @@ def parse_seeds(spec: str) -> list[int]:
     if duplicates:
         raise ValueError(f"seed list {spec!r} repeats seed(s) {duplicates}; each seed may occur once")
     return seeds
+
+
+def format_seeds(seeds: Sequence[int]) -> str:
+    """``[0, 1, 2, 3, 5]`` as ``"0-3, 5 (5)"``: :func:`parse_seeds`'s ranges (order kept), then the count."""
+    parts: list[str] = []
+    i = 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
+        i = j + 1
+    return ", ".join(parts) + f" ({len(seeds)})"
 
 
 def check_run_dir(

@@ -22,6 +22,7 @@ training time so far) and, when done, ``summary.json``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -243,6 +244,10 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
 def _check_resumable(saved: dict[str, Any] | None, current: TrainConfig, path: Path) -> None:
     if saved is None:
         raise ValueError(f"checkpoint {path} has no train_config, so the run cannot be resumed")
+    saved = dict(saved)
+    # Model fields added since the run was saved (the UNet's attention) take their defaults.
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        saved["model"] = config_to_dict(config_from_dict(saved["model"]))
     saved, now = (_flatten(json.loads(json.dumps(c))) for c in (saved, current.to_dict()))  # tuples as lists
     diffs = [
         (k, saved.get(k), now.get(k))

@@ -72,20 +72,51 @@ EVALUATE_FILES = (METRICS_FILE, "scatter.png", "comparison.png", "samples_networ
 # ------------------------------------------------------------------ shared
 
 
-def check_out_flag(path: Path, overwrite: bool, files: tuple[str, ...], *, resume: bool = False) -> Path:
+def check_out_flag(
+    path: Path,
+    overwrite: bool,
+    files: tuple[str, ...],
+    *,
+    resume: bool = False,
+    samples: tuple[str, ...] | None = None,
+) -> Path:
     """:func:`patchmosaic.runs.check_run_dir` as a usage error (exit 2) naming ``--out``; nothing is created.
 
     Every command with ``--out`` checks it with this, before any work.
+
+    Args:
+        samples: For commands writing one ``samples_<name>.npz`` per compared
+            denoiser (evaluate, compare): the names this run writes. With
+            ``--overwrite``, any other ``samples_*.npz`` in ``path`` is an earlier
+            run's (other denoisers) that this run would leave beside its own, where
+            ``report`` would show it as current: refused, naming the files (nothing
+            is moved or deleted).
     """
     if resume and overwrite:
         raise click.BadParameter("--resume continues the run in --out and --overwrite replaces it; pass one",
                                  param_hint="'--resume'")
     try:
-        return check_run_dir(path, overwrite=overwrite, files=files, resume=resume)
+        checked = check_run_dir(path, overwrite=overwrite, files=files, resume=resume)
     except FileNotFoundError as err:
         raise click.BadParameter(str(err), param_hint="'--resume'") from err
     except FileExistsError as err:
         raise click.BadParameter(str(err), param_hint="'--out'") from err
+    if samples is not None and checked.is_dir():
+        written = {sample_file(name) for name in samples}
+        stale = sorted(p.name for p in checked.glob(sample_file("*")) if p.name not in written)
+        if stale:
+            raise click.BadParameter(
+                f"{checked} holds {', '.join(stale)} from an earlier run, of denoisers this run does not write "
+                f"(it writes the samples of {', '.join(samples)}); --overwrite replaces only this run's files, so they "
+                "would stay beside the new ones and read as current. Move or delete them, or choose another --out",
+                param_hint="'--out'",
+            )
+    return checked
+
+
+def sample_file(name: str) -> str:
+    """``samples_<name>.npz``: the final samples of one denoiser in an evaluate or compare directory."""
+    return f"samples_{name}.npz"
 
 
 def parse_seeds_flag(spec: str) -> list[int]:

@@ -23,6 +23,7 @@ from patchmosaic.cli.common import (
     parse_schedule_flag,
     parse_seeds_flag,
     resolve_device,
+    sample_file,
     set_threads,
 )
 from patchmosaic.cli.network import LoadedModel
@@ -151,7 +152,9 @@ def _family_denoiser(name: str, images: torch.Tensor, labels: torch.Tensor | Non
               help="Directory for leaderboard.json/.md, per_step.png, comparison.png and samples_<name>.npz; new or "
               "empty unless --overwrite.")
 @click.option("--overwrite", is_flag=True, default=False,
-              help="Reuse a non-empty --out: replace the files this command writes, keep every other file.")
+              help="Reuse a non-empty --out: replace the files this command writes, keep every other file. "
+              "Refused while --out holds samples_<name>.npz of denoisers not in --denoisers (an earlier compare's): "
+              "they would sit beside the new ones as if current; move or delete them first.")
 @click.option("--single-step/--no-single-step", default=True, show_default=True,
               help="Also evaluate the network at every denoiser's state (one extra network call per step).")
 @comparison_options
@@ -179,7 +182,7 @@ def compare_command(**params: Any) -> None:
         dev = resolve_device(p["device"])
         seeds = parse_seeds_flag(p["seeds"])
         names = _parse_names(p["denoiser_spec"])
-        out = check_out_flag(p["out"], p["overwrite"], COMPARE_FILES)
+        out = check_out_flag(p["out"], p["overwrite"], COMPARE_FILES, samples=("network", *names))
         model = LoadedModel(p["model_spec"])
         model.use_training_set(p["dataset"], p["n_train"])
         ts = model.training_set()
@@ -240,11 +243,11 @@ def compare_command(**params: Any) -> None:
         markdown = leaderboard_markdown(entries, title="Denoisers against the network", protocol_line=protocol_line)
         files = {"leaderboard": LEADERBOARD_JSON, "leaderboard_md": LEADERBOARD_MD, "per_step": "per_step.png",
                  "comparison": "comparison.png",
-                 **{f"samples_{n}": f"samples_{n}.npz" for n in result.images}}
+                 **{f"samples_{n}": sample_file(n) for n in result.images}}
         with undo_new_dir_on_failure(out, files=tuple(files.values())):
             out.mkdir(parents=True, exist_ok=True)
             for name, images in result.images.items():
-                save_samples(out / f"samples_{name}.npz", images, seeds, labels)
+                save_samples(out / sample_file(name), images, seeds, labels)
             save_per_step(out / "per_step.png", result.per_step,
                           title=f"network {p['network_steps']} steps, denoisers {steps} steps ({p['sampler']}, "
                           f"{p['grid']} grid), {len(seeds)} seeds")

@@ -22,6 +22,7 @@ from patchmosaic.cli.common import (
     parse_schedule_flag,
     parse_seeds_flag,
     resolve_device,
+    sample_file,
     set_threads,
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
@@ -117,7 +118,9 @@ def _load_reuse(
               help="Directory for metrics.json, scatter.png, comparison.png and samples_*.npz; new or empty unless "
               "--overwrite.")
 @click.option("--overwrite", is_flag=True, default=False,
-              help="Reuse a non-empty --out: replace the files this command writes, keep every other file.")
+              help="Reuse a non-empty --out: replace the files this command writes, keep every other file. "
+              "Refused while --out holds samples_<name>.npz of another machine (an earlier evaluate's); move or "
+              "delete them first.")
 @click.option("--reuse", "reuse_dirs", type=click.Path(file_okay=False, exists=True, path_type=Path), multiple=True,
               help="A previous `sample` run (--machine els or ideal) whose samples replace that machine's run; its "
               "config must match (dataset, n_train, size, padding, schedule, steps, float32, labels) and its seeds "
@@ -166,7 +169,7 @@ def evaluate_command(
         set_threads(threads)
         dev = resolve_device(device)
         seed_list = parse_seeds_flag(seeds)
-        out = check_out_flag(out, overwrite, EVALUATE_FILES)
+        out = check_out_flag(out, overwrite, EVALUATE_FILES, samples=("network", machine, "ideal"))
         model = LoadedModel(model_spec)
         model.use_training_set(dataset, n_train)
         schedule = parse_schedule_flag(model.schedule_spec(patch_sizes))
@@ -190,13 +193,13 @@ def evaluate_command(
             resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed, device=dev,
         )
         wall = time.perf_counter() - start
-        written = (METRICS_FILE, "scatter.png", "comparison.png", *(f"samples_{n}.npz" for n in result.images))
+        written = (METRICS_FILE, "scatter.png", "comparison.png", *(sample_file(n) for n in result.images))
         with undo_new_dir_on_failure(out, files=written):  # no half-written --out on a failed write
             out.mkdir(parents=True, exist_ok=True)
             files = {"metrics": METRICS_FILE, "scatter": "scatter.png", "comparison": "comparison.png"}
             for name, images in result.images.items():
-                files[f"samples_{name}"] = f"samples_{name}.npz"
-                save_samples(out / f"samples_{name}.npz", images, seed_list, labels)
+                files[f"samples_{name}"] = sample_file(name)
+                save_samples(out / sample_file(name), images, seed_list, labels)
             summary = result.summary
             per = {row["seed"]: row for row in summary["per_seed"]}
             save_scatter(out / "scatter.png", [per[s][f"pearson_r_{machine}"] for s in seed_list],

@@ -35,7 +35,8 @@ _FLAGS = {
     "batch_size": "--batch-size", "lr": "--lr", "weight_decay": "--weight-decay", "ema": "--ema", "seed": "--seed",
     "model.arch": "--arch", "model.width": "--width", "model.base_width": "--width", "model.depth": "--depth",
     "model.channel_mults": "--channel-mults", "model.blocks_per_level": "--blocks-per-level",
-    "model.padding_mode": "--padding", "model.norm_groups": "--norm-groups",
+    "model.padding_mode": "--padding", "model.norm_groups": "--norm-groups", "model.attention": "--attention",
+    "model.attention_heads": "--attention-heads",
 }
 
 
@@ -92,11 +93,20 @@ def _parse_mults(value: str | None) -> tuple[int, ...] | None:
 
 
 def _model_config(
-    arch: str, padding: str, width: int | None, depth: int | None, mults: str | None, blocks: int | None, norm: int
+    arch: str,
+    padding: str,
+    width: int | None,
+    depth: int | None,
+    mults: str | None,
+    blocks: int | None,
+    norm: int,
+    attention: bool,
+    heads: int | None,
 ) -> ModelConfig:
     """The architecture from the flags, refusing flags of the other arch."""
     if arch == "resnet":
-        for flag, value in (("--channel-mults", mults), ("--blocks-per-level", blocks)):
+        for flag, value in (("--channel-mults", mults), ("--blocks-per-level", blocks),
+                            ("--attention", attention or None), ("--attention-heads", heads)):
             if value is not None:
                 raise click.BadParameter(f"{flag} applies to --arch unet only", param_hint=f"'{flag}'")
         return ResNetConfig(
@@ -109,12 +119,16 @@ def _model_config(
         raise click.BadParameter(
             "--depth applies to --arch resnet only (use --blocks-per-level)", param_hint="'--depth'"
         )
+    if heads is not None and not attention:
+        raise click.BadParameter("--attention-heads applies with --attention only", param_hint="'--attention-heads'")
     return UNetConfig(
         base_width=_UNET_DEFAULTS.base_width if width is None else width,
         channel_mults=_UNET_DEFAULTS.channel_mults if mults is None else _parse_mults(mults),
         blocks_per_level=_UNET_DEFAULTS.blocks_per_level if blocks is None else blocks,
         padding_mode=padding,
         norm_groups=norm,
+        attention=attention,
+        attention_heads=_UNET_DEFAULTS.attention_heads if heads is None else heads,
     )
 
 
@@ -126,7 +140,8 @@ def _model_config(
 @click.option("--size", type=click.IntRange(min=1), default=_TRAIN_DEFAULTS.image_size, show_default=True,
               help="Resize images to SIZE x SIZE (bilinear; MNIST 28 -> 32 as in the paper).")
 @click.option("--arch", type=click.Choice(tuple(ARCHS)), default="resnet", show_default=True,
-              help="Network: resnet (full resolution, local) or unet (pooling pyramid).")
+              help="Network: resnet (full resolution, local) or unet (pooling pyramid; --attention adds "
+              "self-attention).")
 @click.option("--padding", type=click.Choice(PADDING_MODES), default="zeros", show_default=True,
               help="Padding mode of every convolution.")
 @click.option("--conditional", is_flag=True, default=False,
@@ -142,6 +157,12 @@ def _model_config(
               f"[default: {','.join(map(str, _UNET_DEFAULTS.channel_mults))}]")
 @click.option("--blocks-per-level", type=click.IntRange(min=1), default=None,
               help=f"UNet residual blocks per level.  [default: {_UNET_DEFAULTS.blocks_per_level}]")
+@click.option("--attention", is_flag=True, default=False,
+              help="UNet only: add a multi-head self-attention block at the lowest resolution (the paper's "
+              "mnist-unet-attention; the network is then not local).  [default: off]")
+@click.option("--attention-heads", type=click.IntRange(min=1), default=None,
+              help="Heads of the --attention block (must divide the lowest level's channels).  "
+              f"[default: {_UNET_DEFAULTS.attention_heads}]")
 @click.option("--norm-groups", type=click.IntRange(min=0), default=_RESNET_DEFAULTS.norm_groups, show_default=True,
               help="GroupNorm groups (must divide the widths); 0 = no normalisation (strictly local resnet).")
 @click.option("--steps", type=click.IntRange(min=1), default=_TRAIN_DEFAULTS.steps, show_default=True,
@@ -180,6 +201,8 @@ def train(
     channel_mults: str | None,
     blocks_per_level: int | None,
     norm_groups: int,
+    attention: bool,
+    attention_heads: int | None,
     steps: int,
     batch_size: int,
     lr: float,
@@ -202,7 +225,9 @@ def train(
         --steps 20000 --out runs/resnet-mnist
     """
     try:
-        model = _model_config(arch, padding, width, depth, channel_mults, blocks_per_level, norm_groups)
+        model = _model_config(
+            arch, padding, width, depth, channel_mults, blocks_per_level, norm_groups, attention, attention_heads
+        )
         config = TrainConfig(
             dataset=dataset,
             n_train=n_train,

@@ -1,0 +1,146 @@
+"""scripts/table1.py on a fake reproduce_table1.sh output built from a real ``evaluate`` metrics.json.
+
+``fixtures/evaluate_metrics_2seeds.json`` is an unedited ``patchmosaic evaluate`` output
+(pretrained fashion-resnet-zeros-cond, seeds 1000-1001, network 150 steps, ELS reused
+from a ``sample`` run); the other files here are copies with a few values changed.
+"""
+
+import copy
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = json.loads((ROOT / "tests" / "fixtures" / "evaluate_metrics_2seeds.json").read_text())
+SPEC = importlib.util.spec_from_file_location("table1", ROOT / "scripts" / "table1.py")
+table1 = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(table1)
+
+
+def write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def metrics(network_steps=150, els_r=None, seeds=None, patch_sizes=None, wins=None):
+    """The real metrics.json with some entries replaced."""
+    data = copy.deepcopy(REAL)
+    data["config"]["network_steps"] = network_steps
+    if els_r is not None:
+        data["aggregates"]["els"]["pearson_r"].update(zip(("median", "ci_low", "ci_high"), els_r))
+    if seeds is not None:
+        data["config"]["seeds"], data["n_seeds"] = seeds, len(seeds)
+        data["fraction_machine_beats_baseline"]["n"] = len(seeds)
+    if patch_sizes is not None:
+        data["config"]["patch_sizes"] = patch_sizes
+    if wins is not None:
+        data["fraction_machine_beats_baseline"]["wins"] = wins
+    return data
+
+
+K_FASHION = REAL["config"]["patch_sizes"]  # 3,3,3,3,5,...,13,13 (20 entries)
+K_CAL = [3] * 10 + [5] * 10
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """Two Table 1 models (one complete, one without its 20/20 run), an extra model, four missing."""
+    run, pretrained = tmp_path / "table1", tmp_path / "pretrained"
+    write_json(pretrained / "fashion-resnet-zeros-cond" / "schedule.json", {"patch_sizes": K_FASHION})
+    write_json(run / "evaluate-150-fashion-resnet-zeros-cond" / "metrics.json", REAL)
+    write_json(run / "evaluate-20-fashion-resnet-zeros-cond" / "metrics.json",
+               metrics(network_steps=20, els_r=(0.8996712858386895, 0.881, 0.9174)))
+    write_json(run / "calibrate-mnist-unet-zeros" / "schedule.json", {"patch_sizes": K_CAL})
+    write_json(run / "evaluate-150-mnist-unet-zeros" / "metrics.json",
+               metrics(seeds=[5, 6, 7, 9], patch_sizes=K_CAL, wins=3))
+    write_json(run / "evaluate-20-my-model" / "metrics.json", metrics(network_steps=20))
+    (run / "els-mnist-resnet-zeros").mkdir()  # ELS sampled, not evaluated yet: still missing
+    return run, pretrained
+
+
+def cells(table, model):
+    line = next(line for line in table.splitlines() if line.startswith(f"| `{model}` |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_rows_cells_and_notes(run_dir):
+    run, pretrained = run_dir
+    table = table1.build_table(run, pretrained=pretrained)
+    lines = table.splitlines()
+    assert lines[0] == ("| model | calibrated k(sigma), lowest noise first | seeds (n) | ELS median r [95% CI], "
+                        "paper protocol | ELS median r [95% CI], 20/20 | IS median r [95% CI], paper protocol | "
+                        "ELS R^2 [95% CI], paper protocol | ELS beats IS, paper protocol |")
+    assert [line.split("|")[1].strip() for line in lines[2:5]] == [
+        "`fashion-resnet-zeros-cond`", "`mnist-unet-zeros`", "`my-model`"]  # Table 1's order, then the others
+    assert lines[5] == ""
+    # The real file's numbers: els pearson_r 0.92325 [0.90671, 0.93979], ideal 0.55704 [0.53334, 0.58074],
+    # els R2 0.84556 [0.81244, 0.87868], 2 wins of 2.
+    assert cells(table, "fashion-resnet-zeros-cond") == [
+        "`fashion-resnet-zeros-cond`", "3,3,3,3,5,5,5,5,5,7,7,7,7,9,9,9,9,11,13,13", "1000-1001 (2)",
+        "0.923 [0.907, 0.940]", "0.900 [0.881, 0.917]", "0.557 [0.533, 0.581]", "0.846 [0.812, 0.879]", "2/2",
+    ]
+    assert cells(table, "mnist-unet-zeros") == [
+        "`mnist-unet-zeros`", ",".join(map(str, K_CAL)), "5-7, 9 (4)",
+        "0.923 [0.907, 0.940]", "–", "0.557 [0.533, 0.581]", "0.846 [0.812, 0.879]", "3/4",
+    ]
+    assert cells(table, "my-model") == ["`my-model`", "–", "1000-1001 (2)", "–", "0.923 [0.907, 0.940]",
+                                        "–", "–", "–"]
+    notes = lines[6:]
+    assert "- paper protocol (`evaluate-150-NAME`): network 150 DDIM steps, machines 20 steps." in notes
+    assert "- 20/20 (`evaluate-20-NAME`): network 20 DDIM steps, machines 20 steps." in notes
+    assert (f"- Missing (no evaluate-150 or evaluate-20 metrics in {run}): `mnist-resnet-zeros`, "
+            "`mnist-resnet-circular`, `fashion-unet-zeros-cond`, `mnist-unet-attention`.") in notes
+    assert "- `mnist-unet-zeros`: no evaluate-20-mnist-unet-zeros/metrics.json (20/20 cells: –)" in notes
+    assert "- `my-model`: no evaluate-150-my-model/metrics.json (paper protocol cells: –)" in notes
+    assert any(n.startswith("- `my-model`: no schedule.json in ") for n in notes)
+    assert not any("fashion-resnet-zeros-cond" in n for n in notes)  # complete and consistent
+
+
+def test_inconsistent_files_are_noted(run_dir):
+    run, pretrained = run_dir
+    write_json(run / "evaluate-20-fashion-resnet-zeros-cond" / "metrics.json",
+               metrics(network_steps=20, seeds=[1000, 1001, 1002], patch_sizes=K_CAL))
+    table = table1.build_table(run, pretrained=pretrained, models=("fashion-resnet-zeros-cond",))
+    assert cells(table, "fashion-resnet-zeros-cond")[2] == "1000-1001 (2) / 1000-1002 (3)"
+    schedule = pretrained / "fashion-resnet-zeros-cond" / "schedule.json"
+    assert (f"- `fashion-resnet-zeros-cond`: evaluate-20-fashion-resnet-zeros-cond used k = "
+            f"{','.join(map(str, K_CAL))}, not the schedule in {schedule}") in table
+    assert "- `fashion-resnet-zeros-cond`: the two evaluations used different seeds" in table
+    assert "Missing" not in table and "`my-model`" in table  # --models replaces Table 1's list
+
+
+def test_errors_name_the_file(run_dir, tmp_path):
+    run, pretrained = run_dir
+    bad = run / "evaluate-150-mnist-unet-zeros" / "metrics.json"
+    write_json(bad, metrics(network_steps=20))
+    with pytest.raises(table1.Table1Error, match=re.escape(f"{bad} ran the network with 20 steps, but its directory says 150")):
+        table1.build_table(run, pretrained=pretrained)
+    data = metrics()
+    del data["aggregates"]["els"]["R2"]
+    write_json(bad, data)
+    with pytest.raises(table1.Table1Error, match=re.escape(f"{bad} has no aggregates.els.R2")):
+        table1.build_table(run, pretrained=pretrained)
+    bad.write_text("{not json")
+    with pytest.raises(table1.Table1Error, match=re.escape(f"cannot read {bad}")):
+        table1.build_table(run, pretrained=pretrained)
+    with pytest.raises(table1.Table1Error, match="is not a directory"):
+        table1.build_table(tmp_path / "nope")
+
+
+def test_command_line(run_dir, tmp_path):
+    run, pretrained = run_dir
+    out = tmp_path / "table1.md"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "table1.py"), str(run), "--out", str(out),
+                           "--pretrained", str(pretrained)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"wrote {out}\n"
+    assert out.read_text() == table1.build_table(run, pretrained=pretrained)
+    failed = subprocess.run([sys.executable, str(ROOT / "scripts" / "table1.py"), str(tmp_path / "nope"),
+                             "--out", str(out)], capture_output=True, text=True, check=False)
+    assert failed.returncode == 1, failed.stderr
+    assert "table1.py: error:" in failed.stderr and "is not a directory" in failed.stderr
