@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The paper's Table 1 on our data (issue 11): for each model, train (unless it is committed in
+# pretrained/), calibrate its ELS schedule (unless committed), sample ELS from the evaluation seeds
+# once, and evaluate network vs ELS vs IS under both protocols from the same ELS samples:
+#   paper:  network 150 DDIM steps, machines one step per schedule entry (20)   -> evaluate-150
+#   20/20:  network on the machines' 20-step grid                                -> evaluate-20
+# then write runs/table1/table1.md (scripts/table1.py).
+#
+# Resumable: every stage is skipped when its output exists, training and ELS sampling continue
+# from their checkpoints (--resume), so the script can be stopped and run again at any time.
+#
+#   bash scripts/reproduce_table1.sh                       # every model below
+#   MODELS="mnist-resnet-zeros" bash scripts/reproduce_table1.sh
+#   EVAL_SEEDS=1000-1009 OUT=runs/quick bash scripts/reproduce_table1.sh   # a quick look
+#
+# Costs on this 2-core CPU, one thread (measured 2026-11-30): ELS sampling at N = 1000 about
+# 15 s per seed (MNIST, unconditional) and 5 s per seed (Fashion-MNIST, conditional); a
+# 4,000-step ResNet training run about 40 min; calibration over 3..21 with 10 seeds 20-30 min.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PM=${PM:-.venv/bin/patchmosaic}
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/table1}
+THREADS=${THREADS:-1}
+EVAL_SEEDS=${EVAL_SEEDS:-1000-1099}   # seeds no calibration or earlier evaluation used
+CAL_SEEDS=${CAL_SEEDS:-0-9}
+CANDIDATES=${CANDIDATES:-3-21}
+TRAIN_STEPS=${TRAIN_STEPS:-4000}
+MODELS=${MODELS:-"mnist-resnet-zeros fashion-resnet-zeros-cond mnist-resnet-circular mnist-unet-zeros fashion-unet-zeros-cond mnist-unet-attention"}
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+mkdir -p "$OUT"
+
+# The training recipe of each model (the committed ResNets' own, see their config.json).
+train_flags() {
+  local common="--n-train 1000 --batch-size 64 --lr 5e-4 --ema 0.999 --seed 0 --checkpoint-every 250"
+  case $1 in
+    mnist-resnet-zeros)        echo "--dataset mnist --arch resnet --padding zeros --width 32 --depth 4 --norm-groups 0 $common" ;;
+    fashion-resnet-zeros-cond) echo "--dataset fashion-mnist --conditional --arch resnet --padding zeros --width 32 --depth 4 --norm-groups 0 $common" ;;
+    mnist-resnet-circular)     echo "--dataset mnist --arch resnet --padding circular --width 32 --depth 4 --norm-groups 0 $common" ;;
+    mnist-unet-zeros)          echo "--dataset mnist --arch unet --padding zeros --width 32 $common" ;;
+    fashion-unet-zeros-cond)   echo "--dataset fashion-mnist --conditional --arch unet --padding zeros --width 32 $common" ;;
+    mnist-unet-attention)      echo "--dataset mnist --arch unet --attention --padding zeros --width 32 $common" ;;
+    *) echo "reproduce_table1.sh: unknown model $1" >&2; return 1 ;;
+  esac
+}
+
+stage() { echo "== $(date +%T) $*"; }
+
+for name in $MODELS; do
+  flags=$(train_flags "$name")
+  if [[ -f pretrained/$name/model.pt ]]; then
+    model=pretrained:$name
+  else
+    model=$OUT/train-$name
+    if [[ ! -f $model/summary.json ]]; then
+      stage "$name: train ($TRAIN_STEPS steps)"
+      # shellcheck disable=SC2086
+      resume=()
+      [[ -f $model/model.pt ]] && resume=(--resume)
+      "$PM" train $flags --steps "$TRAIN_STEPS" --threads "$THREADS" --out "$model" "${resume[@]}"
+    fi
+  fi
+  if [[ -f pretrained/$name/schedule.json ]]; then
+    schedule=pretrained/$name/schedule.json
+  else
+    schedule=$OUT/calibrate-$name/schedule.json
+    if [[ ! -f $schedule ]]; then
+      stage "$name: calibrate (seeds $CAL_SEEDS, candidates $CANDIDATES)"
+      "$PM" calibrate --model "$model" --machine els --candidates "$CANDIDATES" --seeds "$CAL_SEEDS" \
+        --threads "$THREADS" --out "$OUT/calibrate-$name" --overwrite
+    fi
+  fi
+  els=$OUT/els-$name
+  if [[ ! -f $els/samples.npz ]]; then
+    stage "$name: ELS samples (seeds $EVAL_SEEDS)"
+    resume=()
+    [[ -f $els/config.json ]] && resume=(--resume)
+    "$PM" sample --machine els --like "$model" --patch-sizes "$schedule" --seeds "$EVAL_SEEDS" \
+      --threads "$THREADS" --out "$els" "${resume[@]}"
+  fi
+  for steps in 150 20; do
+    ev=$OUT/evaluate-$steps-$name
+    if [[ ! -f $ev/metrics.json ]]; then
+      stage "$name: evaluate, network $steps steps"
+      "$PM" evaluate --model "$model" --machine els --patch-sizes "$schedule" --seeds "$EVAL_SEEDS" \
+        --network-steps "$steps" --reuse "$els" --threads "$THREADS" --out "$ev" --overwrite
+    fi
+  done
+done
+stage "table"
+"$PY" scripts/table1.py "$OUT" --out "$OUT/table1.md"
+cat "$OUT/table1.md"
