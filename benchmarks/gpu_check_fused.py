@@ -12,18 +12,16 @@ Not run yet: it needs a CUDA GPU (H100/H200) with a CUDA build of torch and
    several shapes, abar from 0.01 to 0.999, with and without counts, 1 and
    several key splits), also with ``torch.set_float32_matmul_precision
    ("medium")`` set by the caller (``input_precision="ieee"`` keeps TF32 out).
-2. ELS through the kernel (:func:`fused_els`, below: the engine's geometry
-   groups, one kernel call per (group, chunk of training images), partials
-   merged with ``SoftmaxMean.merge``) against ``ScoreMachine`` on the CPU in
-   float64, zeros and circular, k = 3, 9, 15, on 300 bundled MNIST digits.
+2. ELS through the kernel (``ScoreMachine(..., kernel="triton")``: the
+   engine's geometry groups, one kernel call per (group, chunk of training
+   images), partials merged with ``SoftmaxMean.merge``) against
+   ``ScoreMachine`` on the CPU in float64, zeros and circular, k = 3, 9, 15,
+   on 300 bundled MNIST digits.
 3. Timing: a 20-step ELS sample (zeros, ``mnist-resnet-zeros``, float32) of 8
    seeds batched at N = 60,000 (the 10,000 bundled digits and 5 shifted copies,
    as ``gpu_check.py``), training set resident on the GPU, for the fused path
-   and for the engine (``ScoreMachine``, ``chunk_elements=2**26``). Target:
+   and for the engine (``kernel="torch"``, ``chunk_elements=2**26``). Target:
    <= 1 s per sample on one H100/H200 for the fused path.
-
-``fused_els`` is the wiring the engine would do (see the README); it lives here
-because ``machines.py`` is being refactored.
 """
 
 from __future__ import annotations
@@ -37,90 +35,8 @@ import torch
 
 from patchmosaic import CosineSchedule, ScoreMachine, noise_for_seeds, sample
 from patchmosaic.data import load_dataset
-from patchmosaic.engine import (
-    SoftmaxMean,
-    augment_queries,
-    logit_coefficients,
-    patch_sq_norms,
-    patch_windows,
-    select_blocks,
-)
-from patchmosaic.geometry import make_geometry, scatter_pixels
+from patchmosaic.engine import logit_coefficients
 from patchmosaic.kernels import fused_softmax_mean
-from patchmosaic.schedules import PatchSchedule
-
-KEY_BUDGET = 1 << 27  # key elements per chunk (512 MiB of float32 keys)
-
-
-@torch.no_grad()
-def fused_els(
-    x_t: torch.Tensor,
-    alpha_bar: float,
-    train: torch.Tensor,
-    patch_size: int,
-    padding: str = "zeros",
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """ELS posterior mean with one fused kernel call per (geometry group, chunk of images).
-
-    Args:
-        x_t: ``[B, C, H, W]`` noisy images (VP form), on the device of ``train``.
-        alpha_bar: Signal fraction in (0, 1).
-        train: ``[N, C, H, W]`` training images.
-        patch_size: Odd k.
-        padding: ``"zeros"`` or ``"circular"`` (training patches wrap, as ScoreMachine's default).
-        backend: Passed to :func:`fused_softmax_mean`.
-
-    Returns:
-        ``[B, C, H, W]``.
-    """
-    B, C, H, W = x_t.shape
-    geometry = make_geometry("els", padding, H, W, patch_size)
-    r = geometry.radius
-    D = C * patch_size * patch_size
-    scale, bias = logit_coefficients(torch.full((B,), alpha_bar, dtype=x_t.dtype, device=x_t.device))  # [B]
-    x_win = patch_windows(x_t, r, padding)  # [B, C, H, W, k, k]
-    plan = []
-    per_image = 1
-    for rows, cols in geometry.groups():
-        nbr, npr = rows.P.shape
-        nbc, npc = cols.P.shape
-        q = select_blocks(x_win, rows, cols, "P")  # [B, C, nbr, npr, nbc, npc, k, k]
-        q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)  # [G, Bq, D]
-        s, b = scale.repeat_interleave(npr * npc), bias.repeat_interleave(npr * npc)  # [Bq]
-        plan.append((rows, cols, q, s, b, SoftmaxMean(augment_queries(q, s, b), C)))
-        per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * D)
-    n = max(1, KEY_BUDGET // per_image)
-    for start in range(0, train.shape[0], n):
-        chunk = train[start : start + n].to(x_t.dtype)  # [n, C, H, W]
-        t_win = patch_windows(chunk, r, padding)  # [n, C, H, W, k, k] view
-        norms = patch_sq_norms(chunk, r, padding)[:, None]  # [n, 1, H, W]
-        for rows, cols, q, s, b, state in plan:
-            G = rows.Q.shape[0] * cols.Q.shape[0]
-            keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
-            keys = keys.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(G, -1, D)  # [G, M, D], (image, q_r, q_c)
-            sq = select_blocks(norms, rows, cols, "Q")[:, 0].permute(1, 3, 0, 2, 4).reshape(G, -1)  # [G, M]
-            centres = select_blocks(chunk, rows, cols, "Q").permute(2, 4, 0, 3, 5, 1).reshape(G, -1, C)  # [G, M, C]
-            state.merge(*fused_softmax_mean(q, s, b, keys, sq, centres, backend=backend))
-    out = torch.empty_like(x_t)
-    out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
-    for rows, cols, _, _, _, state in plan:
-        scatter_pixels(out_hwc, state.mean(), rows, cols)
-    return out
-
-
-class FusedELSDenoiser:
-    """``D(x_t, t) -> x0_hat`` for :func:`patchmosaic.sample`: :func:`fused_els` with k(t) from a schedule."""
-
-    def __init__(self, train: torch.Tensor, patch_sizes: str, padding: str = "zeros") -> None:
-        self.train, self.padding = train, padding
-        self.patch_sizes = PatchSchedule.parse(patch_sizes)
-        self.schedule = CosineSchedule()
-
-    def __call__(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        ab = float(self.schedule.alpha_bar(float(t)))
-        return fused_els(x_t, ab, self.train, self.patch_sizes.at(float(t)), self.padding)
 
 
 def check_kernel() -> None:
@@ -171,7 +87,7 @@ def check_kernel() -> None:
 
 
 def check_els() -> None:
-    """fused_els on CUDA against ScoreMachine on the CPU (float64), 300 MNIST digits."""
+    """ScoreMachine(kernel="triton") on CUDA against ScoreMachine on the CPU (float64), 300 MNIST digits."""
     data = load_dataset("mnist", n_train=304).images
     train, x0 = data[:300], data[300:]
     for padding, (t, k) in itertools.product(("zeros", "circular"), ((0.1, 3), (0.5, 9), (0.9, 15))):
@@ -180,7 +96,8 @@ def check_els() -> None:
         want = ScoreMachine(train.double(), kind="els", padding=padding).denoise(x_t.double(), ab, patch_size=k)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        got = fused_els(x_t.cuda(), ab, train.cuda(), k, padding, backend="triton")
+        fused = ScoreMachine(train.cuda(), kind="els", padding=padding, kernel="triton", chunk_elements=1 << 26)
+        got = fused.denoise(x_t.cuda(), ab, patch_size=k)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
         err = (got.cpu().double() - want).abs().max().item()
@@ -196,16 +113,14 @@ def time_sample(engine_too: bool) -> None:
     shifts = [(0, 0), (1, 0), (0, 1), (-1, 0), (0, -1), (1, 1)]
     sixty = torch.cat([torch.roll(base, s, dims=(2, 3)) for s in shifts]).cuda()  # [60000, 1, 32, 32]
     noise = noise_for_seeds(range(8), (1, 32, 32)).cuda()
-    runs = [("fused", FusedELSDenoiser(sixty, "mnist-resnet-zeros"), None)]
-    if engine_too:
-        runs.append(("engine", ScoreMachine(sixty, kind="els", padding="zeros", chunk_elements=1 << 26),
-                     "mnist-resnet-zeros"))
+    runs = [("fused", "triton")] + ([("engine", "torch")] if engine_too else [])
     results = {}
-    for name, denoiser, patch_sizes in runs:
+    for name, kernel in runs:
+        denoiser = ScoreMachine(sixty, kind="els", padding="zeros", kernel=kernel, chunk_elements=1 << 26)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        out = sample(denoiser, noise, steps=20, patch_sizes=patch_sizes)
+        out = sample(denoiser, noise, steps=20, patch_sizes="mnist-resnet-zeros")
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
         assert bool(torch.isfinite(out).all())

@@ -14,7 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchmosaic.engine import SoftmaxMean, augment_keys, augment_queries, augment_values, logit_coefficients
+from patchmosaic import ScoreMachine
+from patchmosaic.engine import (
+    SoftmaxMean,
+    augment_keys,
+    augment_queries,
+    augment_values,
+    logit_coefficients,
+)
 from patchmosaic.kernels import TRITON_AVAILABLE, fused_softmax_mean
 from patchmosaic.kernels.fused_softmax import TRITON_INTERPRETED, triton_usable
 
@@ -230,3 +237,37 @@ def test_els_through_the_kernel_equals_score_machine(interpret, backend, padding
     want = ScoreMachine(train.double(), kind="els", padding=padding).denoise(x.double(), 0.6, patch_size=k)
     got = fused_els(x, 0.6, train, k, padding, backend=backend)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------- wired into the machines
+
+
+@needs_triton
+@pytest.mark.parametrize("kind,padding", [("els", "zeros"), ("els", "circular"), ("ls", "zeros")])
+def test_machine_with_the_fused_kernel_equals_the_engine(interpret, kind, padding):
+    g = torch.Generator().manual_seed(3)
+    train = torch.rand(4, 1, 6, 7, generator=g) * 2 - 1
+    labels = torch.tensor([0, 1, 0, 1])
+    x = torch.randn(2, 1, 6, 7, generator=g)
+    sigma = torch.tensor([0.4, 3.0])
+    fused = ScoreMachine(train, kind=kind, padding=padding, labels=labels, kernel="triton", chunk_elements=600)
+    engine = ScoreMachine(train, kind=kind, padding=padding, labels=labels, kernel="torch")
+    for k in (3, 5):
+        want = engine(x, sigma, patch_size=k, label=torch.tensor([1, 0]))
+        got = fused(x, sigma, patch_size=k, label=torch.tensor([1, 0]))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    # provenance always runs on the engine, with the same estimate
+    est, _ = fused.bind(patch_sizes=(3,)).with_provenance(x, sigma, top=2)
+    torch.testing.assert_close(est, engine(x, sigma, patch_size=3), atol=2e-5, rtol=0)
+
+
+def test_kernel_choice_is_checked():
+    train = torch.rand(3, 1, 5, 5) * 2 - 1
+    with pytest.raises(ValueError, match="unknown kernel 'cuda'"):
+        ScoreMachine(train, kind="els", kernel="cuda")
+    x = torch.randn(1, 1, 5, 5)
+    auto = ScoreMachine(train, kind="els", kernel="auto")  # CPU queries: the engine, bit for bit
+    assert torch.equal(auto(x, 1.0, patch_size=3), ScoreMachine(train, kind="els", kernel="torch")(x, 1.0, patch_size=3))
+    if TRITON_AVAILABLE:
+        with pytest.raises(ValueError, match="float32 CUDA tensors"):
+            ScoreMachine(train.double(), kind="els", kernel="triton")(x.double(), 1.0, patch_size=3)

@@ -28,6 +28,7 @@ candidate images.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -73,6 +74,7 @@ __all__ = [
 ]
 
 KINDS = ("ideal", "es", "ls", "els")
+KERNELS = ("auto", "torch", "triton")
 PATCH_KINDS = ("ls", "els")
 
 # Default bound on the elements of one chunk's logit block (and patch tensor):
@@ -174,6 +176,13 @@ class ScoreMachine:
             its stated ``M e^floor`` bound); 0 computes every candidate.
             ``prune_stats`` holds the last call's ``(skipped, pairs, provable)``
             (:class:`patchmosaic.engine.SoftmaxMean`).
+        kernel: LS/ELS without provenance: ``"triton"`` streams every (group,
+            chunk) through the fused one-pass kernel
+            (:func:`patchmosaic.kernels.fused_softmax_mean`; float32 CUDA tensors,
+            or CPU tensors under ``TRITON_INTERPRET=1``; an error otherwise),
+            ``"torch"`` through :class:`~patchmosaic.engine.SoftmaxMean`, and
+            ``"auto"`` picks the fused kernel for float32 CUDA queries when
+            Triton is installed (the ``gpu`` extra). Provenance always uses the engine.
     """
 
     kind: ClassVar[str]
@@ -200,8 +209,12 @@ class ScoreMachine:
         distributed: bool = False,
         device: torch.device | str | None = None,
         prune_rank: int = PRUNE_RANK,
+        kernel: str = "auto",
     ) -> None:
         check_machine_options(self.kind, padding, wrap_training_patches)
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+        self.kernel = kernel
         if prune_rank < 0:
             raise ValueError(f"prune_rank must be 0 (off) or positive, got {prune_rank}")
         self.prune_rank = int(prune_rank)
@@ -726,6 +739,14 @@ class _PatchMachine(ScoreMachine):
         )
         return out
 
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether this call streams through the fused Triton kernel (see ``kernel``)."""
+        if self.kernel == "torch":
+            return False
+        if self.kernel == "triton":
+            return True
+        return x.device.type == "cuda" and x.dtype == torch.float32 and importlib.util.find_spec("triton") is not None
+
     def _denoise(
         self,
         x_t: torch.Tensor,
@@ -739,6 +760,8 @@ class _PatchMachine(ScoreMachine):
         """Per-pixel softmax over the training patches the geometry admits (only ``groups`` of it when given:
         the other pixels of the output are left unwritten)."""
         assert geometry is not None
+        if track is None and self._fused(x_t):
+            return self._denoise_fused(x_t, coeffs, train, geometry, groups), None
         B, C, H, W = x_t.shape
         r, pad = geometry.radius, geometry.padding
         k = 2 * r + 1
@@ -792,6 +815,53 @@ class _PatchMachine(ScoreMachine):
         if track is None:
             return out, None
         return out, Provenance.from_patches(plan, B, H, W, track)
+
+    def _denoise_fused(
+        self,
+        x_t: torch.Tensor,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        train: torch.Tensor,
+        geometry: Geometry,
+        groups: list[tuple[AxisBlocks, AxisBlocks]] | None,
+    ) -> torch.Tensor:
+        """:meth:`_denoise` with one fused kernel call per (group, chunk); partial states merge exactly.
+
+        Every candidate is streamed (no constant-patch collapsing: the kernel
+        never writes a logit block, so that CPU saving buys nothing here).
+        """
+        from patchmosaic.kernels import (
+            fused_softmax_mean,  # imports triton: only when asked for
+        )
+
+        B, C, H, W = x_t.shape
+        r, pad = geometry.radius, geometry.padding
+        D = C * (2 * r + 1) ** 2
+        scale, bias = coeffs
+        x_win = patch_windows(x_t, r, pad)  # [B, C, H, W, k, k]
+        plan = []
+        per_image = (C + 1) * (H + 2 * r) * (W + 2 * r)
+        for rows, cols in geometry.groups() if groups is None else groups:
+            nbr, npr = rows.P.shape
+            nbc, npc = cols.P.shape
+            q = select_blocks(x_win, rows, cols, "P")  # [B, C, nbr, npr, nbc, npc, k, k]
+            q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)  # [G, Bq, D]
+            rep = npr * npc
+            s, b = scale.repeat_interleave(rep), bias.repeat_interleave(rep)  # [Bq]
+            plan.append((rows, cols, q, s, b, SoftmaxMean(augment_queries(q[:, :, :0], s, b), C)))
+            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * (D + C + 2))
+        for _, chunk in self._chunks(train, per_image, x_t):
+            t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
+            norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
+            for rows, cols, q, s, b, state in plan:
+                keys_t, values = self._group_candidates(rows, cols, chunk, t_win, norms)  # [G, D + 2, M], [G, M, C + 1]
+                state.merge(*fused_softmax_mean(q, s, b, keys_t[:, :D].transpose(1, 2), keys_t[:, D],
+                                                values[..., :C], backend="triton"))
+        self._reduce([state for *_, state in plan])
+        out = torch.empty_like(x_t)
+        out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
+        for rows, cols, *_, state in plan:
+            scatter_pixels(out_hwc, state.mean(), rows, cols)
+        return out
 
     @staticmethod
     def _group_candidates(
