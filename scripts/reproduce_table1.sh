@@ -4,6 +4,7 @@
 # once, and evaluate network vs ELS vs IS under both protocols from the same ELS samples:
 #   paper:  network 150 DDIM steps, machines one step per schedule entry (20)   -> evaluate-150
 #   20/20:  network on the machines' 20-step grid                                -> evaluate-20
+#   ablation: network 50 and 500 steps (ABLATION_STEPS)                         -> evaluate-50, evaluate-500
 # then write runs/table1/table1.md (scripts/table1.py).
 #
 # Resumable: every stage is skipped when its output exists, training and ELS sampling continue
@@ -27,6 +28,7 @@ EVAL_SEEDS=${EVAL_SEEDS:-1000-1099}   # seeds no calibration or earlier evaluati
 CAL_SEEDS=${CAL_SEEDS:-0-9}
 CANDIDATES=${CANDIDATES:-3-21}
 TRAIN_STEPS=${TRAIN_STEPS:-4000}
+ABLATION_STEPS=${ABLATION_STEPS:-"50 500"}   # the network's own DDIM steps, beside 150 and 20 (same ELS samples)
 MODELS=${MODELS:-"mnist-resnet-zeros fashion-resnet-zeros-cond mnist-resnet-circular mnist-unet-zeros fashion-unet-zeros-cond mnist-unet-attention"}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 mkdir -p "$OUT"
@@ -79,7 +81,7 @@ for name in $MODELS; do
     "$PM" sample --machine els --like "$model" --patch-sizes "$schedule" --seeds "$EVAL_SEEDS" \
       --threads "$THREADS" --out "$els" "${resume[@]}"
   fi
-  for steps in 150 20; do
+  for steps in 150 20 $ABLATION_STEPS; do
     ev=$OUT/evaluate-$steps-$name
     if [[ ! -f $ev/metrics.json ]]; then
       stage "$name: evaluate, network $steps steps"
