@@ -219,23 +219,15 @@ def test_auto_uses_torch_for_float64():
     check(fused_softmax_mean(*inputs), brute_force(*inputs), 1e-12, 1e-12)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
+@pytest.mark.parametrize("kernel", [pytest.param("triton", marks=needs_triton), "torch"])
 @pytest.mark.parametrize("padding,k", [("zeros", 3), ("zeros", 5), ("circular", 3)])
-def test_els_through_the_kernel_equals_score_machine(interpret, backend, padding, k):
-    """The wiring in benchmarks/gpu_check_fused.py (one call per (group, chunk), merged) is the ELS machine."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from gpu_check_fused import fused_els
-
-    from patchmosaic import ScoreMachine
-
+def test_els_through_the_kernel_equals_the_float64_machine(interpret, kernel, padding, k):
+    """ScoreMachine(kernel=...) (one fused call per (group, chunk), merged) is the float64 ELS machine."""
     g = torch.Generator().manual_seed(6)
     train = torch.rand(5, 1, 8, 7, generator=g) * 2 - 1
     x = torch.randn(2, 1, 8, 7, generator=g)
     want = ScoreMachine(train.double(), kind="els", padding=padding).denoise(x.double(), 0.6, patch_size=k)
-    got = fused_els(x, 0.6, train, k, padding, backend=backend)
+    got = ScoreMachine(train, kind="els", padding=padding, kernel=kernel).denoise(x, 0.6, patch_size=k)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
