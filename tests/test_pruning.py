@@ -14,6 +14,8 @@ import torch
 
 import patchmosaic.engine as engine
 from patchmosaic import ScoreMachine
+from patchmosaic.data import load_dataset
+from patchmosaic.engine import SoftmaxMean, augment_keys, augment_queries, augment_values
 from patchmosaic.schedules import sigmas_cosine
 from reference import ref_patch_machine
 
@@ -22,10 +24,12 @@ SIGMAS = [float(s) for s in sigmas_cosine(20) if s > 0]  # the grid of PRESETS["
 
 @pytest.fixture
 def always_prune(monkeypatch):
-    """Bound every tile of 2 rows and never switch the bound off, so small inputs exercise it."""
+    """Bound every tile of 2 rows against blocks of 2 keys and never switch the bound off, so small
+    inputs exercise it."""
     monkeypatch.setattr(engine, "PRUNE_ROWS", 2)
+    monkeypatch.setattr(engine, "PRUNE_KEYS", 2)
+    monkeypatch.setattr(engine, "PRUNE_MIN_BLOCKS", 2)
     monkeypatch.setattr(engine, "PRUNE_MIN_FRACTION", 0.0)
-    monkeypatch.setattr(engine, "PRUNE_GATHER_MAX", 1.0)
 
 
 def _data(N=6, C=1, H=6, W=5, B=2, seed=0):
@@ -100,3 +104,89 @@ def test_float32_pruned_equals_unpruned_on_digit_like_images(always_prune):
 def test_prune_rank_must_not_be_negative():
     with pytest.raises(ValueError, match="prune_rank"):
         ScoreMachine(torch.zeros(1, 1, 4, 4), kind="els", prune_rank=-1)
+
+
+def test_kd_cells_are_a_permutation_and_their_boxes_bound_every_pair():
+    # the bound's geometry against brute force: the squared distance between two cells' boxes is
+    # never above that of any pair of their points (ragged last cells included)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(37, 3, generator=g, dtype=torch.float64)
+    pa, pb = engine.kd_order(a, 4, 3), engine.kd_order(b, 5, 2)
+    assert torch.equal(pa.sort().values, torch.arange(50)) and torch.equal(pb.sort().values, torch.arange(37))
+    alo, ahi = engine._cell_boxes(a[pa][None], 4)
+    blo, bhi = engine._cell_boxes(b[pb][None], 5)
+    gap = engine._box_gap2(alo, ahi, blo, bhi)[0]  # [13, 8]
+    d2 = torch.cdist(a[pa], b[pb]).square()  # [50, 37]
+    for i in range(gap.shape[0]):
+        for j in range(gap.shape[1]):
+            assert gap[i, j] <= d2[4 * i : 4 * i + 4, 5 * j : 5 * j + 5].min()
+    assert (gap > 0).float().mean() > 0.5, "cells this far apart should mostly be separated"
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 4 rows, blocks of 4 keys, a reference from the first 8 keys, never switched off."""
+    for name, value in (("PRUNE_ROWS", 4), ("PRUNE_KEYS", 4), ("PRUNE_MIN_BLOCKS", 2), ("PRUNE_FIRST_KEYS", 8),
+                        ("PRUNE_MIN_FRACTION", 0.0)):
+        monkeypatch.setattr(engine, name, value)
+
+
+def _clusters(g, G, M, D, n_centres=6):
+    centres = torch.randn(G, n_centres, D, generator=g, dtype=torch.float64)
+    pick = torch.randint(0, n_centres, (G, M), generator=g)
+    return centres.gather(1, pick[..., None].expand(G, M, D)) + 0.3 * torch.randn(G, M, D, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("track", [None, 0, 3])
+def test_bounded_state_matches_the_dense_one_in_the_callers_row_order(small_tiles, track):
+    # queries near clustered keys, at low noise: the bound skips blocks; every row's mean,
+    # N_eff and entropy must equal the dense state's (and the softmax computed directly) in
+    # the caller's row order, although the state works on rows in k-d order
+    g = torch.Generator().manual_seed(4)
+    G, Bq, M, D, V = 2, 37, 240, 6, 3
+    keys = _clusters(g, G, M, D)  # [G, M, D]
+    values = torch.randn(G, M, V, generator=g, dtype=torch.float64)
+    x = keys[:, torch.randperm(M, generator=g)[:Bq]] + 0.05 * torch.randn(G, Bq, D, generator=g, dtype=torch.float64)
+    ab = torch.tensor(0.99, dtype=torch.float64)
+    scale, bias = (t.expand(Bq) for t in (ab.sqrt() / (1 - ab), -ab / (2 * (1 - ab))))
+    states = [SoftmaxMean(augment_queries(x, scale, bias), V, track=track, prune=prune) for prune in (0, 3)]
+    ids = torch.arange(M).expand(G, M)
+    for s in range(0, M, 80):  # three chunks: the first gives the reference, two are bounded
+        for state in states:
+            state.update(augment_keys(keys[:, s : s + 80].transpose(1, 2)), augment_values(values[:, s : s + 80]),
+                         ids=ids[:, s : s + 80] if track else None)
+    dense, pruned = states
+    d2 = ((x[:, :, None] - ab.sqrt() * keys[:, None]) ** 2).sum(-1)  # [G, Bq, M]
+    w = torch.softmax(-d2 / (2 * (1 - ab)), dim=-1)
+    torch.testing.assert_close(pruned.mean(), w @ values, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pruned.mean(), dense.mean(), rtol=1e-10, atol=1e-10)
+    if track == 3:  # top candidates are tracked exactly: the bound is off
+        assert pruned.skipped == 0
+        assert all(torch.equal(a, b) for a, b in zip(pruned.top_candidates(), dense.top_candidates()))
+        return
+    assert pruned.skipped > 0.2 * pruned.pairs, "the bound skipped too little for the test to mean anything"
+    assert not torch.equal(pruned._index[2], torch.arange(Bq).expand(G, Bq)), "rows were never reordered"
+    if track == 0:
+        for a, b in zip(pruned.posterior_stats(), dense.posterior_stats()):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_default_tiles_skip_blocks_at_low_noise(dtype, tol):
+    # the machines' own tiling constants on bundled MNIST digits (16 x 16, 300 training images: the
+    # first keys and one bounded chunk): blocks are skipped at the published schedule's lowest noise
+    # level, and the result, N_eff and entropy stay those of the dense pass (float32: to its rounding,
+    # which moves N_eff by up to ~1e-3 relative between any two summation orders)
+    data = load_dataset("mnist", size=16, n_train=304).images.to(dtype)
+    train, held = data[:300], data[300:]
+    g = torch.Generator().manual_seed(6)
+    x = held + SIGMAS[-1] * torch.randn(held.shape, generator=g, dtype=dtype)
+    pruned = ScoreMachine(train, kind="els", chunk_elements=2**16, prune_rank=16).bind(patch_sizes=[3] * 20)
+    dense = ScoreMachine(train, kind="els", chunk_elements=2**16, prune_rank=0).bind(patch_sizes=[3] * 20)
+    (a, pa), (b, pb) = pruned.with_provenance(x, SIGMAS[-1], top=0), dense.with_provenance(x, SIGMAS[-1], top=0)
+    skipped, pairs, bounded = pruned.machine.prune_stats
+    assert skipped > 0.2 * pairs and bounded > 0.5 * pairs
+    torch.testing.assert_close(a, b, rtol=0, atol=tol)
+    stat_tol = 1e-10 if dtype == torch.float64 else 2e-3
+    torch.testing.assert_close(pa.n_eff, pb.n_eff, rtol=stat_tol, atol=0)
+    torch.testing.assert_close(pa.entropy, pb.entropy, rtol=0, atol=stat_tol)

@@ -41,25 +41,41 @@ The proof is a lower bound on the distance. With ``beta < 0`` the logit is
     logit[b, m] = scale <x, X_m> + beta |X_m|^2 = -|beta| |X_m - u_b|^2 + |beta| |u_b|^2,
     u_b = scale x_b / (2 |beta|)
 
-and for any ``D x r`` matrix ``U`` with orthonormal columns ``|z|^2 >= |U^T z|^2``,
-so ``logit - ref <= -|beta| |U^T X_m - U^T u_b|^2 + |beta| |u_b|^2 - ref``.
-``U`` holds the top ``r`` principal directions of the first chunk's keys (any
-orthonormal ``U`` gives a valid bound; these give a tight one), so the bound
-costs an ``r + 1``-dimensional product instead of ``D + 2``. A candidate is
-skipped only where this upper bound lies below ``floor - PRUNE_MARGIN`` nats
-(1 nat) given the row's current reference, with the bound's terms also
-lowered by ``1000 eps`` of their magnitude to cover their float rounding; a chunk is pruned per tile of ``PRUNE_ROWS`` query rows,
-skipping the candidates no row of the tile needs. In the noise the bound
-is loose by about ``(D - r) / 2`` nats, so it prunes at low noise (where almost
-every candidate lies far below the best) and is switched off for a state
-whose first bounds prune almost nothing (high noise); either way the result
-stays within the bound. With posterior statistics (``track = 0``) the floored
-terms of ``sq`` and ``xl`` move by at most ``M e^(2 floor)`` and
-``M |floor| e^floor`` relative; with top candidates (``track > 0``) pruning is
-off, so the top lists are exact. Measured on MNIST at the published schedule
-(README, Performance) the bound proves up to 84% of the pairs below the floor
-at low noise, but tiles of neighbouring query pixels need nearly every
-candidate, so it skips little and the machines leave it off by default.
+so ``logit - ref < floor - margin`` wherever
+
+    |X_m - u_b|^2 > T_b = |u_b|^2 - (ref_b + floor - margin) / |beta_b|.
+
+Distances are bounded below in the coordinates ``c(z) = (V_r^T z, |V_o^T z|)``,
+where the orthogonal ``V = [V_r, V_o]`` holds the principal axes of the first
+bounded chunk's keys (``r`` of them kept; any orthogonal ``V`` gives a valid
+bound, these a tight one): ``|X - u|^2 = |V_r^T (X - u)|^2 + |V_o^T (X - u)|^2
+>= |V_r^T X - V_r^T u|^2 + (|V_o^T X| - |V_o^T u|)^2`` (triangle inequality),
+and for points in two axis-aligned boxes of these coordinates it is at least
+the squared distance between the boxes. The work is done per (tile, block):
+the state orders its query rows by a k-d partition of their coordinates
+(``PRUNE_LEVELS`` rounds of splits along the widest coordinate), so that a tile
+of ``PRUNE_ROWS`` consecutive rows holds similar patches, and orders each
+chunk's keys the same way into blocks of ``PRUNE_KEYS``. A tile skips a block
+when the distance between their boxes exceeds ``T_b`` for every row of the
+tile, and computes the blocks it needs exactly (runs of consecutive blocks,
+copied once). The rows are permuted into tile order for a chunk and back after
+it, so outside :meth:`SoftmaxMean.update` the state, its mean and statistics
+are in the caller's order. ``T_b`` is raised by ``16 (D + 1)^1.5 eps (|u_b|^2 +
+max |X|^2 + |ref_b + floor - margin| / |beta_b|)`` to cover the float rounding of
+the coordinates (each within ``D eps |z|``), of the box distance and of
+``T_b``'s own terms; ``PRUNE_MARGIN`` (1 nat) covers that of the logits. A
+state folds its first ``PRUNE_FIRST_KEYS`` keys in exactly (every row then has
+a reference) and stops bounding where its first bounded chunk would skip under
+``PRUNE_MIN_FRACTION`` of its pairs, tested first pair by pair on
+``PRUNE_SAMPLE`` keys (high noise: little lies below the floor, and the
+switch-off costs one small product). Either way the result stays within the
+bound. With posterior statistics (``track = 0``) the floored terms of ``sq``
+and ``xl`` move by at most ``M e^(2 floor)`` and ``M |floor| e^floor``
+relative; with top candidates (``track > 0``) pruning is off, so the top lists
+are exact. Measured on MNIST at the published schedule (README, "Bounded
+pruning"; ``benchmarks/bench_prune.py``) the tiles skip 50-70% of the pairs at
+``sigma <= 0.24`` (k = 3, 5), where pruning pays, and the bound switches itself
+off above.
 """
 
 from __future__ import annotations
@@ -263,21 +279,92 @@ EXP_CAP_TRACKED = {torch.float32: 30.0, torch.float64: 300.0}
 # relative (4e-9 for M = 1e9 candidates), below float32 rounding (6e-8).
 EXP_FLOOR_TRACKED = {torch.float32: -40.0, torch.float64: -100.0}
 
-# Bounded pruning (SoftmaxMean(prune=r)): a candidate is skipped only when its
-# bound lies this many nats below the floor (covers the bound's float rounding),
-# the bound is evaluated per tile of PRUNE_ROWS query rows, and a state stops
-# bounding once PRUNE_PROBES bounded tiles have skipped under PRUNE_MIN_FRACTION
-# of their (row, candidate) pairs (high noise: nothing to skip).
+# Bounded pruning (SoftmaxMean(prune=r); module docstring): a (tile, block) pair is
+# skipped only when its bound lies PRUNE_MARGIN nats below the floor (covers the
+# logits' float rounding). Tiles hold PRUNE_ROWS query rows and blocks PRUNE_KEYS
+# keys, each a cell of a k-d order (similar patches adjacent) of PRUNE_LEVELS
+# rounds of splits. A chunk
+# of fewer than PRUNE_MIN_BLOCKS blocks is not bounded (too small to pay); a
+# state's first PRUNE_FIRST_KEYS keys are folded in exactly to give every row a
+# reference; a state stops bounding when its first bounded chunk would skip under
+# PRUNE_MIN_FRACTION of its (row, candidate) pairs (high noise: nothing to skip),
+# tested first pair by pair on PRUNE_SAMPLE of its keys (before sorting anything).
+# Unbounded chunks of a pruning state are folded in blocks of >= PRUNE_DENSE_ROWS rows.
 PRUNE_MARGIN = 1.0
-PRUNE_ROWS = 256
-PRUNE_PROBES = 4
+PRUNE_ROWS = 64
+PRUNE_KEYS = 64
+PRUNE_LEVELS = 3
+PRUNE_MIN_BLOCKS = 8
+PRUNE_FIRST_KEYS = 4096
 PRUNE_MIN_FRACTION = 0.25
-# A tile's candidates are gathered (copied) only when this fraction or less is needed.
-PRUNE_GATHER_MAX = 0.5
+PRUNE_SAMPLE = 256
+PRUNE_DENSE_ROWS = 256
 
 # Top-m search in long rows: one max per segment of this many candidates, then
 # an exact top-m among the m segments with the largest maxima.
 TOP_SEGMENT = 32
+
+
+def kd_order(points: torch.Tensor, cell: int, levels: int) -> torch.Tensor:
+    """An order of ``points [n, c]`` whose runs of ``cell`` consecutive points are cells of a k-d partition.
+
+    Each of ``levels`` rounds splits every segment (a run of whole cells) into
+    ``fan = ceil(cells^(1/levels))`` runs of about equal cell count along the
+    coordinate where the segment is widest (one sort within segments per
+    round). Any order is valid for the bound; this one keeps the cells' boxes
+    small in the few coordinates of largest spread, which is where the box
+    distance comes from (few wide splits beat many binary ones on MNIST patches).
+
+    Returns:
+        ``[n]`` permutation (long).
+    """
+    n, c = points.shape
+    device = points.device
+    cells = -(-n // cell)
+    perm = torch.arange(n, device=device)
+    if cells <= 1:
+        return perm
+    fan = max(2, math.ceil(cells ** (1.0 / levels) - 1e-9))
+    bounds = [0, cells]  # segment j holds cells [bounds[j], bounds[j + 1])
+    cell_of = torch.arange(n, device=device) // cell  # [n]
+    tiny = torch.finfo(points.dtype).tiny
+    for _ in range(levels):
+        ns = len(bounds) - 1
+        if ns == cells:
+            break
+        edges = torch.tensor(bounds, device=device)
+        seg = torch.repeat_interleave(torch.arange(ns, device=device), edges[1:] - edges[:-1])[cell_of]  # [n]
+        p = points[perm]  # [n, c]
+        at = seg[:, None].expand(n, c)
+        lo = p.new_full((ns, c), math.inf).scatter_reduce(0, at, p, "amin")  # [ns, c]
+        width = p.new_full((ns, c), -math.inf).scatter_reduce(0, at, p, "amax") - lo
+        dim = width.argmax(1, keepdim=True)  # [ns, 1], the widest coordinate of each segment
+        x = p.gather(1, dim[seg])[:, 0] - lo.gather(1, dim)[seg, 0]  # [n]
+        frac = (x / width.gather(1, dim)[seg, 0].clamp_min(tiny)).to(torch.float64).clamp(0.0, 1.0)
+        perm = perm[torch.argsort(seg.to(torch.float64) + 0.5 * frac, stable=True)]  # sorted within segments
+        cuts = [0]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            cuts += [a + ((b - a) * j) // fan for j in range(1, fan + 1) if a + ((b - a) * j) // fan > cuts[-1]]
+        bounds = cuts
+    return perm
+
+
+def _cell_boxes(coords: torch.Tensor, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-coordinate ``(min, max)`` of each run of ``cell`` rows: ``[G, n, c]`` -> two ``[G, ceil(n / cell), c]``."""
+    G, n, c = coords.shape
+    cells = -(-n // cell)
+    padded = torch.cat([coords, coords[:, -1:].expand(G, cells * cell - n, c)], dim=1)  # last row repeated
+    runs = padded.view(G, cells, cell, c)
+    return runs.amin(2), runs.amax(2)
+
+
+def _box_gap2(alo: torch.Tensor, ahi: torch.Tensor, blo: torch.Tensor, bhi: torch.Tensor) -> torch.Tensor:
+    """Squared distance between boxes ``a [G, A, c]`` and ``b [G, B, c]`` (0 where they overlap): ``[G, A, B]``."""
+    out = alo.new_zeros(alo.shape[0], alo.shape[1], blo.shape[1])
+    for d in range(alo.shape[-1]):
+        gap = (blo[:, None, :, d] - ahi[:, :, None, d]).clamp_min_(0) + (alo[:, :, None, d] - bhi[:, None, :, d]).clamp_min_(0)
+        out.addcmul_(gap, gap)  # at most one of the two terms is positive
+    return out
 
 
 class SoftmaxMean:
@@ -320,8 +407,8 @@ class SoftmaxMean:
         prune: Rank ``r`` of the distance bound that skips candidates proven
             below the exponent floor (module docstring), 0 for none. Ignored
             with ``track > 0``. ``pairs`` and ``skipped`` count the (row,
-            candidate) pairs seen and skipped; ``provable`` counts the pairs the
-            bound proves below the floor, of which a tile skips those no row needs.
+            candidate) pairs seen and skipped; ``bounded`` counts the pairs of
+            the chunks where the bound ran.
     """
 
     def __init__(
@@ -356,12 +443,11 @@ class SoftmaxMean:
         if prune < 0:
             raise ValueError(f"prune must be 0 (off) or the rank of the distance bound, got {prune}")
         self.prune = prune if not track else 0
+        self.pruning = self.prune > 0  # built to prune (stays True when the bound is switched off)
         self.pairs = 0  # (row, candidate) pairs folded in
         self.skipped = 0  # of which skipped by the bound
-        self.provable = 0  # of the bounded pairs, those the bound alone proves below the floor (before tiling)
-        self._probes = 0
-        self._bounded = 0
-        self._sketch: tuple[torch.Tensor, ...] | None = None  # (U, qa, half_gap, inv_2beta, |u|^2) once built
+        self.bounded = 0  # pairs of the chunks where the bound ran
+        self._index: tuple | None = None  # the queries' side of the bound once built (_build_index)
 
     def update(
         self,
@@ -374,8 +460,9 @@ class SoftmaxMean:
         """Fold one chunk of candidates into the running state.
 
         Query rows are processed in blocks so that one logit block holds at most
-        ``max_logits`` elements; each row's arithmetic does not depend on the
-        blocking.
+        ``max_logits`` elements; without pruning each row's arithmetic does not
+        depend on the blocking (with it, which candidates a row skips depends on
+        its tile, always within the bound of the module docstring).
 
         Args:
             keys_t: ``[G, D + 2, M]`` augmented keys, transposed (:func:`augment_keys`).
@@ -391,19 +478,16 @@ class SoftmaxMean:
             return
         if self.track and ids is None:
             raise ValueError("this state tracks top candidates: update() needs ids [G, M]")
-        rows = max(1, min(Bq, self.max_logits // max(1, G * M)))
-        if self._workspace.numel() < G * rows * M:
-            self._workspace = self.queries.new_empty(G * rows * M)
-            if self.track is not None:
-                self._weights = self.queries.new_empty(G * rows * M)
         self.pairs += G * Bq * M
-        sketch = self._key_sketch(keys_t) if self.prune and counts is None else None
-        for start in range(0, Bq, rows):
-            sl = slice(start, min(Bq, start + rows))
-            if sketch is not None and self.prune and not torch.isinf(self.ref[:, sl]).any():
-                self._pruned_rows(sl, keys_t, values, ids, sketch)
-            else:
-                self._update_rows(sl, keys_t, values, ids, counts)
+        if self.prune and counts is None and M >= PRUNE_MIN_BLOCKS * PRUNE_KEYS:
+            if self._index is None and bool(torch.isinf(self.ref).any()):  # rows without a reference yet
+                m0 = min(M, PRUNE_FIRST_KEYS)
+                self._update_dense(keys_t[..., :m0], values[:, :m0], None if ids is None else ids[:, :m0], None)
+                keys_t, values, ids = keys_t[..., m0:], values[:, m0:], None if ids is None else ids[:, m0:]
+                M -= m0
+            if M == 0 or (M >= PRUNE_MIN_BLOCKS * PRUNE_KEYS and self._bounded_update(keys_t, values, ids)):
+                return
+        self._update_dense(keys_t, values, ids, counts)
 
     @classmethod
     def for_logits(
@@ -453,73 +537,158 @@ class SoftmaxMean:
         self.ref[:, sl] = new_ref
         self._rebase(sl)
 
-    def _key_sketch(self, keys_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[U^T X; |U^T X|^2]`` of a chunk's keys ``[G, r + 1, M]`` and ``max |U^T X|^2`` (builds U first)."""
-        D = keys_t.shape[1] - 2
-        if self._sketch is None:
-            self._build_sketch(keys_t[:, :D])
-        U = self._sketch[0]  # [D, r]
-        px = torch.einsum("dr,gdm->grm", U, keys_t[:, :D])  # [G, r, M]
-        sq = px.square().sum(1, keepdim=True)  # [G, 1, M]
-        return torch.cat([px, sq], dim=1), sq.max()
+    def _reserve(self, n: int) -> None:
+        """Make the logit workspace (and the weights buffer when tracking) hold ``n`` elements."""
+        if self._workspace.numel() < n:
+            self._workspace = self.queries.new_empty(n)
+            if self.track is not None:
+                self._weights = self.queries.new_empty(n)
 
-    def _build_sketch(self, keys: torch.Tensor) -> None:
-        """U = top ``prune`` principal directions of ``keys [G, D, M]``; the queries' side of the bound."""
+    def _update_dense(
+        self, keys_t: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None, counts: torch.Tensor | None
+    ) -> None:
+        """Every candidate of the chunk, in blocks of query rows of at most ``max_logits`` logits.
+
+        A pruning state's chunks are large (keys alone fill the machine's budget); where a
+        block would hold under ``PRUNE_DENSE_ROWS`` rows the keys are split instead, so the
+        products keep enough rows to run at full speed.
+        """
+        G, Bq, _ = self.queries.shape
+        M = keys_t.shape[-1]
+        rows, cols = max(1, min(Bq, self.max_logits // max(1, G * M))), M
+        if self.pruning and rows < min(Bq, PRUNE_DENSE_ROWS):
+            rows = min(Bq, PRUNE_DENSE_ROWS)
+            cols = max(1, self.max_logits // (G * rows))
+        self._reserve(G * rows * min(M, cols))
+        for c in range(0, M, cols):
+            cs = slice(c, c + cols)
+            k, v = keys_t[..., cs], values[:, cs]
+            i, n = None if ids is None else ids[:, cs], None if counts is None else counts[:, cs]
+            for start in range(0, Bq, rows):
+                self._update_rows(slice(start, min(Bq, start + rows)), k, v, i, n)
+
+    def _coords(self, x: torch.Tensor) -> torch.Tensor:
+        """Coordinates of the bound: ``[..., D]`` -> ``[..., c]``, the first ``r`` principal
+        coordinates and (for ``r < D``) the norm of the other ``D - r``."""
+        V, r = self._index[0], self._index[1]
+        p = x @ V  # [..., D], rotated (V orthogonal, columns by descending variance)
+        if r >= p.shape[-1]:
+            return p
+        return torch.cat([p[..., :r], torch.linalg.vector_norm(p[..., r:], dim=-1, keepdim=True)], dim=-1)
+
+    def _build_index(self, keys: torch.Tensor) -> None:
+        """The queries' side of the bound: principal axes of ``keys [G, D, M]``, the k-d order of the
+        rows and the boxes of their tiles."""
         G, Bq, D2 = self.queries.shape
         D = D2 - 2
         k64 = keys.to(torch.float64)
         _, vecs = torch.linalg.eigh(torch.einsum("gdm,gem->de", k64, k64))  # ascending eigenvalues
-        r = min(self.prune, D)
-        U = vecs[:, D - r :].to(self.queries.dtype)  # [D, r], orthonormal columns
+        self._index = (vecs.flip(1).to(self.queries.dtype), min(self.prune, D))  # V [D, D]; r
         beta = self.queries[..., D]  # [G, Bq]
-        ok = beta < 0
-        inv_2beta = torch.where(ok, 0.5 / beta.abs().clamp_min(torch.finfo(beta.dtype).tiny), 0.0)  # [G, Bq]
-        u = self.queries[..., :D] * inv_2beta[..., None]  # [G, Bq, D], u_b = scale x_b / (2 |beta|)
-        pu = u @ U  # [G, Bq, r]
-        un, pn = u.square().sum(-1), pu.square().sum(-1)  # [G, Bq]
-        half_gap = torch.where(ok, (pn - un) / 2, float("-inf"))  # rows with beta >= 0 are never pruned
-        qa = torch.cat([pu, pu.new_full((G, Bq, 1), -0.5)], dim=-1)  # [G, Bq, r + 1]
-        self._sketch = (U, qa, half_gap, inv_2beta, un)
+        ok = beta < 0  # rows with beta >= 0 are never pruned
+        inv_beta = torch.where(ok, 1.0 / beta.abs().clamp_min(torch.finfo(beta.dtype).tiny), 0.0)  # 1 / |beta_b|
+        u = self.queries[..., :D] * (0.5 * inv_beta)[..., None]  # [G, Bq, D], u_b = scale x_b / (2 |beta_b|)
+        coords = self._coords(u)  # [G, Bq, c]
+        order = torch.stack([kd_order(coords[g], PRUNE_ROWS, PRUNE_LEVELS) for g in range(G)])  # [G, Bq]
+        inverse = torch.argsort(order, dim=1)
+        coords = coords.gather(1, order[..., None].expand_as(coords))  # [G, Bq, c], rows in tile order
+        lo, hi = _cell_boxes(coords, PRUNE_ROWS)  # [G, tiles, c]
+        usq = u.square().sum(-1).gather(1, order)  # [G, Bq]
+        self._index += (order, inverse, usq, inv_beta.gather(1, order), ok.gather(1, order), lo, hi)
 
-    def _pruned_rows(
-        self, sl: slice, keys_t: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None,
-        sketch: tuple[torch.Tensor, torch.Tensor],
-    ) -> None:
-        """:meth:`_update_rows` on rows ``sl`` without the candidates the bound proves below the floor.
+    def _provable_fraction(self, keys_t: torch.Tensor) -> float:
+        """Fraction of (row, key) pairs below ``floor - margin`` on a sample of ``PRUNE_SAMPLE`` keys
+        spread over the chunk (and of rows, to fit ``max_logits``): what even a per-pair bound could skip."""
+        G, Bq, _ = self.queries.shape
+        M = keys_t.shape[-1]
+        keys = keys_t[..., :: max(1, M // PRUNE_SAMPLE)][..., :PRUNE_SAMPLE]  # [G, D + 2, m]
+        rows = slice(None, None, max(1, G * Bq * keys.shape[-1] // self.max_logits))
+        finite = torch.isfinite(self.ref[:, rows])  # rows without a reference count as needing every key
+        self.queries[:, rows, -1] = torch.where(finite, -self.ref[:, rows], 0.0)
+        below = (torch.bmm(self.queries[:, rows], keys) < self.floor - PRUNE_MARGIN) & finite[..., None]
+        return float(below.float().mean())
 
-        A candidate is needed by row b iff ``<U^T u_b, U^T X> - |U^T X|^2 / 2 >= theta_b`` with
-        ``theta_b = (|U^T u_b|^2 - |u_b|^2) / 2 + (ref_b + floor - margin) / (2 |beta_b|) - tol_b``
-        (the bound of the module docstring rearranged; ``tol_b`` covers its float rounding).
+    def _permute_rows(self, perm: torch.Tensor) -> None:
+        """Reorder every per-row tensor of the state by ``perm [G, Bq]`` (row i <- row perm[:, i])."""
+        for name in ("queries", "ref", "acc", "sq", "xl", "top_score", "top_id", "top_count"):
+            t = getattr(self, name, None)
+            if t is not None:
+                setattr(self, name, t.gather(1, perm.view(perm.shape + (1,) * (t.ndim - 2)).expand_as(t)))
+
+    def _bounded_update(self, keys_t: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None) -> bool:
+        """Fold the chunk in tile by tile, skipping the key blocks the bound proves below the floor.
+
+        Keys are put in k-d order of their coordinates (blocks of ``PRUNE_KEYS``);
+        the rows, in their own k-d order (tiles of ``PRUNE_ROWS``), are permuted in
+        for the chunk and back out after it. A tile skips a block when the squared
+        distance between their boxes exceeds every row's ``T_b`` (module docstring).
+
+        Returns:
+            False (and folds nothing in) when the state's first bounded chunk would
+            skip under ``PRUNE_MIN_FRACTION`` of its pairs; bounding is then off.
         """
-        ka, top = sketch
-        _, qa, half_gap, inv_2beta, un = self._sketch
-        G, M = keys_t.shape[0], keys_t.shape[-1]
-        rows = sl.stop - sl.start
+        G, D2, M = keys_t.shape
+        D = D2 - 2
+        Bq = self.queries.shape[1]
+        if self.bounded == 0 and self._provable_fraction(keys_t) < PRUNE_MIN_FRACTION:
+            self.prune = 0  # even pair by pair too little lies below the floor (high noise)
+            return False
+        if self._index is None:
+            self._build_index(keys_t[:, :D])
+        order, inverse, usq, inv_beta, ok, tlo, thi = self._index[2:]
+        rows_t = keys_t.transpose(1, 2)  # [G, M, D + 2] (a view of the machine's rows)
+        kc = self._coords(rows_t[..., :D])  # [G, M, c]
+        korder = torch.stack([kd_order(kc[g], PRUNE_KEYS, PRUNE_LEVELS) for g in range(G)])  # [G, M]
+        kc = kc.gather(1, korder[..., None].expand_as(kc))
+        blo, bhi = _cell_boxes(kc, PRUNE_KEYS)  # [G, blocks, c]
+        # T_b: squared distance beyond which row b's shifted logit is below floor - margin, raised by
+        # the float rounding of the coordinates, |u_b|^2 and (ref + floor - margin) / |beta| (docstring)
+        lim = self.ref.gather(1, order) + (self.floor - PRUNE_MARGIN)  # [G, Bq]
         eps = torch.finfo(self.queries.dtype).eps
-        tol = 1000 * eps * (un[:, sl] + top)  # [G, rows]
-        theta = half_gap[:, sl] + (self.ref[:, sl] + self.floor - PRUNE_MARGIN) * inv_2beta[:, sl] - tol
-        bound = self._workspace[: G * rows * M].view(G, rows, M)
-        need = torch.bmm(qa[:, sl], ka, out=bound) >= theta[..., None]  # [G, rows, M]
-        self.provable += G * rows * M - int(need.sum())
-        skipped = 0
-        for start in range(sl.start, sl.stop, PRUNE_ROWS):
-            tile = slice(start, min(sl.stop, start + PRUNE_ROWS))
-            cols = need[:, tile.start - sl.start : tile.stop - sl.start].any(1).any(0)  # [M]
-            n = int(cols.sum())
-            skipped += G * (tile.stop - tile.start) * (M - n)
-            if n == 0:
-                continue
-            if n > PRUNE_GATHER_MAX * M:
-                self._update_rows(tile, keys_t, values, ids, None)
-                continue
-            idx = torch.nonzero(cols).flatten()  # [n]
-            self._update_rows(tile, keys_t.index_select(2, idx), values.index_select(1, idx),
-                              None if ids is None else ids.index_select(1, idx), None)
-        self.skipped += skipped
-        self._bounded += G * rows * M
-        self._probes += 1
-        if self._probes >= PRUNE_PROBES and self.skipped < PRUNE_MIN_FRACTION * self._bounded:
+        tol = 16 * (D + 1) ** 1.5 * eps * (usq + kc.square().sum(-1).amax() + lim.abs() * inv_beta)
+        thr = torch.where(ok, usq - lim * inv_beta + tol, float("inf"))  # [G, Bq]; +inf where ref = -inf
+        tiles = tlo.shape[1]
+        thr = torch.cat([thr, thr.new_full((G, tiles * PRUNE_ROWS - Bq), float("-inf"))], 1)
+        skip = _box_gap2(tlo, thi, blo, bhi) > thr.view(G, tiles, PRUNE_ROWS).amax(-1)[..., None]  # [G, tiles, blocks]
+        need = ~skip.all(0)  # [tiles, blocks]: a tile computes a block when any group needs it
+        size = torch.full((need.shape[1],), PRUNE_KEYS, device=need.device)
+        size[-1] = M - (need.shape[1] - 1) * PRUNE_KEYS  # [blocks] keys per block
+        kept = (need * size).sum(1).tolist()  # [tiles] keys each tile computes
+        tile_rows = [min(Bq, (t + 1) * PRUNE_ROWS) - t * PRUNE_ROWS for t in range(tiles)]
+        skipped = G * sum(n * (M - k) for n, k in zip(tile_rows, kept))
+        if self.bounded == 0 and skipped < PRUNE_MIN_FRACTION * G * Bq * M:
             self.prune = 0  # nothing to skip here (high noise): stop paying for the bound
+            return False
+        self.skipped += skipped
+        self.bounded += G * Bq * M
+        keys_s = keys_t.gather(2, korder[:, None, :].expand_as(keys_t))  # [G, D + 2, M], k-d order
+        values_s = values.gather(1, korder[..., None].expand_as(values))  # [G, M, V + 1]
+        ids_s = None if ids is None else ids.gather(1, korder)  # [G, M]
+        width = max(1, self.max_logits // (G * PRUNE_ROWS))  # keys per logit block of one tile
+        self._reserve(G * PRUNE_ROWS * min(M, width))
+        # runs of consecutive needed blocks, as key ranges [a, b) per tile (one copy of each run)
+        step = torch.diff(need.to(torch.int8), dim=1, prepend=need.new_zeros(tiles, 1, dtype=torch.int8),
+                          append=need.new_zeros(tiles, 1, dtype=torch.int8))  # [tiles, blocks + 1]
+        edge_tile, edge_block = (t.tolist() for t in torch.nonzero(step, as_tuple=True))  # starts and ends alternate
+        runs: list[list[tuple[int, int]]] = [[] for _ in range(tiles)]
+        for j in range(0, len(edge_tile), 2):
+            runs[edge_tile[j]].append((edge_block[j] * PRUNE_KEYS, min(M, edge_block[j + 1] * PRUNE_KEYS)))
+        self._permute_rows(order)
+        for t in range(tiles):
+            if not runs[t]:
+                continue
+            sl = slice(t * PRUNE_ROWS, t * PRUNE_ROWS + tile_rows[t])
+            pieces = [(keys_s[..., a:b], values_s[:, a:b], None if ids_s is None else ids_s[:, a:b]) for a, b in runs[t]]
+            if len(pieces) == 1:
+                k, v, i = pieces[0]
+            else:
+                k, v = torch.cat([p[0] for p in pieces], 2), torch.cat([p[1] for p in pieces], 1)
+                i = None if ids_s is None else torch.cat([p[2] for p in pieces], 1)
+            for c in range(0, k.shape[2], width):
+                cs = slice(c, c + width)
+                self._update_rows(sl, k[..., cs], v[:, cs], None if i is None else i[:, cs], None)
+        self._permute_rows(inverse)
+        return True
 
     def _logits(self, sl: slice, keys_t: torch.Tensor) -> torch.Tensor:
         """``queries[:, sl] @ keys_t`` into the reusable workspace: ``[G, rows, M]``."""

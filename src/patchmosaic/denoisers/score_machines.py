@@ -88,9 +88,7 @@ FLAT_COMPACTION_MIN_FRACTION = 0.125
 
 # Rank of the distance bound that prunes patch candidates proven below the
 # engine's exponent floor (patchmosaic.engine, "Bounded pruning"); 0 turns it off.
-# Off by default: on MNIST at the published schedule's noise levels it skipped
-# under 1% of the pairs except at the last step, and cost more than it saved
-# (benchmarks/bench_prune.py; README, Performance). prune_rank=16 turns it on.
+# prune_rank=16 turns it on (benchmarks/bench_prune.py; README, "Bounded pruning").
 PRUNE_RANK = 0
 
 # The |key|^2 slot of an absent (padding) candidate: its logit -a^2/(2 s2) * 1e30
@@ -174,7 +172,7 @@ class ScoreMachine:
         prune_rank: LS/ELS: rank of the bound that skips training patches proven
             below the engine's exponent floor (:mod:`patchmosaic.engine`, within
             its stated ``M e^floor`` bound); 0 computes every candidate.
-            ``prune_stats`` holds the last call's ``(skipped, pairs, provable)``
+            ``prune_stats`` holds the last call's ``(skipped, pairs, bounded)``
             (:class:`patchmosaic.engine.SoftmaxMean`).
         kernel: LS/ELS without provenance: ``"triton"`` streams every (group,
             chunk) through the fused one-pass kernel
@@ -779,7 +777,10 @@ class _PatchMachine(ScoreMachine):
             queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
             plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements, track=track,
                                                  prune=self.prune_rank)))
-            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * max(rep, D + 2))
+            # a chunk's logit block per sample, or its keys alone where the state bounds the logits it
+            # computes (pruning: large chunks give tighter key blocks and fewer passes over the tiles)
+            width = D + 2 if self.prune_rank and not track else max(rep, D + 2)
+            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * width)
         shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
         compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
         for start, chunk in self._chunks(train, per_image, x_t):
@@ -807,7 +808,7 @@ class _PatchMachine(ScoreMachine):
                 rows, cols, state = plan[i]
                 self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
         self._reduce([state for _, _, state in plan])
-        self.prune_stats = tuple(sum(getattr(s, f) for _, _, s in plan) for f in ("skipped", "pairs", "provable"))
+        self.prune_stats = tuple(sum(getattr(s, f) for _, _, s in plan) for f in ("skipped", "pairs", "bounded"))
         out = torch.empty_like(x_t)
         out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
         for rows, cols, state in plan:
