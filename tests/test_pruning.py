@@ -11,13 +11,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-import patchmosaic.engine as engine
-from patchmosaic import ScoreMachine
-from patchmosaic.data import load_dataset
-from patchmosaic.engine import SoftmaxMean, augment_keys, augment_queries, augment_values
-from patchmosaic.schedules import sigmas_cosine
 from reference import ref_patch_machine
+
+from patchmosaic import ScoreMachine, engine
+from patchmosaic.data import load_dataset
+from patchmosaic.engine import (
+    SoftmaxMean,
+    augment_keys,
+    augment_queries,
+    augment_values,
+)
+from patchmosaic.schedules import sigmas_cosine
 
 SIGMAS = [float(s) for s in sigmas_cosine(20) if s > 0]  # the grid of PRESETS["mnist-resnet-zeros"]
 

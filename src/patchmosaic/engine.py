@@ -80,6 +80,7 @@ itself off above.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -346,7 +347,7 @@ def kd_order(points: torch.Tensor, cell: int, levels: int) -> torch.Tensor:
         frac = (x / width.gather(1, dim)[seg, 0].clamp_min(tiny)).to(torch.float64).clamp(0.0, 1.0)
         perm = perm[torch.argsort(seg.to(torch.float64) + 0.5 * frac, stable=True)]  # sorted within segments
         cuts = [0]
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             cuts += [a + ((b - a) * j) // fan for j in range(1, fan + 1) if a + ((b - a) * j) // fan > cuts[-1]]
         bounds = cuts
     return perm
@@ -582,7 +583,7 @@ class SoftmaxMean:
     def _build_index(self, keys: torch.Tensor) -> None:
         """The queries' side of the bound: principal axes of ``keys [G, D, M]``, the k-d order of the
         rows and the boxes of their tiles."""
-        G, Bq, D2 = self.queries.shape
+        G, _, D2 = self.queries.shape
         D = D2 - 2
         k64 = keys.to(torch.float64)
         _, vecs = torch.linalg.eigh(torch.einsum("gdm,gem->de", k64, k64))  # ascending eigenvalues
