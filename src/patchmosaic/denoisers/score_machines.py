@@ -698,17 +698,15 @@ class _PatchMachine(ScoreMachine):
             return result
         geometries = geometries[len(ks) - len(shared) :]
         labels = self._label_vector(label, x.shape[0])
-        out = x.new_empty((len(shared),) + tuple(x.shape))  # [K, B, C, H, W]
+        out = None if labels is None else x.new_empty((len(shared),) + tuple(x.shape))  # [K, B, C, H, W]
         scale, bias = coeffs
         for rows, train, ids in self._subsets(labels):
-            sub = (scale, bias) if rows is None else (scale[rows], bias[rows])
-            xs = x if rows is None else x[rows]
+            if rows is None:  # unconditioned: one subset, the whole batch
+                with exact_float32_matmul():
+                    out = self._denoise_sizes(x, coeffs, train, ids, geometries)
+                continue
             with exact_float32_matmul():
-                part = self._denoise_sizes(xs, sub, train, ids, geometries)
-            if rows is None:
-                out = part
-            else:
-                out[:, rows] = part
+                out[:, rows] = self._denoise_sizes(x[rows], (scale[rows], bias[rows]), train, ids, geometries)
         result.update({k: out[i] for i, k in enumerate(shared)})
         return dict(sorted(result.items()))
 
@@ -773,18 +771,14 @@ class _PatchMachine(ScoreMachine):
         plan = []  # (rows, cols, augmented queries, state) per group
         per_image = (C + 1) * (H + 2 * r) * (W + 2 * r)  # padded copy of one training image
         for rows, cols in geometry.groups() if groups is None else groups:
-            nbr, npr = rows.P.shape
-            nbc, npc = cols.P.shape
-            q = select_blocks(x_win, rows, cols, "P")  # [B, C, nbr, npr, nbc, npc, k, k]
-            q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)
-            rep = npr * npc
+            q, rep = self._group_queries(x_win, rows, cols)  # [G, Bq, D]
             queries = augment_queries(q, scale.repeat_interleave(rep), bias.repeat_interleave(rep))
             plan.append((rows, cols, SoftmaxMean(queries, C, max_logits=self.chunk_elements, track=track,
                                                  prune=self.prune_rank)))
             # a chunk's logit block per sample, or its keys alone where the state bounds the logits it
             # computes (pruning: large chunks give tighter key blocks and fewer passes over the tiles)
             width = D + 2 if self.prune_rank and not track else max(rep, D + 2)
-            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * width)
+            per_image = max(per_image, q.shape[0] * rows.Q.shape[1] * cols.Q.shape[1] * width)
         shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
         compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
         for start, chunk in self._chunks(train, per_image, x_t):
@@ -813,10 +807,7 @@ class _PatchMachine(ScoreMachine):
                 self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
         self._reduce([state for _, _, state in plan])
         self.prune_stats = tuple(sum(getattr(s, f) for _, _, s in plan) for f in ("skipped", "pairs", "bounded"))
-        out = torch.empty_like(x_t)
-        out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
-        for rows, cols, state in plan:
-            scatter_pixels(out_hwc, state.mean(), rows, cols)
+        out = self._scatter_means(x_t, plan)
         if track is None:
             return out, None
         return out, Provenance.from_patches(plan, B, H, W, track)
@@ -838,7 +829,7 @@ class _PatchMachine(ScoreMachine):
             fused_softmax_mean,  # imports triton: only when asked for
         )
 
-        B, C, H, W = x_t.shape
+        _, C, H, W = x_t.shape
         r, pad = geometry.radius, geometry.padding
         D = C * (2 * r + 1) ** 2
         scale, bias = coeffs
@@ -846,14 +837,10 @@ class _PatchMachine(ScoreMachine):
         plan = []
         per_image = (C + 1) * (H + 2 * r) * (W + 2 * r)
         for rows, cols in geometry.groups() if groups is None else groups:
-            nbr, npr = rows.P.shape
-            nbc, npc = cols.P.shape
-            q = select_blocks(x_win, rows, cols, "P")  # [B, C, nbr, npr, nbc, npc, k, k]
-            q = q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, D)  # [G, Bq, D]
-            rep = npr * npc
+            q, rep = self._group_queries(x_win, rows, cols)  # [G, Bq, D]
             s, b = scale.repeat_interleave(rep), bias.repeat_interleave(rep)  # [Bq]
             plan.append((rows, cols, q, s, b, SoftmaxMean(augment_queries(q[:, :, :0], s, b), C)))
-            per_image = max(per_image, nbr * nbc * rows.Q.shape[1] * cols.Q.shape[1] * (D + C + 2))
+            per_image = max(per_image, q.shape[0] * rows.Q.shape[1] * cols.Q.shape[1] * (D + C + 2))
         for _, chunk in self._chunks(train, per_image, x_t):
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
             norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
@@ -862,9 +849,24 @@ class _PatchMachine(ScoreMachine):
                 state.merge(*fused_softmax_mean(q, s, b, keys_t[:, :D].transpose(1, 2), keys_t[:, D],
                                                 values[..., :C], backend="triton"))
         self._reduce([state for *_, state in plan])
+        return self._scatter_means(x_t, [(rows, cols, state) for rows, cols, *_, state in plan])
+
+    @staticmethod
+    def _group_queries(x_win: torch.Tensor, rows: AxisBlocks, cols: AxisBlocks) -> tuple[torch.Tensor, int]:
+        """One group's query patches ``[G, B * npr * npc, D]`` (rows ordered block, sample, row, column)
+        from the windows ``[B, C, H, W, k, k]``, and ``npr * npc`` (query rows per sample and block)."""
+        B = x_win.shape[0]
+        nbr, npr = rows.P.shape
+        nbc, npc = cols.P.shape
+        q = select_blocks(x_win, rows, cols, "P")  # [B, C, nbr, npr, nbc, npc, k, k]
+        return q.permute(2, 4, 0, 3, 5, 1, 6, 7).reshape(nbr * nbc, B * npr * npc, -1), npr * npc
+
+    @staticmethod
+    def _scatter_means(x_t: torch.Tensor, plan: list[tuple[AxisBlocks, AxisBlocks, SoftmaxMean]]) -> torch.Tensor:
+        """``[B, C, H, W]`` with every group's softmax means at its query pixels (others left unwritten)."""
         out = torch.empty_like(x_t)
         out_hwc = out.permute(0, 2, 3, 1)  # [B, H, W, C] view
-        for rows, cols, *_, state in plan:
+        for rows, cols, state in plan:
             scatter_pixels(out_hwc, state.mean(), rows, cols)
         return out
 
