@@ -71,8 +71,11 @@ a reference) and stops bounding where its first bounded chunk would skip under
 switch-off costs one small product). Either way the result stays within the
 bound. With posterior statistics (``track = 0``) the floored terms of ``sq``
 and ``xl`` move by at most ``M e^(2 floor)`` and ``M |floor| e^floor``
-relative; with top candidates (``track > 0``) pruning is off, so the top lists
-are exact. Measured on MNIST at the published schedule (README, "Bounded
+relative. With top candidates (``track = m > 0``) a skipped candidate must
+also lie ``PRUNE_MARGIN`` below the row's current m-th best score (a threshold
+that only rises), so it could never have entered the top list: the lists are
+the dense pass's, up to the order of exactly tied candidates (duplicate
+patches; any order is as arbitrary there) and float rounding of the weights. Measured on MNIST at the published schedule (README, "Bounded
 pruning"; ``benchmarks/bench_prune.py``) the tiles skip 26-66% of the pairs at
 ``sigma <= 0.41`` (k = 3, 5), which run 1.2-2.7x faster, and the bound switches
 itself off above.
@@ -409,8 +412,9 @@ class SoftmaxMean:
         track: ``None`` (mean only), ``0`` (also N_eff and entropy) or ``m > 0``
             (also the top-m candidates; :meth:`update` then needs ``ids``).
         prune: Rank ``r`` of the distance bound that skips candidates proven
-            below the exponent floor (module docstring), 0 for none. Ignored
-            with ``track > 0``. ``pairs`` and ``skipped`` count the (row,
+            below the exponent floor (module docstring), 0 for none; with
+            ``track > 0`` also below each row's current m-th best, so the top
+            lists are those of the dense pass. ``pairs`` and ``skipped`` count the (row,
             candidate) pairs seen and skipped; ``bounded`` counts the pairs of
             the chunks where the bound ran.
     """
@@ -446,7 +450,7 @@ class SoftmaxMean:
             self.top_count = torch.zeros((G, Bq, track), dtype=dtype, device=device)
         if prune < 0:
             raise ValueError(f"prune must be 0 (off) or the rank of the distance bound, got {prune}")
-        self.prune = prune if not track else 0
+        self.prune = prune
         self.pruning = self.prune > 0  # built to prune (stays True when the bound is switched off)
         self.pairs = 0  # (row, candidate) pairs folded in
         self.skipped = 0  # of which skipped by the bound
@@ -647,7 +651,10 @@ class SoftmaxMean:
         blo, bhi = _cell_boxes(kc, PRUNE_KEYS)  # [G, blocks, c]
         # T_b: squared distance beyond which row b's shifted logit is below floor - margin, raised by
         # the float rounding of the coordinates, |u_b|^2 and (ref + floor - margin) / |beta| (docstring)
-        lim = self.ref.gather(1, order) + (self.floor - PRUNE_MARGIN)  # [G, Bq]
+        below = torch.full_like(self.ref, self.floor)  # [G, Bq], in the caller's row order
+        if self.track:  # nor may a skipped candidate beat a row's current m-th best: top lists stay exact
+            below = torch.minimum(below, self.top_score[..., -1])
+        lim = (self.ref + below - PRUNE_MARGIN).gather(1, order)  # [G, Bq]
         eps = torch.finfo(self.queries.dtype).eps
         tol = 16 * (D + 1) ** 1.5 * eps * (usq + kc.square().sum(-1).amax() + lim.abs() * inv_beta)
         thr = torch.where(ok, usq - lim * inv_beta + tol, float("inf"))  # [G, Bq]; +inf where ref = -inf

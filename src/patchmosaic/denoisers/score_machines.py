@@ -777,7 +777,7 @@ class _PatchMachine(ScoreMachine):
                                                  prune=self.prune_rank)))
             # a chunk's logit block per sample, or its keys alone where the state bounds the logits it
             # computes (pruning: large chunks give tighter key blocks and fewer passes over the tiles)
-            width = D + 2 if self.prune_rank and not track else max(rep, D + 2)
+            width = D + 2 if self.prune_rank else max(rep, D + 2)
             per_image = max(per_image, q.shape[0] * rows.Q.shape[1] * cols.Q.shape[1] * width)
         shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
         compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
