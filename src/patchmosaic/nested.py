@@ -51,8 +51,12 @@ NESTED_TILE = 1 << 20
 # small k the products are cheap, and that path collapses constant training
 # patches (59% of MNIST's 3 x 3 patches), which the shared stream cannot (a
 # patch constant at k may not be at k + 2). Measured on MNIST (300 images, 4
-# queries, one thread): sizes 3..21 in one stream took 1.12x (zeros) and 0.77x
-# (circular) the time of the ten single-size calls; 7..21 took 0.88x and 0.63x.
+# queries, sigma 1, one thread; `benchmarks/bench_nested.py split`): sizes
+# 3..21 in one stream took 1.08x (zeros) and 0.70x (circular) the time of the
+# ten single-size calls; 7..21 took 0.83x and 0.59x. Circular: streaming 7..21
+# plus single calls at 3 and 5 is 47.9 s against 56.3 s for all in the stream;
+# starting at 9 or 11 gains another 3% there (46.5 s, 46.3 s), too little to
+# move the split.
 NESTED_FROM = 7
 
 
