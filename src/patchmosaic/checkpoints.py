@@ -115,7 +115,8 @@ def tensor_sha256(payload: Mapping[str, Any]) -> str:
 
 
 def _cpu_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").clone() for k, v in state.items()}
+    # contiguous: a channels-last run writes the same layout as any other
+    return {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state.items()}
 
 
 def save_checkpoint(
