@@ -82,7 +82,15 @@ def test_round_trip_without_ema_and_load_denoiser(tmp_path):
     denoiser = load_denoiser(tmp_path)  # a directory holding model.pt
     assert isinstance(denoiser, EpsDenoiser)
     x = torch.randn(2, 1, 8, 8)
-    torch.testing.assert_close(denoiser(x, 0.5), EpsDenoiser(model.eval())(x, 0.5), rtol=0, atol=0)
+    nchw, _, _ = load_checkpoint(tmp_path, channels_last=False)
+    torch.testing.assert_close(EpsDenoiser(nchw)(x, 0.5), EpsDenoiser(model.eval())(x, 0.5), rtol=0, atol=0)
+    # by default the network runs channels-last: the same arithmetic in another order
+    torch.testing.assert_close(denoiser(x, 0.5), EpsDenoiser(model)(x, 0.5), rtol=1e-4, atol=1e-5)
+    assert denoiser.model.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not nchw.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    assert denoiser(x, 0.5).is_contiguous()
+    model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(denoiser(x, 0.5), EpsDenoiser(model)(x, 0.5), rtol=0, atol=0)
 
 
 def test_attention_unet_round_trip_and_checkpoints_from_before_the_option(tmp_path):
@@ -90,7 +98,7 @@ def test_attention_unet_round_trip_and_checkpoints_from_before_the_option(tmp_pa
                         attention_heads=2)
     model, _ = make_checkpoint(tmp_path / CHECKPOINT_FILE, ema=False, config=config)
     assert model.mid_attention.proj.weight.abs().sum() > 0  # one optimizer step moved the zero-initialised projection
-    loaded, loaded_config, _ = load_checkpoint(tmp_path)
+    loaded, loaded_config, _ = load_checkpoint(tmp_path, channels_last=False)
     assert loaded_config == config and loaded.mid_attention is not None
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
     torch.testing.assert_close(loaded(x, t), model.eval()(x, t), rtol=0, atol=0)

@@ -196,6 +196,29 @@ def test_epoch_sampler_visits_every_image_once_per_epoch():
     assert torch.equal(EpochSampler(10, 4, 3).indices(3), sampler.indices(3))  # stateless
 
 
+@pytest.mark.parametrize("arch", [TINY_RESNET, UNetConfig(base_width=8, channel_mults=(1, 2), norm_groups=4)])
+def test_channels_last_changes_rounding_only(tiny, tmp_path, arch):
+    # the same arithmetic in another memory order: equal weights up to float32 rounding, contiguous on disk
+    train(config(tiny, model=arch, steps=4), tmp_path / "nhwc", progress=False)
+    train(config(tiny, model=arch, steps=4, channels_last=False), tmp_path / "nchw", progress=False)
+    a, raw_a, _ = weights(tmp_path / "nhwc")
+    b, raw_b, _ = weights(tmp_path / "nchw")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(raw_a[k], raw_b[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert a[k].is_contiguous() and raw_a[k].is_contiguous(), k
+    np.testing.assert_allclose(log_losses(tmp_path / "nhwc"), log_losses(tmp_path / "nchw"), rtol=1e-4)
+
+
+def test_resume_may_switch_channels_last(tiny, tmp_path):
+    run = tmp_path / "run"
+    train(config(tiny, steps=3, channels_last=False), run, progress=False)
+    summary = train(config(tiny, steps=6), run, resume=True, progress=False)
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 6
+    with pytest.raises(ValueError, match="channels_last"):
+        TrainConfig(channels_last=1)
+
+
 def test_config_round_trip_and_validation():
     cfg = TrainConfig(model=UNetConfig(channel_mults=(1, 2)), conditional=True, threads=2)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -225,8 +248,11 @@ def test_cli(tiny, tmp_path):
     assert again.exit_code == 2 and "Error:" in again.output and "pass --resume to continue it" in again.output
     assert "Traceback" not in again.output
 
-    resumed = CliRunner().invoke(train_command, [*args, "--steps", "4", "--resume"])  # the last --steps wins
-    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "config.json").read_text())["train"]["channels_last"] is True
+
+    resumed = CliRunner().invoke(train_command, [*args, "--steps", "4", "--resume", "--no-channels-last"])
+    assert resumed.exit_code == 0, resumed.output  # the last --steps wins; the memory format may change
+    assert json.loads((out / "config.json").read_text())["train"]["channels_last"] is False
     assert "trained steps 4-4 (resumed from step 3)" in resumed.output
     assert json.loads((out / SUMMARY_FILE).read_text())["resumed_from_step"] == 3
     changed = CliRunner().invoke(train_command, [*args, "--steps", "5", "--lr", "0.01", "--width", "4",

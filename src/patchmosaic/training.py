@@ -71,8 +71,9 @@ SUMMARY_FILE = "summary.json"
 FINAL_LOSS_WINDOW = 100  # summary's final_loss: mean over the last this many iterations
 
 # Fields that may change when a run is resumed: they do not affect the weights
-# (steps only extends or shortens the run; a device change may alter rounding).
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "threads", "device")
+# (steps only extends or shortens the run; a device or memory-format change may
+# alter rounding).
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "threads", "device", "channels_last")
 
 # Independent random streams of one run.
 _STREAM_INIT, _STREAM_DATA, _STREAM_NOISE = 0, 1, 2
@@ -98,6 +99,9 @@ class TrainConfig:
     log_every: int = 100  # append to train_log.jsonl every this many iterations
     threads: int | None = None  # torch.set_num_threads during training (None: leave as is)
     device: str = "cpu"  # torch device to train on
+    # Weights and activations in channels-last memory format: the same arithmetic in another order
+    # (float rounding only); 1.3x (ResNet) / 1.1x (UNet) steps/s on CPU (benchmarks/bench_train.py)
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
@@ -116,6 +120,8 @@ class TrainConfig:
         positive("log_every")
         positive("threads", allow_none=True)
         positive("seed", allow_zero=True)
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last must be True or False, got {self.channels_last!r}")
         config_to_dict(self.model)  # raises ValueError if it is not a model config
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
@@ -340,7 +346,8 @@ def _train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(config.seed, _STREAM_INIT))
         model = build_model(config.model)
-    model.to(device).train()
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.ema > 0 else None
     start, recent, seconds_before = 0, deque(maxlen=FINAL_LOSS_WINDOW), 0.0
@@ -410,7 +417,7 @@ def _train(
             t = config.t_min + (1.0 - config.t_min) * torch.rand(len(idx), generator=g, dtype=torch.float64)  # [B]
             eps = torch.randn(x0.shape, generator=g).to(device)  # [B, C, H, W]
             abar = schedule.alpha_bar(t).to(device=device, dtype=x0.dtype)[:, None, None, None]  # [B, 1, 1, 1]
-            x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps  # [B, C, H, W]
+            x_t = (abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps).contiguous(memory_format=memory_format)  # [B, C, H, W]
             t = t.to(device=device, dtype=x0.dtype)  # [B]
             loss = F.mse_loss(model(x_t, t, None if labels is None else labels[idx]), eps)
             optimizer.zero_grad(set_to_none=True)

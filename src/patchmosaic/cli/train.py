@@ -69,7 +69,7 @@ def _mismatch_message(err: ResumeMismatch) -> str:
         parts.append(f"{flag} {_show(saved)} in the run, {_show(now)} now")
     return (f"cannot --resume {err.path.parent}: these flags differ from the run's: {'; '.join(parts)}. "
             "Rerun with the run's values (see its config.json); only --steps, --checkpoint-every, --log-every, "
-            "--threads and --device may change")
+            "--threads, --device and --channels-last may change")
 
 
 def _show(value: object) -> str:
@@ -188,6 +188,8 @@ def _model_config(
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch.set_num_threads during training.  [default: torch's choice]")
 @click.option("--device", default=_TRAIN_DEFAULTS.device, show_default=True, help="Torch device, e.g. cpu or cuda.")
+@click.option("--channels-last/--no-channels-last", default=_TRAIN_DEFAULTS.channels_last, show_default=True,
+              help="Weights and activations in channels-last memory format (float rounding only; faster on CPU).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 def train(
     dataset: str,
@@ -215,6 +217,7 @@ def train(
     log_every: int,
     threads: int | None,
     device: str,
+    channels_last: bool,
     progress: bool,
 ) -> None:
     """Train an eps-prediction ResNet/UNet (Kamb & Ganguli App. B) on a training set.
@@ -244,6 +247,7 @@ def train(
             log_every=log_every,
             threads=threads,
             device=device,
+            channels_last=channels_last,
         )
         _check_out(out, resume)
         # A failure before the first checkpoint leaves no new, half-written --out behind.

@@ -100,7 +100,7 @@ class EpsDenoiser:
             out = self.model(x, tt, self._label_vector(B, param.device))  # [B, C, H, W]
         finally:
             self.model.train(was_training)
-        return out.to(device=x_t.device, dtype=x_t.dtype)
+        return out.to(device=x_t.device, dtype=x_t.dtype).contiguous()  # [B, C, H, W] (channels-last networks)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """``x0_hat = x - sigma * eps_hat(x / sqrt(1 + sigma^2), t(sigma))``, ``[B, C, H, W]``."""
