@@ -14,6 +14,13 @@
 #   MODELS="mnist-resnet-zeros" bash scripts/reproduce_table1.sh
 #   EVAL_SEEDS=1000-1009 OUT=runs/quick bash scripts/reproduce_table1.sh   # a quick look
 #
+# Calibration ablations (CAL_ABLATIONS, default none): each "TAG:FLAGS" entry (FLAGS without spaces,
+# comma-free, e.g. --candidates=3-31 or --metric=l2) calibrates the model again with FLAGS added, samples
+# ELS from the evaluation seeds with that schedule and evaluates it in the paper's protocol, all under
+# OUT/ablation-TAG/, then renders OUT/ablation-TAG/table1.md:
+#   CAL_ABLATIONS="cand31:--candidates=3-31 l2:--metric=l2" MODELS=fashion-unet-zeros-cond \
+#     bash scripts/reproduce_table1.sh
+#
 # Costs on this 2-core CPU, one thread (measured 2026-11-30): ELS sampling at N = 1000 about
 # 15 s per seed (MNIST, unconditional) and 5 s per seed (Fashion-MNIST, conditional); a
 # 4,000-step ResNet training run about 40 min; calibration over 3..21 with 10 seeds 20-30 min.
@@ -29,6 +36,7 @@ CAL_SEEDS=${CAL_SEEDS:-0-9}
 CANDIDATES=${CANDIDATES:-3-21}
 TRAIN_STEPS=${TRAIN_STEPS:-4000}
 ABLATION_STEPS=${ABLATION_STEPS:-"50 500"}   # the network's own DDIM steps, beside 150 and 20 (same ELS samples)
+CAL_ABLATIONS=${CAL_ABLATIONS:-}   # "TAG:FLAGS ...": calibration variants (see above)
 MODELS=${MODELS:-"mnist-resnet-zeros fashion-resnet-zeros-cond mnist-resnet-circular mnist-unet-zeros fashion-unet-zeros-cond mnist-unet-attention"}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 mkdir -p "$OUT"
@@ -89,7 +97,36 @@ for name in $MODELS; do
         --network-steps "$steps" --reuse "$els" --threads "$THREADS" --out "$ev" --overwrite
     fi
   done
+  for entry in $CAL_ABLATIONS; do
+    tag=${entry%%:*} extra=${entry#*:}
+    abl=$OUT/ablation-$tag
+    if [[ ! -f $abl/calibrate-$name/schedule.json ]]; then
+      stage "$name: calibrate, ablation $tag ($extra)"
+      # shellcheck disable=SC2086
+      "$PM" calibrate --model "$model" --machine els --candidates "$CANDIDATES" --seeds "$CAL_SEEDS" \
+        --threads "$THREADS" --out "$abl/calibrate-$name" --overwrite $extra
+    fi
+    if [[ ! -f $abl/els-$name/samples.npz ]]; then
+      stage "$name: ELS samples, ablation $tag"
+      resume=()
+      [[ -f $abl/els-$name/config.json ]] && resume=(--resume)
+      "$PM" sample --machine els --like "$model" --patch-sizes "$abl/calibrate-$name/schedule.json" \
+        --seeds "$EVAL_SEEDS" --threads "$THREADS" --out "$abl/els-$name" "${resume[@]}"
+    fi
+    if [[ ! -f $abl/evaluate-150-$name/metrics.json ]]; then
+      stage "$name: evaluate, ablation $tag, network 150 steps"
+      "$PM" evaluate --model "$model" --machine els --patch-sizes "$abl/calibrate-$name/schedule.json" \
+        --seeds "$EVAL_SEEDS" --network-steps 150 --reuse "$abl/els-$name" --threads "$THREADS" \
+        --out "$abl/evaluate-150-$name" --overwrite
+    fi
+  done
 done
 stage "table"
 "$PY" scripts/table1.py "$OUT" --out "$OUT/table1.md"
 cat "$OUT/table1.md"
+for entry in $CAL_ABLATIONS; do
+  abl=$OUT/ablation-${entry%%:*}
+  # the ablation's own schedules: no committed ones (--pretrained points at the ablation folder)
+  "$PY" scripts/table1.py "$abl" --pretrained "$abl" --out "$abl/table1.md"
+  cat "$abl/table1.md"
+done

@@ -144,3 +144,51 @@ def test_command_line(run_dir, tmp_path):
                              "--out", str(out)], capture_output=True, text=True, check=False)
     assert failed.returncode == 1, failed.stderr
     assert "table1.py: error:" in failed.stderr and "is not a directory" in failed.stderr
+
+
+FAKE_CLI = r'''#!/usr/bin/env bash
+# stands in for patchmosaic and python: logs its arguments, writes what each stage is skipped on next time
+echo "$*" >> "$LOG"
+out=
+while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && out=$2; shift; done
+[[ -z $out ]] && exit 0
+[[ $out == *.md ]] && { touch "$out"; exit 0; }
+mkdir -p "$out"
+touch "$out/summary.json" "$out/model.pt" "$out/schedule.json" "$out/samples.npz" "$out/config.json" "$out/metrics.json"
+'''
+
+
+def test_reproduce_script_stages_ablations_and_resumes(tmp_path):
+    """reproduce_table1.sh with a fake CLI: a committed model skips training and calibration, runs each
+    evaluation once, the calibration ablation calibrates, samples and evaluates under ablation-TAG/ with
+    its flags last, and a second run starts no stage."""
+    fake = tmp_path / "fake"
+    fake.write_text(FAKE_CLI)
+    fake.chmod(0o755)
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "LOG": str(log), "PM": str(fake), "PY": str(fake), "OUT": str(out),
+           "MODELS": "mnist-resnet-zeros", "EVAL_SEEDS": "1000-1001", "ABLATION_STEPS": "50",
+           "CAL_ABLATIONS": "cand31:--candidates=3-31"}
+
+    def run():
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table1.sh")], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        calls = log.read_text().splitlines()
+        log.unlink()
+        return calls
+
+    calls = run()
+    stages = [c.split()[0] for c in calls if not c.endswith(".md")]
+    assert stages == ["sample", "evaluate", "evaluate", "evaluate", "calibrate", "sample", "evaluate"], calls
+    assert "--patch-sizes pretrained/mnist-resnet-zeros/schedule.json" in calls[0]  # the committed schedule
+    assert [c.split("--network-steps ")[1].split()[0] for c in calls if c.startswith("evaluate")] == [
+        "150", "20", "50", "150"]
+    abl = out / "ablation-cand31"
+    assert calls[4].endswith(f"--out {abl}/calibrate-mnist-resnet-zeros --overwrite --candidates=3-31")
+    assert f"--patch-sizes {abl}/calibrate-mnist-resnet-zeros/schedule.json" in calls[5]
+    assert f"--reuse {abl}/els-mnist-resnet-zeros" in calls[6] and f"--out {abl}/evaluate-150" in calls[6]
+    tables = [c for c in calls if c.endswith(".md")]
+    assert tables == [f"scripts/table1.py {out} --out {out}/table1.md",
+                      f"scripts/table1.py {abl} --pretrained {abl} --out {abl}/table1.md"]
+    assert [c for c in run() if not c.endswith(".md")] == []  # resumable: every stage's output exists
