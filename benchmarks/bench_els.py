@@ -69,11 +69,16 @@ def run_once(method: str, padding: str, t: float, k: int, n_train: int) -> float
 
 
 def peak_rss_mb(method: str, padding: str, t: float, k: int, n_train: int) -> float:
-    """Peak resident memory of one call, in a fresh process (MB)."""
+    """Peak resident memory of one call, in a fresh process (MB).
+
+    The child reads its own high-water mark (``VmHWM``, reset by ``exec``), not
+    ``ru_maxrss``: on Linux that also counts the pages of the parent it was
+    forked from, so every child would report at least this process's size.
+    """
     code = (
-        "import sys, resource, torch; sys.path.insert(0, %r); import bench_els as b; "
+        "import sys, torch; sys.path.insert(0, %r); import bench_els as b; "
         "torch.set_num_threads(%d); b.run_once(%r, %r, %r, %r, %r); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
     ) % (str(Path(__file__).parent), torch.get_num_threads(), method, padding, t, k, n_train)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
