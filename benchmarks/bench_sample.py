@@ -1,8 +1,9 @@
 """Full 20-step ELS sample on the bundled MNIST digits: seconds per sample and peak memory.
 
 Zero padding, the published mnist-resnet-zeros schedule, float32. Each
-configuration runs in a fresh process so its peak resident memory (ru_maxrss,
-which includes the ~0.3 GB of the Python + torch runtime) is its own.
+configuration runs in a fresh process so its peak resident memory (VmHWM,
+which includes the ~0.3 GB of the Python + torch runtime) is its own; not
+ru_maxrss, which on Linux also counts the pages of the parent it was forked from.
 
     python benchmarks/bench_sample.py                      # N=10000, 1 and 8 seeds
     python benchmarks/bench_sample.py --n-train 2000 --seeds 1
@@ -12,10 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+
+
+def peak_rss_kb() -> int:
+    """This process's resident-memory high-water mark (``VmHWM``, reset by ``exec``), in kB."""
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("VmHWM:")))
 
 
 def run(n_train: int, seeds: int, chunk_elements: int) -> dict:
@@ -33,7 +39,7 @@ def run(n_train: int, seeds: int, chunk_elements: int) -> dict:
     wall = time.perf_counter() - start
     assert torch.isfinite(out).all()
     return {"n_train": n_train, "seeds": seeds, "seconds": wall, "seconds_per_sample": wall / seeds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_kb() / 1024,
             "threads": torch.get_num_threads()}
 
 
