@@ -332,23 +332,22 @@ def calibrate(
         start = time.perf_counter()
         x0_net = network(x, sigma)  # [B, C, H, W]
         network_seconds[row] = time.perf_counter() - start
-        xm = x.to(machine_dtype)
+        xm, sm = x.to(machine_dtype), sigma.to(machine_dtype)
         if shared:
             start = time.perf_counter()
-            x0_all = machine.denoise_sizes(xm, sigma.to(xm.dtype), cands, label=label)
+            x0 = machine.denoise_sizes(xm, sm, cands, label=label)  # {k: [B, C, H, W]}
             machine_seconds[row] = time.perf_counter() - start
             candidate_seconds[row] = np.nan
-        for j, k in enumerate(cands):
-            if shared:
-                x0_k = x0_all[k]
-            else:
+        else:
+            x0 = {}
+            for j, k in enumerate(cands):
                 start = time.perf_counter()
-                x0_k = call_k(xm, sigma.to(xm.dtype), k, label)  # [B, C, H, W]
+                x0[k] = call_k(xm, sm, k, label)  # [B, C, H, W]
                 candidate_seconds[row, j] = time.perf_counter() - start
-            sim = similarity(x0_net, x0_k, metric)  # [B], higher is better
-            scores[row, j] = (-sim if lower_is_better else sim).numpy()
-        if not shared:
             machine_seconds[row] = candidate_seconds[row].sum()
+        for j, k in enumerate(cands):
+            sim = similarity(x0_net, x0[k], metric)  # [B], higher is better
+            scores[row, j] = (-sim if lower_is_better else sim).numpy()
         best = np.argmax(-scores[row] if lower_is_better else scores[row], axis=0)  # [B], first max: smallest k
         choices[row] = np.asarray(cands)[best]
         if progress is not None:

@@ -192,14 +192,11 @@ def nested_dense_means(
     base = cy * Wp + cx  # [Pq]
     zero_row = C * Hp * Wp
     index = torch.full((total, cy.numel()), zero_row, dtype=torch.long)
-    centre = []  # key rows of the centre pixel, per channel
     for i in range(K):
-        o = offset[i]
-        index[o : o + width[i]] = base[None, :] + delta[starts[i] : ends[i], None]
-        if i == 0:
-            pos = rem[: ends[0]]
-            centre = [o + int(j) for j in torch.nonzero(pos == R * Kw + R).flatten()]  # channel order
+        index[offset[i] : offset[i] + width[i]] = base[None, :] + delta[starts[i] : ends[i], None]
     index = index.flatten().to(dev)
+    # key rows of the centre pixel, per channel (in ring 0, whose columns start at offset 0)
+    centre = torch.nonzero(rem[: ends[0]] == R * Kw + R).flatten().tolist()
 
     states = [SoftmaxMean.for_logits(n, C, dtype=x.dtype, device=dev, max_logits=tile) for n in n_rows]
     work = x.new_empty(tile)

@@ -688,7 +688,7 @@ class _PatchMachine(ScoreMachine):
         ks = sorted({check_patch_size(k) for k in sizes})
         if not ks:
             raise ValueError("denoise_sizes needs at least one patch size")
-        geometries = [self._geometry(k) for k in ks]
+        geometries = {k: self._geometry(k) for k in ks}  # every size checked before any work
         coeffs = ve_logit_coefficients(sigma_vector(sigma, x))
         shared = [k for k in ks if k >= NESTED_FROM] if self.kind == "els" and self.world == 1 else []
         if len(shared) < 2:
@@ -696,17 +696,16 @@ class _PatchMachine(ScoreMachine):
         result = {k: self._run(x, coeffs, k, label, track=None)[0] for k in ks if k not in shared}
         if not shared:
             return result
-        geometries = geometries[len(ks) - len(shared) :]
+        nested = [geometries[k] for k in shared]
         labels = self._label_vector(label, x.shape[0])
         out = None if labels is None else x.new_empty((len(shared),) + tuple(x.shape))  # [K, B, C, H, W]
         scale, bias = coeffs
-        for rows, train, ids in self._subsets(labels):
-            if rows is None:  # unconditioned: one subset, the whole batch
-                with exact_float32_matmul():
-                    out = self._denoise_sizes(x, coeffs, train, ids, geometries)
-                continue
-            with exact_float32_matmul():
-                out[:, rows] = self._denoise_sizes(x[rows], (scale[rows], bias[rows]), train, ids, geometries)
+        with exact_float32_matmul():
+            for rows, train, ids in self._subsets(labels):
+                if rows is None:  # unconditioned: one subset, the whole batch
+                    out = self._denoise_sizes(x, coeffs, train, ids, nested)
+                else:
+                    out[:, rows] = self._denoise_sizes(x[rows], (scale[rows], bias[rows]), train, ids, nested)
         result.update({k: out[i] for i, k in enumerate(shared)})
         return dict(sorted(result.items()))
 
