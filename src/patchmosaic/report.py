@@ -65,6 +65,7 @@ from patchmosaic.runs import (
     format_seeds,
     load_provenance,
     load_samples,
+    sample_file,
     save_grid,
     to_uint8,
 )
@@ -313,7 +314,7 @@ def _samples_html(run: _Run) -> str:
         return _figure("Samples", _data_uri(_grid_png(archive["images"])),
                        _grid_caption(SAMPLES_FILE, archive["seeds"]))
     archives = _sample_archives(run)
-    archives.sort(key=lambda path: path.stem != "samples_network")  # the reference first, then by name
+    archives.sort(key=lambda path: path.name != sample_file("network"))  # the reference first, then by name
     if not archives:
         return _note("Samples", f"no {GRID_FILE} or {SAMPLES_FILE} in this directory.")
     figures = []
@@ -338,7 +339,7 @@ def _sample_archives(run: _Run) -> list[Path]:
     config = (run.comparison or run.metrics or {}).get("config")
     listed = config.get("files") if isinstance(config, dict) else None
     if not isinstance(listed, dict):
-        return sorted(run.path.glob("samples_*.npz"))
+        return sorted(run.path.glob(sample_file("*")))
     names = {f for k, f in listed.items() if k.startswith("samples_") and isinstance(f, str) and Path(f).name == f}
     return sorted(run.path / f for f in names if (run.path / f).is_file())
 

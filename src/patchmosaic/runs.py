@@ -56,6 +56,7 @@ __all__ = [
     "load_provenance",
     "load_samples",
     "format_seeds",
+    "sample_file",
     "parse_seeds",
     "prepare_run_dir",
     "save_grid",
@@ -148,6 +149,11 @@ def parse_seeds(spec: str) -> list[int]:
     if duplicates:
         raise ValueError(f"seed list {spec!r} repeats seed(s) {duplicates}; each seed may occur once")
     return seeds
+
+
+def sample_file(name: str) -> str:
+    """``samples_<name>.npz``: the final samples of one denoiser in an evaluate or compare directory."""
+    return f"samples_{name}.npz"
 
 
 def format_seeds(seeds: Sequence[int]) -> str:

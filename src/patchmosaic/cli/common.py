@@ -24,6 +24,7 @@ from patchmosaic.runs import (
     SampleRun,
     check_run_dir,
     parse_seeds,
+    sample_file,
     undo_new_dir_on_failure,
 )
 from patchmosaic.schedules import PatchSchedule
@@ -112,11 +113,6 @@ def check_out_flag(
                 param_hint="'--out'",
             )
     return checked
-
-
-def sample_file(name: str) -> str:
-    """``samples_<name>.npz``: the final samples of one denoiser in an evaluate or compare directory."""
-    return f"samples_{name}.npz"
 
 
 def parse_seeds_flag(spec: str) -> list[int]:

@@ -23,7 +23,6 @@ from patchmosaic.cli.common import (
     parse_schedule_flag,
     parse_seeds_flag,
     resolve_device,
-    sample_file,
     set_threads,
 )
 from patchmosaic.cli.network import LoadedModel
@@ -37,7 +36,12 @@ from patchmosaic.denoisers import KINDS, ScoreMachine, check_machine_options
 from patchmosaic.denoisers.registry import DENOISERS, REQUIRED, build_denoiser
 from patchmosaic.evaluation import save_comparison
 from patchmosaic.pretrained import LABEL_RULE
-from patchmosaic.runs import save_samples, undo_new_dir_on_failure, write_config
+from patchmosaic.runs import (
+    sample_file,
+    save_samples,
+    undo_new_dir_on_failure,
+    write_config,
+)
 from patchmosaic.samplers import NOISE_RULE, SAMPLERS
 from patchmosaic.schedules import GRIDS, PatchSchedule, make_grid
 

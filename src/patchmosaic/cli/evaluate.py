@@ -22,7 +22,6 @@ from patchmosaic.cli.common import (
     parse_schedule_flag,
     parse_seeds_flag,
     resolve_device,
-    sample_file,
     set_threads,
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
@@ -37,6 +36,7 @@ from patchmosaic.pretrained import (
 from patchmosaic.runs import (
     CONFIG_FILE,
     load_samples,
+    sample_file,
     save_samples,
     undo_new_dir_on_failure,
     write_config,
