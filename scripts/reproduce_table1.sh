@@ -5,7 +5,9 @@
 #   paper:  network 150 DDIM steps, machines one step per schedule entry (20)   -> evaluate-150
 #   20/20:  network on the machines' 20-step grid                                -> evaluate-20
 #   ablation: network 50 and 500 steps (ABLATION_STEPS)                         -> evaluate-50, evaluate-500
-# then write runs/table1/table1.md (scripts/table1.py).
+# then compare every denoiser with the network in the paper's protocol (COMPARE_DENOISERS; ELS reused from
+# the same samples)                                                             -> compare-NAME/leaderboard.json
+# and write runs/table1/table1.md (scripts/table1.py).
 #
 # Resumable: every stage is skipped when its output exists, training and ELS sampling continue
 # from their checkpoints (--resume), so the script can be stopped and run again at any time.
@@ -38,6 +40,7 @@ CANDIDATES=${CANDIDATES:-3-21}
 TRAIN_STEPS=${TRAIN_STEPS:-4000}
 ABLATION_STEPS=${ABLATION_STEPS:-"50 500"}   # the network's own DDIM steps, beside 150 and 20 (same ELS samples)
 CAL_ABLATIONS=${CAL_ABLATIONS:-}   # "TAG:FLAGS ...": calibration variants (see above)
+COMPARE_DENOISERS=${COMPARE_DENOISERS:-els,ls,ideal,wiener,data-locality,pspc,nearest}  # "none": no compare stage
 MODELS=${MODELS:-"mnist-resnet-zeros fashion-resnet-zeros-cond mnist-resnet-circular mnist-unet-zeros fashion-unet-zeros-cond mnist-unet-attention"}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 mkdir -p "$OUT"
@@ -98,6 +101,12 @@ for name in $MODELS; do
         --network-steps "$steps" --reuse "$els" --threads "$THREADS" --out "$ev" --overwrite
     fi
   done
+  cmp=$OUT/compare-$name
+  if [[ $COMPARE_DENOISERS != none && ! -f $cmp/leaderboard.json ]]; then
+    stage "$name: compare $COMPARE_DENOISERS, network 150 steps"
+    "$PM" compare --model "$model" --denoisers "$COMPARE_DENOISERS" --patch-sizes "$schedule" --seeds "$EVAL_SEEDS" \
+      --network-steps 150 --reuse "$els" --threads "$THREADS" --out "$cmp" --overwrite
+  fi
   for entry in $CAL_ABLATIONS; do
     tag=${entry%%:*} extra=${entry#*:}
     abl=$OUT/ablation-$tag

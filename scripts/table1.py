@@ -9,7 +9,11 @@ For each model NAME, reads (and never recomputes anything but the formatting):
 * ``RUN_DIR/evaluate-20-NAME/metrics.json``: the same ELS samples against the
   network on the machines' 20-step grid ("20/20");
 * the calibrated schedule ``PRETRAINED/NAME/schedule.json`` (a committed model)
-  or else ``RUN_DIR/calibrate-NAME/schedule.json``, as the reproduce script picks it.
+  or else ``RUN_DIR/calibrate-NAME/schedule.json``, as the reproduce script picks it;
+* ``RUN_DIR/compare-NAME/leaderboard.json``: ``patchmosaic compare`` of every
+  denoiser against the network in the paper's protocol (ELS reused from the
+  evaluation's samples), for the second table: each denoiser's median r and
+  on how many seeds ELS beats it.
 
 Writes one markdown row per model that has at least one of the two metrics
 files, in Table 1's order (then any other ``evaluate-*-NAME`` found, sorted);
@@ -55,6 +59,11 @@ HEADER = (
     "ELS beats IS, paper protocol",
 )
 _EVAL_DIR = re.compile(r"^evaluate-(150|20)-(.+)$")
+LEADERBOARD_FILE = "leaderboard.json"
+# Column order of the denoiser table (others a leaderboard holds follow, sorted).
+DENOISER_ORDER = ("els", "ls", "ideal", "wiener", "data-locality", "pspc", "nearest")
+DENOISER_LABELS = {"els": "ELS", "ls": "LS", "ideal": "IS", "wiener": "Wiener", "data-locality": "data-locality",
+                   "pspc": "PSPC", "nearest": "nearest training image"}
 
 
 class Table1Error(ValueError):
@@ -115,6 +124,82 @@ def read_evaluation(path: Path, network_steps: int) -> dict[str, Any]:
     }
 
 
+def read_leaderboard(path: Path) -> dict[str, Any]:
+    """The numbers of one ``compare`` leaderboard.json that the denoiser table shows.
+
+    Raises:
+        Table1Error: If a needed entry is missing or ELS is not among its denoisers.
+    """
+    data = _read_json(path)
+    entries = _get(data, path, "leaderboard")
+    if not isinstance(entries, list):
+        raise Table1Error(f"{path} has a leaderboard that is not a list")
+    denoisers: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise Table1Error(f"{path} has leaderboard entry {i} without a name")
+        beats = entry.get("els_beats_this")
+        denoisers[entry["name"]] = {
+            "r": _get(entry, path, "metrics", "pearson_r"),
+            "wins": None if beats is None else (int(beats["wins"]), int(beats["n"])),
+            "parameters": entry.get("parameters") or {},
+        }
+    if "els" not in denoisers:
+        raise Table1Error(f"{path} has no 'els' entry; the denoiser table compares every denoiser with ELS")
+    return {
+        "denoisers": denoisers,
+        "seeds": [int(s) for s in _get(data, path, "config", "seeds")],
+        "network_steps": int(_get(data, path, "config", "network_steps")),
+        "steps": int(_get(data, path, "config", "steps")),
+        "els_samples": (data["config"].get("reuse") or {}).get("els"),
+    }
+
+
+def build_denoiser_table(run_dir: Path, names: list[str], evals_150: dict[str, dict[str, Any] | None]) -> list[str]:
+    """The second table's lines: every denoiser's median r per model, from ``compare-NAME`` (empty if none)."""
+    boards = {}
+    for name in names:
+        path = run_dir / f"compare-{name}" / LEADERBOARD_FILE
+        if path.is_file():
+            boards[name] = read_leaderboard(path)
+    if not boards:
+        return []
+    found = {d for b in boards.values() for d in b["denoisers"]}
+    order = [d for d in DENOISER_ORDER if d in found] + sorted(found - set(DENOISER_ORDER))
+    header = ["model", "seeds (n)", *(f"{DENOISER_LABELS.get(d, d)} median r [95% CI]" for d in order)]
+    lines = ["Every denoiser against each network (`compare-NAME`, paper protocol; "
+             "after each r: seeds where ELS's r is strictly greater):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes, protocols = [], set()
+    for name, board in boards.items():
+        protocols.add((board["network_steps"], board["steps"]))
+        row = [f"`{name}`", format_seeds(board["seeds"])]
+        for d in order:
+            entry = board["denoisers"].get(d)
+            if entry is None:
+                row.append(MISSING)
+                continue
+            cell = format_interval(entry["r"])
+            if entry["wins"] is not None:
+                cell += f" ({entry['wins'][0]}/{entry['wins'][1]})"
+            row.append(cell)
+        lines.append("| " + " | ".join(row) + " |")
+        paper = evals_150.get(name)
+        if paper is not None and paper["els_samples"] != board["els_samples"]:
+            notes.append(f"`{name}`: compare-{name} took its ELS samples from "
+                         f"{board['els_samples'] or 'its own run'}, evaluate-150-{name} from "
+                         f"{paper['els_samples'] or 'its own run'}")
+    lines.append("")
+    steps = "; ".join(f"network {n} DDIM steps, denoisers {m} steps" for n, m in sorted(protocols))
+    lines.append(f"- {steps}. LS runs on ELS's calibrated schedule; the family denoisers on their published "
+                 "defaults (data-locality's threshold, PSPC's CIFAR-10 windows), not calibrated to the network.")
+    missing = [n for n in names if n not in boards and evals_150.get(n) is not None]
+    if missing:
+        lines.append("- No compare-NAME/leaderboard.json: " + ", ".join(f"`{n}`" for n in missing) + ".")
+    lines += [f"- {note}" for note in notes]
+    return lines
+
+
 def find_schedule(run_dir: Path, pretrained: Path, name: str) -> Path | None:
     """The schedule the reproduce script used: the committed one, else RUN_DIR's calibration."""
     for path in (pretrained / name / SCHEDULE_FILE, run_dir / f"calibrate-{name}" / SCHEDULE_FILE):
@@ -143,11 +228,14 @@ def build_table(
     absent: list[str] = []
     notes: list[str] = []
     protocols: dict[str, set[tuple[int, int]]] = {key: set() for key in PROTOCOLS}
-    for name in model_names(run_dir, models):
+    names = model_names(run_dir, models)
+    evals_150: dict[str, dict[str, Any] | None] = {}
+    for name in names:
         evals: dict[str, dict[str, Any] | None] = {}
         for key in PROTOCOLS:
             path = run_dir / f"evaluate-{key}-{name}" / METRICS_FILE
             evals[key] = read_evaluation(path, int(key)) if path.is_file() else None
+        evals_150[name] = evals["150"]
         if not any(evals.values()):
             absent.append(name)
             continue
@@ -202,6 +290,9 @@ def build_table(
         lines.append(f"- Missing (no evaluate-150 or evaluate-20 metrics in {run_dir}): "
                      + ", ".join(f"`{n}`" for n in absent) + ".")
     lines += [f"- {note}" for note in notes]
+    denoiser_table = build_denoiser_table(run_dir, names, evals_150)
+    if denoiser_table:
+        lines += ["", *denoiser_table]
     return "\n".join(lines) + "\n"
 
 

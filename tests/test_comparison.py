@@ -130,6 +130,57 @@ def test_compare_overwrite_refuses_samples_of_other_denoisers_and_report_reads_o
     assert "samples_ideal.npz" in page and "samples_network.npz" in page and "samples_foreign.npz" not in page
 
 
+def test_compare_reuses_a_sample_run_and_equals_running_it(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path)
+    prev = tmp_path / "prev"
+    ok("sample", "--like", ckpt, "--patch-sizes", "3,5", "--seeds", "0-5", "--out", prev)
+    common = ("--model", ckpt, "--denoisers", "els,ideal", "--patch-sizes", "3,5", "--seeds", "4,1,2",
+              "--network-steps", 3, "--bootstrap-resamples", 50)
+    ok("compare", *common, "--out", tmp_path / "ran")
+    ok("compare", *common, "--out", tmp_path / "reused", "--reuse", prev)
+    ran, reused = (json.loads((tmp_path / d / "leaderboard.json").read_text()) for d in ("ran", "reused"))
+    # the reused images are the sample run's rows for these seeds, and equal a fresh run's
+    images = load_samples(tmp_path / "reused" / "samples_els.npz")
+    assert images["seeds"].tolist() == [4, 1, 2]
+    np.testing.assert_array_equal(images["images"], load_samples(prev)["images"][[4, 1, 2]])
+    np.testing.assert_allclose(images["images"], load_samples(tmp_path / "ran" / "samples_els.npz")["images"],
+                               atol=1e-6)
+    entries = {e["name"]: e for e in reused["leaderboard"]}
+    before = {e["name"]: e for e in ran["leaderboard"]}
+    for name in ("els", "ideal"):
+        assert entries[name]["metrics"]["pearson_r"]["median"] == pytest.approx(
+            before[name]["metrics"]["pearson_r"]["median"], abs=1e-5)
+    assert entries["ideal"]["els_beats_this"] == before["ideal"]["els_beats_this"]
+    # a reused denoiser has no per-step numbers and no timing; the others keep theirs
+    assert entries["els"]["parameters"]["reused_from"] == str(prev) and "seconds_per_seed" not in entries["els"]
+    assert set(reused["per_step"]) == {"ideal"} and set(ran["per_step"]) == {"els", "ideal"}
+    assert reused["config"]["reuse"] == {"els": str(prev)}
+    assert "reused_from" in (tmp_path / "reused" / "leaderboard.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("sample_args", "compare_args", "fragment"),
+    [
+        (["--patch-sizes", "3,3"], [], "patch_sizes is [3, 3], expected [3, 5]"),
+        (["--patch-sizes", "3,5", "--grid", "karras"], [], "grid is 'karras', expected 'cosine'"),
+        (["--patch-sizes", "3,5"], ["--sampler", "heun"], "sampler is 'euler', expected 'heun'"),
+        (["--patch-sizes", "3,5"], ["--steps", "3"], "steps is 2, expected 3"),
+        (["--machine", "ls", "--patch-sizes", "3,5"], [], "takes a `sample` run of els or ideal"),
+        (["--denoiser", "wiener"], [], "holds 'wiener' samples"),
+    ],
+)
+def test_compare_reuse_validation(tmp_path, sample_args, compare_args, fragment):
+    ckpt, data = tiny_checkpoint(tmp_path)
+    prev = tmp_path / "prev"
+    ok("sample", "--dataset", data, "--size", "native", "--steps", "2", "--seeds", "0-1", *sample_args, "--out", prev)
+    out = tmp_path / "cmp"
+    result = invoke("compare", "--model", ckpt, "--denoisers", "els,ideal", "--patch-sizes", "3,5", "--seeds", "0-1",
+                    "--network-steps", 2, *compare_args, "--out", out, "--reuse", prev)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "--reuse" in result.output and fragment in result.output, result.output
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

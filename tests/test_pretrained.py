@@ -19,6 +19,7 @@ from patchmosaic.pretrained import (
     labels_for_seeds,
     pretrained_root,
     publish_pretrained,
+    verify_pretrained,
     resolve_model,
     resolve_schedule_spec,
     training_set,
@@ -155,6 +156,35 @@ def test_pretrained_command_lists_and_publishes(run_dir, root, tmp_path):
         assert "3-class conditional" in result.output and "schedule 3,5" in result.output
     result = runner.invoke(main, ["pretrained", "publish", "Bad Name", "--run", str(run_dir), "--schedule", str(sched)])
     assert result.exit_code != 0 and "lower-case" in result.output
+
+
+def test_publish_adds_a_leaderboard_to_an_existing_model_only_with_overwrite(run_dir, root, tmp_path):
+    dest = publish(run_dir, tmp_path)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    board = tmp_path / "cmp" / "leaderboard.json"
+    board.parent.mkdir()
+    board.write_text(json.dumps({"leaderboard": [{"name": "els"}]}))
+    runner = CliRunner()
+    refused = runner.invoke(main, ["pretrained", "publish", "tiny-cond", "--leaderboard", str(board.parent)])
+    assert refused.exit_code != 0 and "replaces its leaderboard.json; pass overwrite" in refused.output
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    done = runner.invoke(main, ["pretrained", "publish", "tiny-cond", "--leaderboard", str(board.parent), "--overwrite"])
+    assert done.exit_code == 0, done.output
+    after = {p.name: p.read_bytes() for p in dest.iterdir()}
+    assert after == {**before, "leaderboard.json": board.read_bytes()}  # the other files untouched
+    manifest = json.loads((root / "MANIFEST.json").read_text())["files"]
+    assert "tiny-cond/leaderboard.json" in manifest
+    verify_pretrained("tiny-cond")
+    (dest / "leaderboard.json").write_text("{}")  # tampered: the manifest names it
+    with pytest.raises(ValueError, match="leaderboard.json"):
+        verify_pretrained("tiny-cond")
+    # nothing to add, or no such model
+    nothing = runner.invoke(main, ["pretrained", "publish", "tiny-cond", "--overwrite"])
+    assert nothing.exit_code != 0 and "nothing to publish" in nothing.output
+    missing = runner.invoke(main, ["pretrained", "publish", "other", "--leaderboard", str(board), "--overwrite"])
+    assert missing.exit_code != 0 and "cannot update 'other'" in missing.output
+    no_schedule = runner.invoke(main, ["pretrained", "publish", "new", "--run", str(run_dir)])
+    assert no_schedule.exit_code != 0 and "needs its schedule.json" in no_schedule.output
 
 
 def test_checkpoint_without_train_config_names_no_training_set(tmp_path):

@@ -17,6 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = json.loads((ROOT / "tests" / "fixtures" / "evaluate_metrics_2seeds.json").read_text())
+# an unedited `patchmosaic compare` output: the same model and seeds, every denoiser, ELS reused (--reuse)
+BOARD = json.loads((ROOT / "tests" / "fixtures" / "compare_leaderboard_2seeds.json").read_text())
 SPEC = importlib.util.spec_from_file_location("table1", ROOT / "scripts" / "table1.py")
 table1 = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(table1)
@@ -114,6 +116,36 @@ def test_inconsistent_files_are_noted(run_dir):
     assert "Missing" not in table and "`my-model`" in table  # --models replaces Table 1's list
 
 
+def test_denoiser_table_from_compare_leaderboards(run_dir):
+    run, pretrained = run_dir
+    write_json(run / "compare-fashion-resnet-zeros-cond" / "leaderboard.json", BOARD)
+    table = table1.build_table(run, pretrained=pretrained)
+    lines = table.splitlines()
+    start = lines.index("Every denoiser against each network (`compare-NAME`, paper protocol; after each r: seeds "
+                        "where ELS's r is strictly greater):")
+    assert lines[start + 2] == ("| model | seeds (n) | ELS median r [95% CI] | LS median r [95% CI] | IS median r "
+                                "[95% CI] | Wiener median r [95% CI] | data-locality median r [95% CI] | PSPC median "
+                                "r [95% CI] | nearest training image median r [95% CI] |")
+    # the real file's numbers (leaderboard.md of that run): ELS 0.923 [0.907, 0.940], LS 0.699 [0.546, 0.851],
+    # IS 0.557 [0.533, 0.581], ..., ELS ahead on 2 of 2 seeds of each
+    assert cells(table.split("Every denoiser")[1], "fashion-resnet-zeros-cond") == [
+        "`fashion-resnet-zeros-cond`", "1000-1001 (2)", "0.923 [0.907, 0.940]", "0.699 [0.546, 0.851] (2/2)",
+        "0.557 [0.533, 0.581] (2/2)", "0.670 [0.595, 0.746] (2/2)", "0.614 [0.513, 0.715] (2/2)",
+        "0.674 [0.553, 0.795] (2/2)", "0.544 [0.533, 0.555] (2/2)"]
+    notes = lines[start + 5:]
+    assert notes[0] == "" and notes[1].startswith("- network 150 DDIM steps, denoisers 20 steps. LS runs on ELS's calibrated schedule")
+    assert "- No compare-NAME/leaderboard.json: `mnist-unet-zeros`." in notes
+    assert ("- `fashion-resnet-zeros-cond`: compare-fashion-resnet-zeros-cond took its ELS samples from "
+            "runs/table1/els-fashion-resnet-zeros-cond, evaluate-150-fashion-resnet-zeros-cond from "
+            "/tmp/t1q/els-fashion-resnet-zeros-cond") in notes
+    board = copy.deepcopy(BOARD)
+    board["leaderboard"] = [e for e in board["leaderboard"] if e["name"] != "els"]
+    bad = run / "compare-fashion-resnet-zeros-cond" / "leaderboard.json"
+    write_json(bad, board)
+    with pytest.raises(table1.Table1Error, match=re.escape(f"{bad} has no 'els' entry")):
+        table1.build_table(run, pretrained=pretrained)
+
+
 def test_errors_name_the_file(run_dir, tmp_path):
     run, pretrained = run_dir
     bad = run / "evaluate-150-mnist-unet-zeros" / "metrics.json"
@@ -154,7 +186,8 @@ while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && out=$2; shift; done
 [[ -z $out ]] && exit 0
 [[ $out == *.md ]] && { touch "$out"; exit 0; }
 mkdir -p "$out"
-touch "$out/summary.json" "$out/model.pt" "$out/schedule.json" "$out/samples.npz" "$out/config.json" "$out/metrics.json"
+touch "$out/summary.json" "$out/model.pt" "$out/schedule.json" "$out/samples.npz" "$out/config.json" "$out/metrics.json" \
+  "$out/leaderboard.json"
 '''
 
 
@@ -180,14 +213,18 @@ def test_reproduce_script_stages_ablations_and_resumes(tmp_path):
 
     calls = run()
     stages = [c.split()[0] for c in calls if not c.endswith(".md")]
-    assert stages == ["sample", "evaluate", "evaluate", "evaluate", "calibrate", "sample", "evaluate"], calls
+    assert stages == ["sample", "evaluate", "evaluate", "evaluate", "compare", "calibrate", "sample", "evaluate"], calls
     assert "--patch-sizes pretrained/mnist-resnet-zeros/schedule.json" in calls[0]  # the committed schedule
-    assert [c.split("--network-steps ")[1].split()[0] for c in calls if c.startswith("evaluate")] == [
-        "150", "20", "50", "150"]
+    assert [c.split("--network-steps ")[1].split()[0] for c in calls if c.startswith(("evaluate", "compare"))] == [
+        "150", "20", "50", "150", "150"]
+    assert calls[4].startswith("compare --model pretrained:mnist-resnet-zeros --denoisers "
+                               "els,ls,ideal,wiener,data-locality,pspc,nearest --patch-sizes "
+                               "pretrained/mnist-resnet-zeros/schedule.json --seeds 1000-1001")
+    assert f"--reuse {out}/els-mnist-resnet-zeros" in calls[4] and f"--out {out}/compare-mnist-resnet-zeros" in calls[4]
     abl = out / "ablation-cand31"
-    assert calls[4].endswith(f"--out {abl}/calibrate-mnist-resnet-zeros --overwrite --candidates=3-31")
-    assert f"--patch-sizes {abl}/calibrate-mnist-resnet-zeros/schedule.json" in calls[5]
-    assert f"--reuse {abl}/els-mnist-resnet-zeros" in calls[6] and f"--out {abl}/evaluate-150" in calls[6]
+    assert calls[5].endswith(f"--out {abl}/calibrate-mnist-resnet-zeros --overwrite --candidates=3-31")
+    assert f"--patch-sizes {abl}/calibrate-mnist-resnet-zeros/schedule.json" in calls[6]
+    assert f"--reuse {abl}/els-mnist-resnet-zeros" in calls[7] and f"--out {abl}/evaluate-150" in calls[7]
     tables = [c for c in calls if c.endswith(".md")]
     assert tables == [f"scripts/table1.py {out} --out {out}/table1.md",
                       f"scripts/table1.py {abl} --pretrained {abl} --out {abl}/table1.md"]

@@ -207,6 +207,7 @@ def compare_denoisers(
     resamples: int = 10_000,
     bootstrap_seed: int = 0,
     single_step: bool = True,
+    reuse: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
     device: torch.device | str = "cpu",
 ) -> ComparisonResult:
@@ -222,10 +223,21 @@ def compare_denoisers(
         train_images: ``[N, C, H, W]`` for the nearest-training-image check.
         machine: The name whose wins over every other denoiser are counted (``els``).
         single_step: Also evaluate the network at each denoiser's states (one network call per step).
+        reuse: ``name -> [S, C, H, W]`` final samples of a denoiser of ``denoisers`` from an earlier run (same
+            seeds and protocol; the caller checks that), used instead of running it. Only its final images
+            exist, so it has no per-step agreement and no timing.
     """
     if "network" in denoisers:
         raise ValueError("'network' is the reference's name; rename that denoiser")
-    runs = {"network": network, **denoisers}
+    reuse = dict(reuse or {})
+    unknown = sorted(set(reuse) - set(denoisers))
+    if unknown:
+        raise ValueError(f"reused samples of {unknown} name no denoiser of this comparison")
+    for name, images in reuse.items():
+        if tuple(images.shape) != (len(seeds), *shape):
+            raise ValueError(f"reused {name} samples have shape {list(images.shape)}, expected "
+                             f"{[len(seeds), *shape]} (seeds, C, H, W)")
+    runs = {"network": network, **{n: d for n, d in denoisers.items() if n not in reuse}}
     trajectories: dict[str, Trajectory] = {}
     seconds: dict[str, float] = {}
     n_batches = -(-len(seeds) // batch_size)
@@ -238,7 +250,8 @@ def compare_denoisers(
                                                 batch_size=batch_size, device=device, bar=bar,
                                                 keep_x=name != "network")
             seconds[name] = (time.perf_counter() - start) / len(seeds)
-    images = {name: t.final for name, t in trajectories.items()}
+    images = {name: trajectories[name].final if name in trajectories else np.asarray(reuse[name], dtype=np.float32)
+              for name in ("network", *denoisers)}
     summary = summarize(images, seeds, machine=machine, baseline="ideal", labels=labels, train_images=train_images,
                         resamples=resamples, bootstrap_seed=bootstrap_seed)
     per_step = {name: per_step_agreement(trajectories["network"], t, network_denoiser=network if single_step else None,

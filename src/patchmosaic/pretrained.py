@@ -54,6 +54,7 @@ from patchmosaic.models import ModelConfig
 __all__ = [
     "LABEL_RULE",
     "MANIFEST_FILE",
+    "LEADERBOARD_FILE",
     "METRICS_FILE",
     "PREFIX",
     "PRETRAINED_ENV",
@@ -78,9 +79,10 @@ PRETRAINED_ENV = "PATCHMOSAIC_PRETRAINED_DIR"  # overrides the package's pretrai
 PREFIX = "pretrained:"
 SCHEDULE_FILE = "schedule.json"
 METRICS_FILE = "metrics.json"
+LEADERBOARD_FILE = "leaderboard.json"  # `patchmosaic compare` of every denoiser against the model
 TRAIN_CONFIG_FILE = "config.json"
 MANIFEST_FILE = "MANIFEST.json"  # in the root: sha256 of every model file
-MODEL_FILES = (CHECKPOINT_FILE, TRAIN_CONFIG_FILE, SCHEDULE_FILE, METRICS_FILE)
+MODEL_FILES = (CHECKPOINT_FILE, TRAIN_CONFIG_FILE, SCHEDULE_FILE, METRICS_FILE, LEADERBOARD_FILE)
 LABEL_RULE = "label = seed % num_classes"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -351,42 +353,62 @@ def export_sampling_checkpoint(src: str | Path, dst: str | Path) -> Path:
 
 def publish_pretrained(
     name: str,
-    run_dir: str | Path,
+    run_dir: str | Path | None,
     *,
-    schedule: str | Path,
+    schedule: str | Path | None = None,
     metrics: str | Path | None = None,
+    leaderboard: str | Path | None = None,
     root: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Assemble ``<root>/<name>/`` from a training run, a schedule file and an evaluation.
+    """Assemble ``<root>/<name>/`` from a training run, a schedule file, an evaluation and a comparison.
 
     Args:
         name: Lower-case name (letters, digits, ``.``, ``_``, ``-``).
-        run_dir: Training run directory holding ``model.pt`` and ``config.json``.
-        schedule: ``schedule.json`` written by ``patchmosaic calibrate`` (or its run directory).
+        run_dir: Training run directory holding ``model.pt`` and ``config.json``; None updates an existing
+            model: its checkpoint and config stay, the files given here replace or join the others
+            (needs ``overwrite``).
+        schedule: ``schedule.json`` written by ``patchmosaic calibrate`` (or its run directory); required
+            for a new model.
         metrics: ``metrics.json`` written by ``patchmosaic evaluate`` (or its run directory).
+        leaderboard: ``leaderboard.json`` written by ``patchmosaic compare`` (or its run directory).
         root: Destination root (default :func:`pretrained_root`).
-        overwrite: Replace an existing model of that name.
+        overwrite: Replace an existing model of that name (or, without ``run_dir``, its given files).
 
     Returns:
         The model's directory.
     """
     if not _NAME.match(name):
         raise ValueError(f"pretrained names use lower-case letters, digits, '.', '_' and '-'; got {name!r}")
-    run_dir = Path(run_dir)
-    ckpt = resolve_checkpoint_path(run_dir)
-    sources = {TRAIN_CONFIG_FILE: ckpt.parent / TRAIN_CONFIG_FILE, SCHEDULE_FILE: Path(resolve_schedule_spec(str(schedule)))}
-    if metrics is not None:
-        m = Path(metrics)
-        sources[METRICS_FILE] = m / METRICS_FILE if m.is_dir() else m
+    dest = (pretrained_root() if root is None else Path(root)) / name
+    sources: dict[str, Path] = {}
+    ckpt = None
+    if run_dir is not None:
+        if schedule is None:
+            raise ValueError(f"cannot publish {name!r}: a new model needs its schedule.json")
+        ckpt = resolve_checkpoint_path(Path(run_dir))
+        sources[TRAIN_CONFIG_FILE] = ckpt.parent / TRAIN_CONFIG_FILE
+    elif not (dest / CHECKPOINT_FILE).is_file():
+        raise FileNotFoundError(f"cannot update {name!r}: {dest / CHECKPOINT_FILE} not found (publish it from its "
+                                "training run first)")
+    if schedule is not None:
+        sources[SCHEDULE_FILE] = Path(resolve_schedule_spec(str(schedule)))
+    for target, given in ((METRICS_FILE, metrics), (LEADERBOARD_FILE, leaderboard)):
+        if given is not None:
+            path = Path(given)
+            sources[target] = path / target if path.is_dir() else path
+    if not sources:
+        raise ValueError(f"nothing to publish for {name!r}: give a run, a schedule, metrics or a leaderboard")
     for what, path in sources.items():
         if not path.is_file():
             raise FileNotFoundError(f"cannot publish {name!r}: {what} source {path} not found")
-    dest = (pretrained_root() if root is None else Path(root)) / name
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
+    if run_dir is None and not overwrite:
+        raise FileExistsError(f"updating {dest} replaces its {', '.join(sources)}; pass overwrite")
+    if run_dir is not None and dest.exists() and any(dest.iterdir()) and not overwrite:
         raise FileExistsError(f"pretrained model directory {dest} exists and is not empty; pass overwrite")
     dest.mkdir(parents=True, exist_ok=True)
-    export_sampling_checkpoint(ckpt, dest / CHECKPOINT_FILE)
+    if ckpt is not None:
+        export_sampling_checkpoint(ckpt, dest / CHECKPOINT_FILE)
     for target, path in sources.items():
         shutil.copyfile(path, dest / target)
     write_manifest(dest.parent)

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import torch
 
+from patchmosaic.data import ImageDataset
 from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS
 from patchmosaic.pretrained import (
+    LABEL_RULE,
     METRICS_FILE,
     SCHEDULE_FILE,
+    TrainingSet,
     resolve_schedule_spec,
 )
 from patchmosaic.runs import (
@@ -23,6 +28,7 @@ from patchmosaic.runs import (
     ResumeError,
     SampleRun,
     check_run_dir,
+    load_samples,
     parse_seeds,
     sample_file,
     undo_new_dir_on_failure,
@@ -113,6 +119,88 @@ def check_out_flag(
                 param_hint="'--out'",
             )
     return checked
+
+
+REUSE_HELP = (
+    "A previous `patchmosaic sample` run of a score machine whose samples replace that machine's run here; its "
+    "config must match (dataset, n_train, size, padding, schedule, steps, grid, sampler, float32, labels) and its "
+    "seeds must include --seeds. Repeatable."
+)
+
+
+def load_reused_samples(
+    run_dir: Path,
+    *,
+    allowed: tuple[str, ...],
+    data: ImageDataset,
+    ts: TrainingSet,
+    patch_sizes: list[int] | None,
+    seeds: list[int],
+    labels: list[int] | None,
+    steps: int,
+    sampler: str = "euler",
+    grid: str = "cosine",
+) -> tuple[str, np.ndarray]:
+    """Samples of a previous ``sample`` run for ``seeds``, after checking that its config matches (``--reuse``).
+
+    Args:
+        allowed: The machine names the command would run (a run of another machine is refused).
+        patch_sizes: The sizes ls/els use here at each step, lowest noise first (as ``sample`` records them;
+            None: neither runs).
+        steps, sampler, grid: The sampler protocol of the command.
+
+    Returns:
+        ``(machine name, [S, C, H, W] images in the order of seeds)``.
+
+    Raises:
+        click.BadParameter: Listing every mismatch.
+    """
+    hint = "'--reuse'"
+    cfg_path = run_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise click.BadParameter(f"{run_dir} has no {CONFIG_FILE}: not a `patchmosaic sample` run directory", param_hint=hint)
+    cfg = json.loads(cfg_path.read_text())
+    kind = cfg.get("machine")
+    if cfg.get("model") is not None or kind not in allowed:
+        what = "'network'" if cfg.get("model") is not None or kind is None else repr(kind)
+        raise click.BadParameter(f"{run_dir} holds {what} samples; --reuse here takes a `sample` run of "
+                                 f"{' or '.join(allowed)}", param_hint=hint)
+    if cfg.get("status", "complete") != "complete":
+        raise click.BadParameter(f"{run_dir} is an unfinished sample run (status {cfg.get('status')!r}); finish it "
+                                 "with `sample --resume` first", param_hint=hint)
+    size = "native" if ts.image_size is None else ts.image_size
+    expected: dict[str, Any] = {"dataset_name": data.name, "n_train": len(data), "size": size, "steps": steps,
+                                "dtype": "float32"}
+    for key, value in (("sampler", sampler), ("grid", grid)):
+        if key in cfg:  # runs before these were recorded used euler on the cosine grid
+            expected[key] = value
+    if kind != "ideal":  # the ideal machine does not depend on padding or a schedule
+        expected["padding"] = ts.padding
+        if kind in ("ls", "els"):
+            expected["patch_sizes"] = patch_sizes
+        if ts.padding == "circular":
+            expected["wrap_training_patches"] = True
+    problems = [f"{k} is {cfg.get(k)!r}, expected {v!r}" for k, v in expected.items() if cfg.get(k) != v]
+    archive = load_samples(run_dir)
+    have = {int(s): i for i, s in enumerate(archive["seeds"].tolist())}
+    missing = [s for s in seeds if s not in have]
+    if missing:
+        problems.append(f"seeds {missing[:10]}{' ...' if len(missing) > 10 else ''} are missing "
+                        f"({len(missing)} of {len(seeds)})")
+    if not problems:
+        rows = [have[s] for s in seeds]
+        got = archive.get("labels")
+        if labels is None and got is not None:
+            problems.append("its samples are class-conditional but the model is unconditional")
+        elif labels is not None:
+            if got is None:
+                problems.append(f"its samples are unconditional but the model is conditional ({LABEL_RULE})")
+            elif got[rows].tolist() != labels:
+                problems.append(f"its labels differ from {LABEL_RULE} (e.g. seed {seeds[0]}: "
+                                f"{int(got[rows[0]])} vs {labels[0]})")
+    if problems:
+        raise click.BadParameter(f"{run_dir} does not match this run: " + "; ".join(problems), param_hint=hint)
+    return kind, archive["images"][rows]
 
 
 def parse_seeds_flag(spec: str) -> list[int]:

@@ -15,11 +15,13 @@ from patchmosaic.cli.common import (
     COMPARE_FILES,
     LIBRARY_ERRORS,
     MODEL_HELP,
+    REUSE_HELP,
     check_out_flag,
     comparison_options,
     compute_options,
     family_options,
     family_params,
+    load_reused_samples,
     parse_schedule_flag,
     parse_seeds_flag,
     resolve_device,
@@ -159,6 +161,9 @@ def _family_denoiser(name: str, images: torch.Tensor, labels: torch.Tensor | Non
               help="Reuse a non-empty --out: replace the files this command writes, keep every other file. "
               "Refused while --out holds samples_<name>.npz of denoisers not in --denoisers (an earlier compare's): "
               "they would sit beside the new ones as if current; move or delete them first.")
+@click.option("--reuse", "reuse_dirs", type=click.Path(file_okay=False, exists=True, path_type=Path), multiple=True,
+              help=REUSE_HELP + " Here: a run of a score machine in --denoisers (e.g. the ELS samples of an "
+              "evaluation). A reused denoiser has final images only: no per-step agreement, no timing.")
 @click.option("--single-step/--no-single-step", default=True, show_default=True,
               help="Also evaluate the network at every denoiser's state (one extra network call per step).")
 @comparison_options
@@ -229,6 +234,17 @@ def compare_command(**params: Any) -> None:
             except ValueError as err:
                 raise click.BadParameter(f"pspc: {err} on this grid; pass --patch-size or --pspc-patch-sizes",
                                          param_hint="'--denoisers'") from err
+        reuse: dict[str, np.ndarray] = {}
+        reused_from: dict[str, str] = {}
+        on_grid = None if schedule is None else list(schedule.on_grid(sigmas))[::-1]  # lowest noise first
+        for d in p["reuse_dirs"]:
+            name, images = load_reused_samples(d, allowed=tuple(n for n in names if n in KINDS), data=data, ts=ts,
+                                               patch_sizes=on_grid, seeds=seeds, labels=labels, steps=steps,
+                                               sampler=p["sampler"], grid=p["grid"])
+            if name in reuse:
+                raise click.BadParameter(f"two --reuse directories hold {name} samples", param_hint="'--reuse'")
+            reuse[name], reused_from[name] = images, str(d)
+            recorded[name]["reused_from"] = str(d)
         model.denoiser.model.to(dev)
         # 3. run and compare
         start = time.perf_counter()
@@ -236,7 +252,7 @@ def compare_command(**params: Any) -> None:
             model.denoiser, denoisers, seeds, model.shape, sigmas=sigmas, network_sigmas=network_sigmas,
             sampler=p["sampler"], labels=labels, train_images=data.images, batch_size=p["batch_size"],
             resamples=p["bootstrap_resamples"], bootstrap_seed=p["bootstrap_seed"], single_step=p["single_step"],
-            device=dev,
+            reuse=reuse, device=dev,
         )
         wall = time.perf_counter() - start
         protocol = {"sampler": p["sampler"], "grid": p["grid"], "steps": steps, "network_steps": p["network_steps"]}
@@ -273,6 +289,7 @@ def compare_command(**params: Any) -> None:
                 "labels": labels,
                 "label_rule": None if labels is None else LABEL_RULE,
                 "noise_rule": NOISE_RULE,
+                "reuse": reused_from,
                 "batch_size": p["batch_size"],
                 "threads": torch.get_num_threads(),
                 "device": str(dev),
@@ -291,6 +308,8 @@ def compare_command(**params: Any) -> None:
                                            "its step of nearest log sigma, each on its own trajectory",
                     "per_step.single_step": "median r of the denoiser's output at step i vs the network at the "
                                             "denoiser's own x_i and sigma_i",
+                    "reuse": "denoisers whose final samples came from an earlier run (--reuse): no per-step "
+                             "agreement and no timing for them",
                 },
                 "not_calibrated": "the family's locality knobs (PSPC window, data-locality threshold, smoothed std) "
                                   "use their published defaults or flags; they are not calibrated to the network",

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 import numpy as np
@@ -16,93 +14,31 @@ from patchmosaic.cli.common import (
     LIBRARY_ERRORS,
     MODEL_HELP,
     PATCH_MACHINES,
+    REUSE_HELP,
     check_out_flag,
     comparison_options,
     compute_options,
+    load_reused_samples,
     parse_schedule_flag,
     parse_seeds_flag,
     resolve_device,
     set_threads,
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
-from patchmosaic.data import ImageDataset
 from patchmosaic.denoisers import ScoreMachine
 from patchmosaic.evaluation import evaluate, save_comparison, save_scatter
 from patchmosaic.pretrained import (
     LABEL_RULE,
     METRICS_FILE,
-    TrainingSet,
 )
 from patchmosaic.runs import (
-    CONFIG_FILE,
-    load_samples,
     sample_file,
     save_samples,
     undo_new_dir_on_failure,
     write_config,
 )
 from patchmosaic.samplers import NOISE_RULE
-from patchmosaic.schedules import PatchSchedule, sigmas_cosine
-
-
-def _load_reuse(
-    run_dir: Path,
-    *,
-    machine: str,
-    data: ImageDataset,
-    ts: TrainingSet,
-    schedule: PatchSchedule,
-    seeds: list[int],
-    labels: list[int] | None,
-) -> tuple[str, np.ndarray]:
-    """Samples of a previous ``sample`` run for ``seeds``, after checking its config matches.
-
-    Returns:
-        ``(machine name, [S, C, H, W] images in the order of seeds)``.
-
-    Raises:
-        click.BadParameter: Listing every mismatch.
-    """
-    hint = "'--reuse'"
-    cfg_path = run_dir / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise click.BadParameter(f"{run_dir} has no {CONFIG_FILE}: not a `patchmosaic sample` run directory", param_hint=hint)
-    cfg = json.loads(cfg_path.read_text())
-    kind = cfg.get("machine")
-    if kind not in (machine, "ideal"):
-        raise click.BadParameter(
-            f"{run_dir} holds {'network' if kind is None else kind!r} samples; --reuse takes a --machine {machine} "
-            "or --machine ideal sample run",
-            param_hint=hint,
-        )
-    size = "native" if ts.image_size is None else ts.image_size
-    expected: dict[str, Any] = {"dataset_name": data.name, "n_train": len(data), "size": size,
-                                "steps": len(schedule), "dtype": "float32"}
-    if kind != "ideal":  # the ideal machine does not depend on padding or a schedule
-        expected.update({"padding": ts.padding, "patch_sizes": list(schedule.sizes)})
-        if ts.padding == "circular":
-            expected["wrap_training_patches"] = True
-    problems = [f"{k} is {cfg.get(k)!r}, expected {v!r}" for k, v in expected.items() if cfg.get(k) != v]
-    archive = load_samples(run_dir)
-    have = {int(s): i for i, s in enumerate(archive["seeds"].tolist())}
-    missing = [s for s in seeds if s not in have]
-    if missing:
-        problems.append(f"seeds {missing[:10]}{' ...' if len(missing) > 10 else ''} are missing "
-                        f"({len(missing)} of {len(seeds)})")
-    if not problems:
-        rows = [have[s] for s in seeds]
-        got = archive.get("labels")
-        if labels is None and got is not None:
-            problems.append("its samples are class-conditional but the model is unconditional")
-        elif labels is not None:
-            if got is None:
-                problems.append(f"its samples are unconditional but the model is conditional ({LABEL_RULE})")
-            elif got[rows].tolist() != labels:
-                problems.append(f"its labels differ from {LABEL_RULE} (e.g. seed {seeds[0]}: "
-                                f"{int(got[rows[0]])} vs {labels[0]})")
-    if problems:
-        raise click.BadParameter(f"{run_dir} does not match this evaluation: " + "; ".join(problems), param_hint=hint)
-    return kind, archive["images"][rows]
+from patchmosaic.schedules import sigmas_cosine
 
 
 @click.command("evaluate")
@@ -122,9 +58,7 @@ def _load_reuse(
               "Refused while --out holds samples_<name>.npz of another machine (an earlier evaluate's); move or "
               "delete them first.")
 @click.option("--reuse", "reuse_dirs", type=click.Path(file_okay=False, exists=True, path_type=Path), multiple=True,
-              help="A previous `sample` run (--machine els or ideal) whose samples replace that machine's run; its "
-              "config must match (dataset, n_train, size, padding, schedule, steps, float32, labels) and its seeds "
-              "must include --seeds. Repeatable.")
+              help=REUSE_HELP + " Here: a run of --machine or of ideal.")
 @click.option("--network-steps", type=click.IntRange(min=1), default=150, show_default=True,
               help="DDIM steps of the network on the cosine grid (the paper's protocol: 150; the machines take "
               "one step per schedule entry). --network-steps 20 with a 20-entry schedule gives both the same grid.")
@@ -180,8 +114,9 @@ def evaluate_command(
         labels = model.labels(seed_list)
         reuse: dict[str, np.ndarray] = {}
         for d in reuse_dirs:
-            name, images = _load_reuse(d, machine=machine, data=data, ts=ts, schedule=schedule, seeds=seed_list,
-                                       labels=labels)
+            name, images = load_reused_samples(d, allowed=(machine, "ideal"), data=data, ts=ts,
+                                               patch_sizes=list(schedule.sizes), seeds=seed_list, labels=labels,
+                                               steps=len(schedule))
             if name in reuse:
                 raise click.BadParameter(f"two --reuse directories hold {name} samples", param_hint="'--reuse'")
             reuse[name] = images

@@ -84,19 +84,29 @@ def list_command() -> None:
 
 @pretrained_group.command("publish")
 @click.argument("name")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Training run directory (model.pt, config.json).")
-@click.option("--schedule", type=click.Path(exists=True, path_type=Path), required=True,
-              help="schedule.json from `patchmosaic calibrate` (or its directory).")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Training run directory (model.pt, config.json).  [required for a new model; without it the "
+              "given files are added to the existing model NAME, with --overwrite]")
+@click.option("--schedule", type=click.Path(exists=True, path_type=Path), default=None,
+              help="schedule.json from `patchmosaic calibrate` (or its directory).  [required for a new model]")
 @click.option("--metrics", type=click.Path(exists=True, path_type=Path), default=None,
               help="metrics.json from `patchmosaic evaluate` (or its directory).  [default: none]")
-@click.option("--overwrite", is_flag=True, default=False, help="Replace an existing model of that name.")
-def publish_command(name: str, run_dir: Path, schedule: Path, metrics: Path | None, overwrite: bool) -> None:
-    """Assemble pretrained/NAME/: sampling-only model.pt, config.json, schedule.json, metrics.json."""
+@click.option("--leaderboard", type=click.Path(exists=True, path_type=Path), default=None,
+              help="leaderboard.json from `patchmosaic compare` (or its directory).  [default: none]")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Replace an existing model of that name (without --run: replace its given files).")
+def publish_command(name: str, run_dir: Path | None, schedule: Path | None, metrics: Path | None,
+                    leaderboard: Path | None, overwrite: bool) -> None:
+    """Assemble pretrained/NAME/: sampling-only model.pt, config.json, schedule.json, metrics.json, leaderboard.json.
+
+    \b
+    A new model:      pretrained publish NAME --run RUN --schedule CAL [--metrics EVAL] [--leaderboard CMP]
+    Add to a model:   pretrained publish NAME --leaderboard CMP --overwrite
+    """
     try:
-        dest = publish_pretrained(name, run_dir, schedule=schedule, metrics=metrics, overwrite=overwrite)
+        dest = publish_pretrained(name, run_dir, schedule=schedule, metrics=metrics, leaderboard=leaderboard,
+                                  overwrite=overwrite)
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     sizes = {p.name: p.stat().st_size for p in sorted(dest.iterdir())}
     click.echo(f"published {name} to {dest}/ (" + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sizes.items()) + ")")
-
