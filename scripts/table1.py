@@ -155,6 +155,22 @@ def read_leaderboard(path: Path) -> dict[str, Any]:
     }
 
 
+def _knob(name: str, entry: dict[str, Any] | None) -> str | None:
+    """Where a denoiser's locality knob came from, as its leaderboard entry records it (None: no knob)."""
+    if entry is None:
+        return None
+    params = entry["parameters"]
+    label = DENOISER_LABELS.get(name, name)
+    if name in ("ls", "els"):
+        return f"{label} k(sigma) from {params.get('patch_sizes_source', '?')}"
+    for key in ("threshold", "std", "patch_size"):
+        if key in params:
+            value = params[key]
+            source = params.get(f"{key}_source") or (value.get("source") if isinstance(value, dict) else None)
+            return f"{label} {key}(sigma) from {source}" if source else f"{label} {key} {value}"
+    return None
+
+
 def build_denoiser_table(run_dir: Path, names: list[str], evals_150: dict[str, dict[str, Any] | None]) -> list[str]:
     """The second table's lines: every denoiser's median r per model, from ``compare-NAME`` (empty if none)."""
     boards = {}
@@ -191,8 +207,11 @@ def build_denoiser_table(run_dir: Path, names: list[str], evals_150: dict[str, d
                          f"{paper['els_samples'] or 'its own run'}")
     lines.append("")
     steps = "; ".join(f"network {n} DDIM steps, denoisers {m} steps" for n, m in sorted(protocols))
-    lines.append(f"- {steps}. LS runs on ELS's calibrated schedule; the family denoisers on their published "
-                 "defaults (data-locality's threshold, PSPC's CIFAR-10 windows), not calibrated to the network.")
+    lines.append(f"- {steps}.")
+    for name, board in boards.items():
+        knobs = [k for d in order if (k := _knob(d, board["denoisers"].get(d)))]
+        if knobs:
+            lines.append(f"- `{name}` knobs: " + "; ".join(knobs) + ".")
     missing = [n for n in names if n not in boards and evals_150.get(n) is not None]
     if missing:
         lines.append("- No compare-NAME/leaderboard.json: " + ", ".join(f"`{n}`" for n in missing) + ".")

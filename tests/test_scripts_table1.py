@@ -133,7 +133,10 @@ def test_denoiser_table_from_compare_leaderboards(run_dir):
         "0.557 [0.533, 0.581] (2/2)", "0.670 [0.595, 0.746] (2/2)", "0.614 [0.513, 0.715] (2/2)",
         "0.674 [0.553, 0.795] (2/2)", "0.544 [0.533, 0.555] (2/2)"]
     notes = lines[start + 5:]
-    assert notes[0] == "" and notes[1].startswith("- network 150 DDIM steps, denoisers 20 steps. LS runs on ELS's calibrated schedule")
+    assert notes[0] == "" and notes[1] == "- network 150 DDIM steps, denoisers 20 steps."
+    schedule = "/work/wt-dev/src/patchmosaic/pretrained/fashion-resnet-zeros-cond/schedule.json"
+    assert notes[2] == (f"- `fashion-resnet-zeros-cond` knobs: ELS k(sigma) from {schedule}; LS k(sigma) from {schedule}; "
+                        "data-locality threshold 0.005; PSPC patch_size published CIFAR-10 k(sigma).")
     assert "- No compare-NAME/leaderboard.json: `mnist-unet-zeros`." in notes
     assert ("- `fashion-resnet-zeros-cond`: compare-fashion-resnet-zeros-cond took its ELS samples from "
             "runs/table1/els-fashion-resnet-zeros-cond, evaluate-150-fashion-resnet-zeros-cond from "

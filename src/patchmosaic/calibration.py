@@ -36,6 +36,7 @@ machine sampling runs one calibration costs).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,12 +46,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchmosaic.denoisers import Denoiser, PatchComposite, ScoreMachine
+from patchmosaic.denoisers import (
+    DataLocality,
+    Denoiser,
+    PatchComposite,
+    ScoreMachine,
+    Smoothed,
+)
 from patchmosaic.samplers import initial_state, sample_euler
-from patchmosaic.schedules import PatchSchedule, check_patch_size, sigmas_cosine
+from patchmosaic.schedules import (
+    PatchSchedule,
+    ValueSchedule,
+    check_patch_size,
+    sigmas_cosine,
+)
 
 __all__ = [
     "METRICS",
+    "VALUE_KNOBS",
     "CalibrationResult",
     "calibrate",
     "check_candidates",
@@ -60,6 +73,19 @@ __all__ = [
 ]
 
 METRICS = ("cosine", "l2")
+
+# Denoisers whose locality knob is a real number: class -> (attribute and parameter name, valid range, help).
+VALUE_KNOBS: dict[type, tuple[str, Callable[[float], bool], str]] = {
+    DataLocality: ("threshold", lambda v: 0 < v <= 1, "in (0, 1]"),
+    Smoothed: ("std", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+}
+
+Calibrated = ScoreMachine | PatchComposite | DataLocality | Smoothed
+
+
+def _value_knob(machine: object) -> tuple[str, Callable[[float], bool], str] | None:
+    """The real-valued knob of ``machine`` (:data:`VALUE_KNOBS`), or None for a patch-size knob."""
+    return next((knob for cls, knob in VALUE_KNOBS.items() if isinstance(machine, cls)), None)
 
 
 def similarity(reference: torch.Tensor, estimate: torch.Tensor, metric: str) -> torch.Tensor:
@@ -113,15 +139,28 @@ def parse_candidates(spec: str) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def check_candidates(machine: ScoreMachine | PatchComposite, candidates: Sequence[int]) -> tuple[int, ...]:
-    """Validate candidate patch sizes against ``machine``; return them sorted.
+def check_candidates(machine: Calibrated, candidates: Sequence[float]) -> tuple[float, ...]:
+    """Validate the candidate knob values against ``machine``; return them sorted.
 
-    A size must be odd and accepted by the machine (:meth:`ScoreMachine.check_patch_sizes`:
-    its geometry bounds the size by the image; a PSPC window must fit in the image).
+    A patch size must be odd and accepted by the machine (:meth:`ScoreMachine.check_patch_sizes`:
+    its geometry bounds the size by the image; a PSPC window must fit in the image). A
+    data-locality threshold must lie in (0, 1], a smoothing std be finite and >= 0.
 
     Raises:
-        ValueError: Naming the offending size and the limit.
+        ValueError: Naming the offending value and the limit.
     """
+    knob = _value_knob(machine)
+    if knob is not None:
+        name, valid, limits = knob
+        if len(candidates) == 0:
+            raise ValueError(f"no candidate {name} values given")
+        values = sorted(float(v) for v in candidates)
+        bad = [v for v in values if not valid(v)]
+        if bad:
+            raise ValueError(f"candidate {name} values must be {limits}, got {bad}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"candidate {name} values are repeated: {values}")
+        return tuple(values)
     if isinstance(machine, PatchComposite):
         if len(candidates) == 0:
             raise ValueError("no candidate window sizes given")
@@ -142,15 +181,17 @@ def check_candidates(machine: ScoreMachine | PatchComposite, candidates: Sequenc
     return tuple(out)
 
 
-def median_patch_size(choices: Sequence[int], candidates: Sequence[int]) -> int:
+def median_patch_size(choices: Sequence[float], candidates: Sequence[float]) -> float:
     """The median of per-seed choices, rounded down to the largest candidate not above it.
+
+    (Used for every knob: patch sizes, PSPC windows, thresholds and stds.)
 
     With an odd number of seeds the median is one of the choices. With an even
     number it is the mean of the two middle choices; e.g. choices (5, 7) give
     6, and with consecutive odd candidates the lower odd size, 5, is taken.
     """
     m = float(np.median(np.asarray(choices, dtype=np.float64)))
-    below = [k for k in sorted(candidates) if k <= m + 1e-9]
+    below = [k for k in sorted(candidates) if k <= m + 1e-9 * max(1.0, abs(m))]
     return below[-1] if below else min(candidates)
 
 
@@ -162,13 +203,13 @@ class CalibrationResult:
     row r belongs to ``sigmas[r]`` (row 0 is the lowest noise).
     """
 
-    schedule: PatchSchedule  # the median choice per step, lowest noise first
-    candidates: tuple[int, ...]  # the patch sizes tried, ascending
+    schedule: PatchSchedule | ValueSchedule  # the median choice per step, lowest noise first
+    candidates: tuple[float, ...]  # the knob values tried (patch sizes, thresholds, stds), ascending
     metric: str  # "cosine" or "l2"
     seeds: list[int]  # one column per seed
     labels: list[int] | None  # the class of each seed (conditional models)
     sigmas: list[float]  # [steps] the grid's sigma of each row, ascending
-    choices: np.ndarray  # [steps, S] best candidate per step and seed
+    choices: np.ndarray  # [steps, S] best candidate per step and seed (int sizes, float values)
     scores: np.ndarray  # [steps, K, S] raw metric (cosine similarity, or L2 distance)
     candidate_seconds: np.ndarray  # [steps, K] wall time of each candidate's machine call (NaN: shared)
     network_seconds: np.ndarray  # [steps] wall time of the network call
@@ -179,6 +220,11 @@ class CalibrationResult:
     @property
     def steps(self) -> int:
         return len(self.schedule)
+
+    @property
+    def chosen(self) -> tuple[float, ...]:
+        """The chosen value per step, lowest noise first (patch sizes or the value schedule's values)."""
+        return self.schedule.values if isinstance(self.schedule, ValueSchedule) else self.schedule.sizes
 
     def cost(self) -> dict[str, Any]:
         """Calibration cost relative to one machine call at the chosen (median) k.
@@ -200,7 +246,7 @@ class CalibrationResult:
                 "machine_seconds_total": round(float(machine.sum()), 3),
                 "network_seconds_total": round(float(self.network_seconds.sum()), 3),
             }
-        idx = [self.candidates.index(k) for k in self.schedule.sizes]  # [steps]
+        idx = [self.candidates.index(k) for k in self.chosen]  # [steps]
         chosen = self.candidate_seconds[np.arange(self.steps), idx]  # [steps]
         per_step = self.candidate_seconds.sum(axis=1) / np.maximum(chosen, 1e-12)  # [steps]
         return {
@@ -239,9 +285,27 @@ class CalibrationResult:
         self.schedule.save(path, **metadata, **self.metadata())
 
 
-def _candidate_calls(machine: ScoreMachine | PatchComposite,
-                     cands: Sequence[int]) -> tuple[Callable[..., torch.Tensor], torch.dtype]:
+def _dtype_of(denoiser: object) -> torch.dtype:
+    """The dtype a training-set denoiser computes in (a smoothed one: its base's)."""
+    for holder in (denoiser, getattr(denoiser, "train", None)):  # ScoreMachine.images, TrainingSet.images
+        if torch.is_tensor(getattr(holder, "images", None)):
+            return holder.images.dtype
+    base = getattr(denoiser, "base", None)
+    if base is None:
+        raise ValueError(f"cannot tell the dtype {type(denoiser).__name__} computes in (no training images)")
+    return _dtype_of(base)
+
+
+def _candidate_calls(machine: Calibrated,
+                     cands: Sequence[float]) -> tuple[Callable[..., torch.Tensor], torch.dtype]:
     """``call(x, sigma, k, label)`` of candidate k (one call per candidate), and the dtype the machine computes in."""
+    knob = _value_knob(machine)
+    if knob is not None:
+        views = {}
+        for v in cands:  # shallow copies: the training set (and data-locality's moments and masks) are shared
+            views[v] = copy.copy(machine)
+            setattr(views[v], knob[0], float(v))
+        return (lambda x, sigma, k, label: views[k](x, sigma, label=label)), _dtype_of(machine)
     if isinstance(machine, PatchComposite):
         views = {}
         for k in cands:  # one shallow copy per window size: the training set is shared
@@ -253,7 +317,7 @@ def _candidate_calls(machine: ScoreMachine | PatchComposite,
 
 def calibrate(
     network: Denoiser,
-    machine: ScoreMachine | PatchComposite,
+    machine: Calibrated,
     noise: torch.Tensor,
     *,
     candidates: Sequence[int],
@@ -275,11 +339,14 @@ def calibrate(
     Args:
         network: ``D(x, sigma) -> x0_hat`` (a conditional network must be bound to
             ``label`` already, or offer ``bind(label=)``).
-        machine: A ``"ls"`` or ``"els"`` :class:`ScoreMachine` on the network's training set, or a
-            :class:`~patchmosaic.denoisers.PatchComposite` (PSPC; its window side P is calibrated).
+        machine: A ``"ls"`` or ``"els"`` :class:`ScoreMachine` on the network's training set, a
+            :class:`~patchmosaic.denoisers.PatchComposite` (PSPC; its window side P is calibrated), a
+            :class:`~patchmosaic.denoisers.DataLocality` (its mask threshold) or a
+            :class:`~patchmosaic.denoisers.Smoothed` (its smoothing std; every candidate is perturbed with
+            the same draws at a step, so they differ by the std alone).
         noise: ``[B, C, H, W]`` initial VP noise ``x_1``, one row per seed
             (:func:`~patchmosaic.samplers.initial_state` scales it to ``sigmas[0]``).
-        candidates: Odd patch sizes to try (see :func:`check_candidates`).
+        candidates: Odd patch sizes, or knob values, to try (see :func:`check_candidates`).
         sigmas: Sampler grid (descending, last 0); default the paper's
             :func:`~patchmosaic.schedules.sigmas_cosine` with ``steps`` steps.
         steps: Steps of the default grid.
@@ -316,7 +383,8 @@ def calibrate(
             machine._label_vector(label, B)  # validate before the first step
     K = len(cands)
     scores = np.full((steps, K, B), np.nan)
-    choices = np.zeros((steps, B), dtype=np.int64)
+    knob = _value_knob(machine)
+    choices = np.zeros((steps, B), dtype=np.float64 if knob is not None else np.int64)
     candidate_seconds = np.zeros((steps, K))
     network_seconds = np.zeros(steps)
     lower_is_better = metric == "l2"
@@ -355,14 +423,18 @@ def calibrate(
         return x0_net
 
     sample_euler(probe, initial_state(noise, sigmas), sigmas)
-    sizes = tuple(median_patch_size(choices[r].tolist(), cands) for r in range(steps))
+    chosen = tuple(median_patch_size(choices[r].tolist(), cands) for r in range(steps))
     keys = sigmas[:-1].flip(0).tolist()  # [steps] ascending
+    if knob is not None:
+        schedule: PatchSchedule | ValueSchedule = ValueSchedule(knob[0], chosen, tuple(keys), name="calibrated")
+    else:
+        schedule = PatchSchedule(tuple(int(k) for k in chosen), tuple(keys), name="calibrated")
     labels = None
     if label is not None:
         lab = torch.as_tensor(label).to(torch.long)
         labels = (lab.expand(B) if lab.ndim == 0 else lab).tolist()
     return CalibrationResult(
-        schedule=PatchSchedule(sizes, tuple(keys), name="calibrated"),
+        schedule=schedule,
         candidates=cands,
         metric=metric,
         seeds=seeds,

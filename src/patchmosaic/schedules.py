@@ -48,6 +48,7 @@ __all__ = [
     "PRESETS",
     "CosineSchedule",
     "PatchSchedule",
+    "ValueSchedule",
     "alpha_bar_from_sigma",
     "check_patch_size",
     "make_grid",
@@ -346,6 +347,110 @@ class PatchSchedule:
             **metadata,
         }
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _check_sigma_keys(sigmas: Sequence[float], n: int, what: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Validated ascending sigma keys (one per entry) and the log-sigma midpoints between them."""
+    keys = tuple(float(s) for s in sigmas)
+    if len(keys) != n:
+        raise ValueError(f"a {what} schedule needs one sigma per entry: {n} entries, {len(keys)} sigmas")
+    if not all(math.isfinite(s) and s > 0 for s in keys):
+        raise ValueError(f"schedule sigmas must be finite and positive, got {list(keys)}")
+    if any(b <= a for a, b in zip(keys, keys[1:])):
+        raise ValueError(f"schedule sigmas must be strictly ascending (lowest noise first), got {list(keys)}")
+    logs = [math.log(s) for s in keys]
+    return keys, tuple((a + b) / 2 for a, b in zip(logs, logs[1:]))
+
+
+@dataclass(frozen=True)
+class ValueSchedule:
+    """A sigma-keyed schedule of a denoiser's scalar knob: data-locality's ``threshold``, smoothed's ``std``.
+
+    ``values[i]`` is keyed by ``sigmas[i]`` (both lowest noise first); the value at
+    ``sigma`` is the one whose key is nearest in log sigma, exactly as
+    :meth:`PatchSchedule.size_at` (``patchmosaic calibrate --denoiser data-locality``
+    / ``smoothed`` writes one).
+
+    Attributes:
+        parameter: The knob's name (``threshold``, ``std``); a file for one knob is refused for another.
+        values: Finite values, lowest noise first.
+        sigmas: Their keys, strictly ascending VE sigmas.
+        name: Where the schedule came from (file path or "explicit").
+    """
+
+    parameter: str
+    values: tuple[float, ...]
+    sigmas: tuple[float, ...]
+    name: str = "explicit"
+
+    def __post_init__(self) -> None:
+        if not self.parameter:
+            raise ValueError("a value schedule names its parameter")
+        if len(self.values) == 0:
+            raise ValueError(f"a {self.parameter} schedule needs at least one value")
+        values = tuple(float(v) for v in self.values)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{self.parameter} schedule values must be finite, got {list(values)}")
+        keys, mids = _check_sigma_keys(self.sigmas, len(values), self.parameter)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "sigmas", keys)
+        object.__setattr__(self, "_log_midpoints", mids)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def value_at(self, sigma: float | torch.Tensor) -> float:
+        """The value at noise level ``sigma`` (a positive float)."""
+        sigma = float(sigma)
+        if not sigma > 0 or not math.isfinite(sigma):
+            raise ValueError(f"a {self.parameter} is defined for finite sigma > 0, got {sigma}")
+        return self.values[bisect.bisect_left(self._log_midpoints, math.log(sigma))]
+
+    __call__ = value_at
+
+    def on_grid(self, sigmas: torch.Tensor | Sequence[float]) -> tuple[float, ...]:
+        """The values used at the nonzero sigmas of a sampler grid, in grid order."""
+        return tuple(self.value_at(s) for s in torch.as_tensor(sigmas).tolist() if s > 0)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able record (parameter, values, sigmas, source)."""
+        return {"parameter": self.parameter, "values": list(self.values), "sigmas": list(self.sigmas),
+                "source": self.name}
+
+    def save(self, path: str | Path, **metadata: object) -> None:
+        """Write the schedule as JSON (values and their sigma keys, lowest noise first), with metadata."""
+        payload = {
+            "parameter": self.parameter,
+            "values": list(self.values),
+            "sigmas": list(self.sigmas),
+            "order": "lowest noise first: values[i] is used at the sigmas nearest (in log sigma) to sigmas[i]",
+            **metadata,
+        }
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, parameter: str | None = None) -> ValueSchedule:
+        """Read a file written by :meth:`save`; ``parameter`` (if given) must be the one it schedules."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "schedule.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"schedule file not found: {path}")
+        what = f"{path} is not a value schedule file (a JSON object with 'parameter', 'values' and 'sigmas')"
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{what}: {err}") from err
+        if isinstance(data, dict) and "patch_sizes" in data:
+            raise ValueError(f"{path} is a patch-size schedule (patch_sizes), not a {parameter or 'value'} schedule")
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("values", "sigmas")):
+            raise ValueError(what)
+        if parameter is not None and data.get("parameter") != parameter:
+            raise ValueError(f"{path} schedules {data.get('parameter')!r}, not {parameter!r}")
+        try:
+            return cls(str(data.get("parameter", "")), tuple(data["values"]), tuple(data["sigmas"]), name=str(path))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from err
 
 
 # Published calibrated locality schedules (Kamb & Ganguli 2025, released code),

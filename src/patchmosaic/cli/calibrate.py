@@ -31,6 +31,7 @@ from patchmosaic.cli.common import (
 from patchmosaic.cli.network import LoadedModel, machine_for
 from patchmosaic.data import ImageDataset
 from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS, PatchComposite
+from patchmosaic.denoisers.registry import build_denoiser
 from patchmosaic.pretrained import (
     LABEL_RULE,
     SCHEDULE_FILE,
@@ -42,17 +43,27 @@ from patchmosaic.runs import (
     write_config,
 )
 from patchmosaic.samplers import noise_for_seeds
+from patchmosaic.schedules import ValueSchedule
+
+# Denoisers with a real-valued knob, and their default candidates (data-locality's published MNIST/Fashion
+# threshold is 0.005, CIFAR-10's 0.05; smoothed: stds in the VE units of x).
+VALUE_DENOISERS = ("data-locality", "smoothed")
+VALUE_DEFAULTS = {"data-locality": "0.001,0.002,0.005,0.01,0.02,0.05,0.1,0.2",
+                  "smoothed": "0,0.05,0.1,0.2,0.3,0.5,1"}
 
 
 @click.command("calibrate")
 @click.option("--model", "model_spec", required=True, help=MODEL_HELP)
-@click.option("--denoiser", "--machine", "machine", type=click.Choice((*PATCH_MACHINES, "pspc")), default="els",
-              show_default=True,
+@click.option("--denoiser", "--machine", "machine", type=click.Choice((*PATCH_MACHINES, "pspc", *VALUE_DENOISERS)),
+              default="els", show_default=True,
               help="Denoiser whose locality knob is calibrated, on the network's training subset (--machine is an "
-              "alias): ls/els (patch size k, with the network's padding) or pspc (PSPC-Square window side P).")
-@click.option("--candidates", default="3,5,7,9,11,13,15,17,19,21", show_default=True,
-              help="Odd patch sizes to try: a list '3,5,7' or odd ranges '3-31' (= 3,5,...,31). "
-              "Sizes the machine does not allow are an error.")
+              "alias): ls/els (patch size k, with the network's padding), pspc (PSPC-Square window side P), "
+              "data-locality (its mask threshold) or smoothed (the smoothing std of the ideal denoiser, 8 draws).")
+@click.option("--candidates", default=None,
+              help="Values to try. Patch sizes (ls, els, pspc): odd sizes '3,5,7' or odd ranges '3-31' (= 3,5,...,31); "
+              "sizes the machine does not allow are an error. data-locality: thresholds in (0, 1]; smoothed: stds "
+              f">= 0 (comma-separated numbers).  [default: 3-21 for sizes, {VALUE_DEFAULTS['data-locality']} "
+              f"for data-locality, {VALUE_DEFAULTS['smoothed']} for smoothed]")
 @click.option("--seeds", default="0-9", show_default=True,
               help="Seeds of the network trajectories (all in one batch per machine call); "
               "conditional models use label = seed % num_classes.")
@@ -88,7 +99,7 @@ def calibrate_command(
     threads: int | None,
     device: str,
 ) -> None:
-    """Calibrate a locality schedule k(sigma) against a trained network (ls/els patch size, or PSPC's window).
+    """Calibrate a locality schedule against a trained network: k(sigma) of ls/els, PSPC's window, a threshold or std.
 
     The network drives deterministic DDIM from each seed's noise; at every step
     (noise level sigma_i of the cosine grid t = i/steps) each candidate machine
@@ -104,7 +115,9 @@ def calibrate_command(
     estimates up to float rounding). With --separate-calls, and for ls and
     pspc, every candidate is one full machine call per step, and the reported
     cost ratio is the time of all candidate calls over the time of the chosen
-    size's calls.
+    size's calls. For data-locality and smoothed the same rule picks a value per
+    step (schedule.json: parameter, values and sigmas), which `sample` and
+    `compare` take as --threshold FILE / --std FILE.
 
     \b
     Example:
@@ -115,13 +128,15 @@ def calibrate_command(
     try:
         set_threads(threads)
         dev = resolve_device(device)
-        cands = _parse_candidates(candidates)
+        cands = _parse_candidates(candidates, machine)
         seed_list = parse_seeds_flag(seeds)
         out = check_out_flag(out, overwrite, CALIBRATE_FILES)
         model = LoadedModel(model_spec)
         model.use_training_set(dataset, n_train)
         if machine == "pspc":
             score_machine, data, ts = _pspc_for(model, chunk_elements, dev, cands)
+        elif machine in VALUE_DENOISERS:
+            score_machine, data, ts = _value_denoiser_for(model, machine, chunk_elements, dev, cands)
         else:
             score_machine, data, ts = machine_for(model, machine, chunk_elements, dev)
         try:
@@ -158,14 +173,17 @@ def calibrate_command(
                                  "training_set": settings["training_set"], "wall_time_s": round(wall, 3),
                                  "threads": torch.get_num_threads()})
             result.save(out / SCHEDULE_FILE)
+            chosen = ({result.schedule.parameter: list(result.schedule.values)}
+                      if isinstance(result.schedule, ValueSchedule) else {"patch_sizes": list(result.schedule.sizes)})
             write_config(out / CONFIG_FILE, {**settings, "candidates": list(cands), "metric": metric, "seeds": seed_list,
-                                             "patch_sizes": list(result.schedule.sizes),
+                                             **chosen,
                                              "files": {"schedule": SCHEDULE_FILE, "config": CONFIG_FILE}})
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     cost = result.cost()
-    click.echo(f"calibrated schedule (lowest noise first, entry i-1 at t = i/{steps}): "
-               f"{','.join(map(str, result.schedule.sizes))}")
+    what = result.schedule.parameter if isinstance(result.schedule, ValueSchedule) else "schedule"
+    click.echo(f"calibrated {what} (lowest noise first, entry i-1 at t = i/{steps}): "
+               f"{','.join(f'{v:g}' for v in result.chosen)}")
     if result.shared:
         click.echo(
             f"{len(seed_list)} seeds x {len(cands)} candidates x {steps} steps in {wall:.1f} s; "
@@ -175,9 +193,9 @@ def calibrate_command(
     else:
         click.echo(
             f"{len(seed_list)} seeds x {len(cands)} candidates x {steps} steps in {wall:.1f} s; cost = "
-            f"{cost['total_ratio']:.1f} x one machine call at the chosen k per step "
+            f"{cost['total_ratio']:.1f} x one call at the chosen {what if what != 'schedule' else 'k'} per step "
             f"({cost['candidate_seconds_total']:.1f} s of candidate calls vs {cost['chosen_k_seconds_total']:.1f} s; "
-            "each candidate is a full machine call, nothing shared across k)"
+            "each candidate is a full call, nothing shared across candidates)"
         )
     click.echo(f"wrote {out / SCHEDULE_FILE} and {out / CONFIG_FILE}")
 
@@ -200,11 +218,37 @@ def _pspc_for(model: LoadedModel, chunk_elements: int, device: torch.device,
     return pspc, data, ts
 
 
-def _parse_candidates(spec: str) -> tuple[int, ...]:
+def _parse_candidates(spec: str | None, machine: str) -> tuple[float, ...]:
+    if machine in VALUE_DENOISERS:
+        spec = VALUE_DEFAULTS[machine] if spec is None else spec
+        try:
+            return tuple(float(v) for v in spec.split(","))
+        except ValueError as err:
+            raise click.BadParameter(f"{machine} candidates are comma-separated numbers, got {spec!r}",
+                                     param_hint="'--candidates'") from err
     try:
-        return parse_candidates(spec)
+        return parse_candidates("3-21" if spec is None else spec)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--candidates'") from err
+
+
+def _value_denoiser_for(model: LoadedModel, name: str, chunk_elements: int, device: torch.device,
+                        cands: tuple[float, ...]) -> tuple[object, ImageDataset, TrainingSet]:
+    """data-locality or smoothed (ideal base, 8 draws, seed 0) on the network's training subset."""
+    ts = model.training_set()
+    data = ts.load()
+    if tuple(data.images.shape[1:]) != model.shape:
+        raise ValueError(f"the training set {ts.dataset!r} loads as {list(data.images.shape[1:])} images but the "
+                         f"network expects {list(model.shape)}")
+    model.denoiser.model.to(device)
+    labels = data.labels if model.num_classes else None
+    knob = {"data-locality": {"threshold": cands[0]},
+            "smoothed": {"std": cands[0]}}[name]
+    try:
+        denoiser = build_denoiser(name, data.images.to(device), labels=labels, **knob)
+    except ValueError as err:
+        raise click.BadParameter(f"{name}: {err}", param_hint="'--candidates'") from err
+    return denoiser, data, ts
 
 
 # ------------------------------------------------------------------ evaluate

@@ -33,7 +33,7 @@ from patchmosaic.runs import (
     sample_file,
     undo_new_dir_on_failure,
 )
-from patchmosaic.schedules import PatchSchedule
+from patchmosaic.schedules import PatchSchedule, ValueSchedule
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -134,7 +134,7 @@ def load_reused_samples(
     allowed: tuple[str, ...],
     data: ImageDataset,
     ts: TrainingSet,
-    patch_sizes: list[int] | None,
+    patch_sizes: dict[str, list[int]],
     seeds: list[int],
     labels: list[int] | None,
     steps: int,
@@ -145,8 +145,8 @@ def load_reused_samples(
 
     Args:
         allowed: The machine names the command would run (a run of another machine is refused).
-        patch_sizes: The sizes ls/els use here at each step, lowest noise first (as ``sample`` records them;
-            None: neither runs).
+        patch_sizes: ``ls``/``els`` -> the sizes that machine uses here at each step, lowest noise first (as
+            ``sample`` records them).
         steps, sampler, grid: The sampler protocol of the command.
 
     Returns:
@@ -177,7 +177,7 @@ def load_reused_samples(
     if kind != "ideal":  # the ideal machine does not depend on padding or a schedule
         expected["padding"] = ts.padding
         if kind in ("ls", "els"):
-            expected["patch_sizes"] = patch_sizes
+            expected["patch_sizes"] = patch_sizes.get(kind)
         if ts.padding == "circular":
             expected["wrap_training_patches"] = True
     problems = [f"{k} is {cfg.get(k)!r}, expected {v!r}" for k, v in expected.items() if cfg.get(k) != v]
@@ -326,18 +326,46 @@ def compute_options(fn: Callable[..., None]) -> Callable[..., None]:
                         help="Torch device of the computation: cpu, cuda or cuda:N (no silent fallback).")(fn)
 
 
+class NumberOrSchedule(click.ParamType):
+    """A number, or a sigma-keyed schedule file of that parameter (``calibrate --denoiser ...``'s schedule.json)."""
+
+    name = "NUMBER|FILE"
+
+    def __init__(self, parameter: str) -> None:
+        self.parameter = parameter
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float | ValueSchedule:
+        if isinstance(value, (float, int, ValueSchedule)) and not isinstance(value, bool):
+            return value
+        try:
+            return float(str(value))
+        except ValueError:
+            pass
+        try:
+            return ValueSchedule.load(str(value), self.parameter)
+        except (ValueError, OSError) as err:
+            self.fail(f"{value!r} is neither a number nor a {self.parameter} schedule file: {err}", param, ctx)
+
+
+def recordable(params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as JSON: a value schedule as its record (parameter, values, sigmas, source)."""
+    return {k: v.to_dict() if isinstance(v, ValueSchedule) else v for k, v in params.items()}
+
+
 # Denoiser parameters of the closed-form family (patchmosaic.denoisers.registry): (flag, keyword, type, help).
 # Only flags given on the command line reach build_denoiser, so the registry's defaults apply otherwise.
 FAMILY_PARAMS = (
     ("--k", "k", click.INT, "topk, knn: nearest training images used exactly."),
     ("--samples", "samples", click.INT, "knn: importance samples of the tail per query."),
     ("--rank", "rank", click.INT, "wiener: top eigenpairs kept."),
-    ("--threshold", "threshold", click.FLOAT,
-     "data-locality: mask threshold in (0, 1]; default: the published value for a bundled dataset "
-     "(0.005 MNIST/Fashion-MNIST)."),
+    ("--threshold", "threshold", NumberOrSchedule("threshold"),
+     "data-locality: mask threshold in (0, 1], or a threshold(sigma) schedule.json from `calibrate --denoiser "
+     "data-locality`; default: the published value for a bundled dataset (0.005 MNIST/Fashion-MNIST)."),
     ("--temperature", "temperature", click.FLOAT, "data-locality: softmax temperature."),
     ("--patch-size", "patch_size", click.INT, "pspc: window side P (default: the published CIFAR-10 schedule)."),
-    ("--std", "std", click.FLOAT, "smoothed: smoothing std in the VE units of x."),
+    ("--std", "std", NumberOrSchedule("std"),
+     "smoothed: smoothing std in the VE units of x, or a std(sigma) schedule.json from `calibrate --denoiser "
+     "smoothed`."),
     ("--draws", "draws", click.INT, "smoothed: perturbations averaged per call."),
     ("--base", "base", click.STRING, "smoothed: registry name of the smoothed denoiser (default ideal)."),
     ("--denoiser-seed", "seed", click.INT, "smoothed, knn: seed of the per-call generators (default 0)."),

@@ -45,7 +45,7 @@ from patchmosaic.runs import (
     write_config,
 )
 from patchmosaic.samplers import NOISE_RULE, SAMPLERS
-from patchmosaic.schedules import GRIDS, PatchSchedule, make_grid
+from patchmosaic.schedules import GRIDS, PatchSchedule, ValueSchedule, make_grid
 
 __all__ = ["compare_command"]
 
@@ -81,7 +81,9 @@ def _recorded(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         value = kwargs.get(p.name, p.default)
         if name == "pspc" and p.name == "patch_size" and value is None:
             value = "published CIFAR-10 k(sigma)"
-        out[p.name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+        if isinstance(value, ValueSchedule):
+            value = value.to_dict()
+        out[p.name] = value if isinstance(value, (int, float, str, bool, dict, type(None))) else str(value)
     out.update({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in kwargs.items() if k not in out})
     return out
 
@@ -140,6 +142,9 @@ def _family_denoiser(name: str, images: torch.Tensor, labels: torch.Tensor | Non
 @click.option("--patch-sizes", default=None,
               help="Locality schedule k(sigma) of ls/els: a schedule.json (from calibrate), its directory, "
               "'pretrained:<name>', a preset or a list.  [default: the model's own schedule.json]")
+@click.option("--ls-patch-sizes", default=None,
+              help="LS's own locality schedule (e.g. the schedule.json of `calibrate --denoiser ls`).  [default: "
+              "--patch-sizes]")
 @click.option("--pspc-patch-sizes", default=None,
               help="PSPC's window schedule P(sigma): e.g. the schedule.json of `calibrate --denoiser pspc` (or its "
               "directory), a preset or a list.  [default: --patch-size, else the published CIFAR-10 k(sigma)]")
@@ -199,6 +204,12 @@ def compare_command(**params: Any) -> None:
         schedule = None
         if {"ls", "els"} & set(names):
             schedule = parse_schedule_flag(model.schedule_spec(p["patch_sizes"]))
+        schedules = {"els": schedule, "ls": schedule}
+        if p["ls_patch_sizes"] is not None:
+            if "ls" not in names:
+                raise click.BadParameter("--ls-patch-sizes is LS's schedule; ls is not in --denoisers",
+                                         param_hint="'--ls-patch-sizes'")
+            schedules["ls"] = parse_schedule_flag(p["ls_patch_sizes"], "--ls-patch-sizes")
         if p["pspc_patch_sizes"] is not None and "pspc" not in names:
             raise click.BadParameter("--pspc-patch-sizes is PSPC's window schedule; pspc is not in --denoisers",
                                      param_hint="'--pspc-patch-sizes'")
@@ -224,8 +235,8 @@ def compare_command(**params: Any) -> None:
         recorded: dict[str, dict[str, Any]] = {}
         for name in names:
             build = _machine if name in KINDS else _family_denoiser
-            denoisers[name], recorded[name] = build(name, data.images.to(dev), labels_train, p, ts.padding, schedule,
-                                                    given, dev)
+            denoisers[name], recorded[name] = build(name, data.images.to(dev), labels_train, p, ts.padding,
+                                                    schedules.get(name), given, dev)
         labels = model.labels(seeds)
         sigmas, network_sigmas = make_grid(p["grid"], steps), make_grid(p["grid"], p["network_steps"])
         if "pspc" in denoisers:  # its window schedule must fit the images at every sigma of the grid
@@ -236,7 +247,7 @@ def compare_command(**params: Any) -> None:
                                          param_hint="'--denoisers'") from err
         reuse: dict[str, np.ndarray] = {}
         reused_from: dict[str, str] = {}
-        on_grid = None if schedule is None else list(schedule.on_grid(sigmas))[::-1]  # lowest noise first
+        on_grid = {n: list(sch.on_grid(sigmas))[::-1] for n, sch in schedules.items() if sch is not None}
         for d in p["reuse_dirs"]:
             name, images = load_reused_samples(d, allowed=tuple(n for n in names if n in KINDS), data=data, ts=ts,
                                                patch_sizes=on_grid, seeds=seeds, labels=labels, steps=steps,
@@ -311,8 +322,9 @@ def compare_command(**params: Any) -> None:
                     "reuse": "denoisers whose final samples came from an earlier run (--reuse): no per-step "
                              "agreement and no timing for them",
                 },
-                "not_calibrated": "the family's locality knobs (PSPC window, data-locality threshold, smoothed std) "
-                                  "use their published defaults or flags; they are not calibrated to the network",
+                "family_knobs": "each family denoiser's knob is what its parameters record: a schedule where "
+                                "--pspc-patch-sizes, --threshold FILE or --std FILE gave one (e.g. calibrated against "
+                                "this network), else the published default or the flag's value",
                 "wall_time_s": round(wall, 3),
                 "files": files,
             }

@@ -115,7 +115,7 @@ def evaluate_command(
         reuse: dict[str, np.ndarray] = {}
         for d in reuse_dirs:
             name, images = load_reused_samples(d, allowed=(machine, "ideal"), data=data, ts=ts,
-                                               patch_sizes=list(schedule.sizes), seeds=seed_list, labels=labels,
+                                               patch_sizes={machine: list(schedule.sizes)}, seeds=seed_list, labels=labels,
                                                steps=len(schedule))
             if name in reuse:
                 raise click.BadParameter(f"two --reuse directories hold {name} samples", param_hint="'--reuse'")

@@ -39,6 +39,7 @@ from patchmosaic.denoisers.mixture_provenance import PixelMixtureTally
 from patchmosaic.denoisers.wiener import GaussianMoments
 from patchmosaic.engine import EXP_FLOOR, exact_float32_matmul
 from patchmosaic.provenance import Provenance
+from patchmosaic.schedules import ValueSchedule
 
 __all__ = ["DATA_LOCALITY_THRESHOLDS", "DataLocality", "locality_mask"]
 
@@ -88,7 +89,9 @@ class DataLocality(TrainingSetDenoiser):
         train: ``[N, C, H, W]`` training images.
         threshold: Mask threshold in (0, 1] relative to ``max |Mt|``; published
             values in :data:`DATA_LOCALITY_THRESHOLDS` (0.005 MNIST/Fashion-MNIST,
-            0.05 CIFAR-10, 0.02 CelebA-HQ/AFHQ at 64 px).
+            0.05 CIFAR-10, 0.02 CelebA-HQ/AFHQ at 64 px). Or a sigma-keyed
+            :class:`~patchmosaic.schedules.ValueSchedule` of thresholds (``parameter="threshold"``,
+            e.g. from ``calibrate --denoiser data-locality``).
         temperature: Softmax temperature T > 0 (1: the posterior).
         labels: Optional ``[N]`` integer labels for ``label=`` conditioning.
         chunk_elements: Bound on the elements of one chunk's stacked rows
@@ -101,13 +104,19 @@ class DataLocality(TrainingSetDenoiser):
         self,
         train: torch.Tensor | np.ndarray,
         *,
-        threshold: float,
+        threshold: float | ValueSchedule,
         temperature: float = 1.0,
         labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
         chunk_elements: int = CHUNK_ELEMENTS,
     ) -> None:
         self.train = TrainingSet(train, labels)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        if isinstance(threshold, ValueSchedule):
+            if threshold.parameter != "threshold":
+                raise ValueError(f"a schedule of {threshold.parameter!r} is not a threshold schedule")
+            bad = [v for v in threshold.values if not 0 < v <= 1]
+            if bad:
+                raise ValueError(f"thresholds must be in (0, 1], got {bad} in {threshold.name}")
+        elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             np.isfinite(temperature) and temperature > 0
@@ -115,11 +124,11 @@ class DataLocality(TrainingSetDenoiser):
             raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
         if chunk_elements < 1:
             raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
-        self.threshold = float(threshold)
+        self.threshold = threshold if isinstance(threshold, ValueSchedule) else float(threshold)
         self.temperature = float(temperature)
         self.chunk_elements = int(chunk_elements)
         self._moments: dict[int | None, GaussianMoments] = {}
-        self._masks: OrderedDict[tuple[int | None, float], torch.Tensor] = OrderedDict()
+        self._masks: OrderedDict[tuple[int | None, float, float], torch.Tensor] = OrderedDict()
 
     def __repr__(self) -> str:
         return (
@@ -127,15 +136,24 @@ class DataLocality(TrainingSetDenoiser):
             f"threshold={self.threshold}, temperature={self.temperature})"
         )
 
+    def threshold_at(self, sigma: float) -> float:
+        """The mask threshold used at ``sigma`` (the constant, or the schedule's value)."""
+        return self.threshold.value_at(sigma) if isinstance(self.threshold, ValueSchedule) else self.threshold
+
     def mask(self, sigma: float, cls: int | None = None) -> torch.Tensor:
-        """The locality mask ``M [n, n]`` (bool) at ``sigma`` for class ``cls`` (cached)."""
-        key = (cls, float(sigma))
+        """The locality mask ``M [n, n]`` (bool) at ``sigma`` for class ``cls`` (cached per threshold too).
+
+        Copies (``copy.copy``) share the class moments and this cache, so a calibration's candidate
+        thresholds fit each class's moments once.
+        """
+        threshold = self.threshold_at(float(sigma))
+        key = (cls, float(sigma), threshold)
         if key in self._masks:
             self._masks.move_to_end(key)
             return self._masks[key]
         if cls not in self._moments:
             self._moments[cls] = GaussianMoments.fit(self.train.images_of(cls))
-        M = locality_mask(self._moments[cls], float(sigma), self.threshold)  # [n, n]
+        M = locality_mask(self._moments[cls], float(sigma), threshold)  # [n, n]
         self._masks[key] = M
         if len(self._masks) > MASK_CACHE_SIZE:
             self._masks.popitem(last=False)

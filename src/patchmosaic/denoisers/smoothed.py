@@ -30,6 +30,7 @@ from patchmosaic.denoisers.base import (
     check_seed,
     sigma_vector,
 )
+from patchmosaic.schedules import ValueSchedule
 
 __all__ = ["Smoothed"]
 
@@ -44,18 +45,26 @@ class Smoothed:
 
     Args:
         base: Any ``D(x, sigma, label=None)`` denoiser (``label=`` is forwarded when given).
-        std: Smoothing standard deviation (>= 0) in the VE units of x.
+        std: Smoothing standard deviation (>= 0) in the VE units of x, or a sigma-keyed
+            :class:`~patchmosaic.schedules.ValueSchedule` of them (``parameter="std"``, e.g. from
+            ``calibrate --denoiser smoothed``): row b is perturbed with ``std(sigma_b)``.
         draws: Number of perturbations (>= 1).
         seed: Seed of the per-call generators (:func:`patchmosaic.denoisers.base.call_generator`).
     """
 
-    def __init__(self, base: Denoiser, *, std: float, draws: int, seed: int = 0) -> None:
+    def __init__(self, base: Denoiser, *, std: float | ValueSchedule, draws: int, seed: int = 0) -> None:
         if not callable(base):
             raise ValueError(f"base must be a denoiser D(x, sigma), got {type(base).__name__}")
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not (np.isfinite(std) and std >= 0):
+        if isinstance(std, ValueSchedule):
+            if std.parameter != "std":
+                raise ValueError(f"a schedule of {std.parameter!r} is not a std schedule")
+            bad = [v for v in std.values if not v >= 0]
+            if bad:
+                raise ValueError(f"std values must be >= 0, got {bad} in {std.name}")
+        elif isinstance(std, bool) or not isinstance(std, (int, float)) or not (np.isfinite(std) and std >= 0):
             raise ValueError(f"std must be finite and >= 0, got {std!r}")
         self.base = base
-        self.std = float(std)
+        self.std = std if isinstance(std, ValueSchedule) else float(std)
         self.draws = check_positive_int(draws, "draws")
         self.seed = check_seed(seed)
         self.calls = 0
@@ -87,7 +96,12 @@ class Smoothed:
         g = call_generator(self.seed, self.calls)
         self.calls += 1
         eps = torch.randn((self.draws, *x.shape), generator=g, dtype=x.dtype).to(x.device)  # [draws, B, C, H, W]
-        xs = (x[None] + self.std * eps).reshape(self.draws * B, *x.shape[1:])  # [draws B, C, H, W]
+        if isinstance(self.std, ValueSchedule):
+            std = torch.tensor([self.std.value_at(v) for v in s.tolist()], dtype=x.dtype, device=x.device)
+            std = std.view(1, B, 1, 1, 1)  # per row
+        else:
+            std = self.std
+        xs = (x[None] + std * eps).reshape(self.draws * B, *x.shape[1:])  # [draws B, C, H, W]
         kwargs = {}
         if label is not None:
             lab = torch.as_tensor(label)
