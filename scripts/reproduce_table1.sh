@@ -5,8 +5,10 @@
 #   paper:  network 150 DDIM steps, machines one step per schedule entry (20)   -> evaluate-150
 #   20/20:  network on the machines' 20-step grid                                -> evaluate-20
 #   ablation: network 50 and 500 steps (ABLATION_STEPS)                         -> evaluate-50, evaluate-500
-# then compare every denoiser with the network in the paper's protocol (COMPARE_DENOISERS; ELS reused from
-# the same samples)                                                             -> compare-NAME/leaderboard.json
+# then calibrate the other denoisers' locality knobs against the network (CALIBRATE_FAMILY: LS's k(sigma),
+# data-locality's threshold(sigma); pspc's window too if listed)                -> calibrate-X-NAME/schedule.json
+# and compare every denoiser with the network in the paper's protocol (COMPARE_DENOISERS; ELS reused from
+# the same samples, LS/data-locality/pspc on their calibrated knobs)            -> compare-NAME/leaderboard.json
 # and write runs/table1/table1.md (scripts/table1.py).
 #
 # Resumable: every stage is skipped when its output exists, training and ELS sampling continue
@@ -41,6 +43,8 @@ TRAIN_STEPS=${TRAIN_STEPS:-4000}
 ABLATION_STEPS=${ABLATION_STEPS:-"50 500"}   # the network's own DDIM steps, beside 150 and 20 (same ELS samples)
 CAL_ABLATIONS=${CAL_ABLATIONS:-}   # "TAG:FLAGS ...": calibration variants (see above)
 COMPARE_DENOISERS=${COMPARE_DENOISERS:-els,ls,ideal,wiener,data-locality,pspc,nearest}  # "none": no compare stage
+CALIBRATE_FAMILY=${CALIBRATE_FAMILY:-"ls data-locality"}   # knobs calibrated before compare ("none": published defaults)
+PSPC_CANDIDATES=${PSPC_CANDIDATES:-3-31}   # PSPC windows tried when CALIBRATE_FAMILY lists pspc
 MODELS=${MODELS:-"mnist-resnet-zeros fashion-resnet-zeros-cond mnist-resnet-circular mnist-unet-zeros fashion-unet-zeros-cond mnist-unet-attention"}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 mkdir -p "$OUT"
@@ -103,9 +107,30 @@ for name in $MODELS; do
   done
   cmp=$OUT/compare-$name
   if [[ $COMPARE_DENOISERS != none && ! -f $cmp/leaderboard.json ]]; then
+    knobs=()
+    for den in $CALIBRATE_FAMILY; do
+      [[ $den == none || ,$COMPARE_DENOISERS, != *,$den,* ]] && continue
+      cal=$OUT/calibrate-$den-$name
+      if [[ ! -f $cal/schedule.json ]]; then
+        case $den in
+          ls) cands=(--candidates "$CANDIDATES") ;;
+          pspc) cands=(--candidates "$PSPC_CANDIDATES") ;;
+          *) cands=() ;;   # data-locality, smoothed: calibrate's default values
+        esac
+        stage "$name: calibrate $den (seeds $CAL_SEEDS)"
+        "$PM" calibrate --model "$model" --denoiser "$den" "${cands[@]}" --seeds "$CAL_SEEDS" --threads "$THREADS" \
+          --out "$cal" --overwrite
+      fi
+      case $den in
+        ls) knobs+=(--ls-patch-sizes "$cal/schedule.json") ;;
+        pspc) knobs+=(--pspc-patch-sizes "$cal/schedule.json") ;;
+        data-locality) knobs+=(--threshold "$cal/schedule.json") ;;
+        smoothed) knobs+=(--std "$cal/schedule.json") ;;
+      esac
+    done
     stage "$name: compare $COMPARE_DENOISERS, network 150 steps"
-    "$PM" compare --model "$model" --denoisers "$COMPARE_DENOISERS" --patch-sizes "$schedule" --seeds "$EVAL_SEEDS" \
-      --network-steps 150 --reuse "$els" --threads "$THREADS" --out "$cmp" --overwrite
+    "$PM" compare --model "$model" --denoisers "$COMPARE_DENOISERS" --patch-sizes "$schedule" "${knobs[@]}" \
+      --seeds "$EVAL_SEEDS" --network-steps 150 --reuse "$els" --threads "$THREADS" --out "$cmp" --overwrite
   fi
   for entry in $CAL_ABLATIONS; do
     tag=${entry%%:*} extra=${entry#*:}

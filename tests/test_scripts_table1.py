@@ -216,19 +216,51 @@ def test_reproduce_script_stages_ablations_and_resumes(tmp_path):
 
     calls = run()
     stages = [c.split()[0] for c in calls if not c.endswith(".md")]
-    assert stages == ["sample", "evaluate", "evaluate", "evaluate", "compare", "calibrate", "sample", "evaluate"], calls
+    assert stages == ["sample", "evaluate", "evaluate", "evaluate", "calibrate", "calibrate", "compare", "calibrate",
+                      "sample", "evaluate"], calls
     assert "--patch-sizes pretrained/mnist-resnet-zeros/schedule.json" in calls[0]  # the committed schedule
     assert [c.split("--network-steps ")[1].split()[0] for c in calls if c.startswith(("evaluate", "compare"))] == [
         "150", "20", "50", "150", "150"]
-    assert calls[4].startswith("compare --model pretrained:mnist-resnet-zeros --denoisers "
+    # LS's k(sigma) and data-locality's threshold are calibrated against the network before compare uses them
+    ls, dl = out / "calibrate-ls-mnist-resnet-zeros", out / "calibrate-data-locality-mnist-resnet-zeros"
+    assert calls[4] == (f"calibrate --model pretrained:mnist-resnet-zeros --denoiser ls --candidates 3-21 --seeds 0-9 "
+                        f"--threads 1 --out {ls} --overwrite")
+    assert calls[5] == (f"calibrate --model pretrained:mnist-resnet-zeros --denoiser data-locality --seeds 0-9 "
+                        f"--threads 1 --out {dl} --overwrite")
+    assert calls[6].startswith("compare --model pretrained:mnist-resnet-zeros --denoisers "
                                "els,ls,ideal,wiener,data-locality,pspc,nearest --patch-sizes "
-                               "pretrained/mnist-resnet-zeros/schedule.json --seeds 1000-1001")
-    assert f"--reuse {out}/els-mnist-resnet-zeros" in calls[4] and f"--out {out}/compare-mnist-resnet-zeros" in calls[4]
+                               f"pretrained/mnist-resnet-zeros/schedule.json --ls-patch-sizes {ls}/schedule.json "
+                               f"--threshold {dl}/schedule.json --seeds 1000-1001")
+    assert f"--reuse {out}/els-mnist-resnet-zeros" in calls[6] and f"--out {out}/compare-mnist-resnet-zeros" in calls[6]
     abl = out / "ablation-cand31"
-    assert calls[5].endswith(f"--out {abl}/calibrate-mnist-resnet-zeros --overwrite --candidates=3-31")
-    assert f"--patch-sizes {abl}/calibrate-mnist-resnet-zeros/schedule.json" in calls[6]
-    assert f"--reuse {abl}/els-mnist-resnet-zeros" in calls[7] and f"--out {abl}/evaluate-150" in calls[7]
+    assert calls[7].endswith(f"--out {abl}/calibrate-mnist-resnet-zeros --overwrite --candidates=3-31")
+    assert f"--patch-sizes {abl}/calibrate-mnist-resnet-zeros/schedule.json" in calls[8]
+    assert f"--reuse {abl}/els-mnist-resnet-zeros" in calls[9] and f"--out {abl}/evaluate-150" in calls[9]
     tables = [c for c in calls if c.endswith(".md")]
     assert tables == [f"scripts/table1.py {out} --out {out}/table1.md",
                       f"scripts/table1.py {abl} --pretrained {abl} --out {abl}/table1.md"]
     assert [c for c in run() if not c.endswith(".md")] == []  # resumable: every stage's output exists
+
+
+def test_reproduce_script_family_knobs_follow_the_compared_denoisers(tmp_path):
+    """Only the listed denoisers' knobs are calibrated (pspc on request, with its own candidates); none: none."""
+    fake = tmp_path / "fake"
+    fake.write_text(FAKE_CLI)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    base = {"PATH": "/usr/bin:/bin", "LOG": str(log), "PM": str(fake), "PY": str(fake),
+            "MODELS": "mnist-resnet-zeros", "EVAL_SEEDS": "1000-1001", "ABLATION_STEPS": " "}
+    for extra, expected in (
+        ({"COMPARE_DENOISERS": "els,pspc", "CALIBRATE_FAMILY": "ls pspc"}, ["calibrate --model pretrained:mnist-resnet-"
+                                                                           "zeros --denoiser pspc --candidates 3-31"]),
+        ({"COMPARE_DENOISERS": "els,ls", "CALIBRATE_FAMILY": "none"}, []),
+    ):
+        out = tmp_path / extra["CALIBRATE_FAMILY"].replace(" ", "-")
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table1.sh")], env={**base, **extra, "OUT": str(out)},
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        calls = log.read_text().splitlines()
+        log.unlink()
+        assert [c.split(" --seeds")[0] for c in calls if c.startswith("calibrate")] == expected
+        compare = next(c for c in calls if c.startswith("compare"))
+        assert ("--pspc-patch-sizes" in compare) == bool(expected) and "--ls-patch-sizes" not in compare
