@@ -19,9 +19,10 @@
 #   EVAL_SEEDS=1000-1009 OUT=runs/quick bash scripts/reproduce_table1.sh   # a quick look
 #
 # Calibration ablations (CAL_ABLATIONS, default none): each "TAG:FLAGS" entry (FLAGS without spaces,
-# comma-free, e.g. --candidates=3-31 or --metric=l2) calibrates the model again with FLAGS added, samples
-# ELS from the evaluation seeds with that schedule and evaluates it in the paper's protocol, all under
-# OUT/ablation-TAG/, then renders OUT/ablation-TAG/table1.md:
+# comma-free, e.g. --candidates=3-31, --metric=l2, --seeds=0-19, or --steps=40 / --steps=150 for a schedule
+# calibrated on a finer grid or along the network's 150-step trajectory) calibrates the model again with FLAGS
+# added, samples ELS from the evaluation seeds with that schedule on the MACHINE_STEPS (20) grid and evaluates
+# it in the paper's protocol, all under OUT/ablation-TAG/, then renders OUT/ablation-TAG/table1.md:
 #   CAL_ABLATIONS="cand31:--candidates=3-31 l2:--metric=l2" MODELS=fashion-unet-zeros-cond \
 #     bash scripts/reproduce_table1.sh
 #
@@ -42,6 +43,7 @@ CANDIDATES=${CANDIDATES:-3-21}
 TRAIN_STEPS=${TRAIN_STEPS:-4000}
 ABLATION_STEPS=${ABLATION_STEPS:-"50 500"}   # the network's own DDIM steps, beside 150 and 20 (same ELS samples)
 CAL_ABLATIONS=${CAL_ABLATIONS:-}   # "TAG:FLAGS ...": calibration variants (see above)
+MACHINE_STEPS=${MACHINE_STEPS:-20}   # the ablations' ELS sampling steps, whatever their schedule's length
 COMPARE_DENOISERS=${COMPARE_DENOISERS:-els,ls,ideal,wiener,data-locality,pspc,nearest}  # "none": no compare stage
 CALIBRATE_FAMILY=${CALIBRATE_FAMILY:-"ls data-locality"}   # knobs calibrated before compare ("none": published defaults)
 PSPC_CANDIDATES=${PSPC_CANDIDATES:-3-31}   # PSPC windows tried when CALIBRATE_FAMILY lists pspc
@@ -146,13 +148,13 @@ for name in $MODELS; do
       resume=()
       [[ -f $abl/els-$name/config.json ]] && resume=(--resume)
       "$PM" sample --machine els --like "$model" --patch-sizes "$abl/calibrate-$name/schedule.json" \
-        --seeds "$EVAL_SEEDS" --threads "$THREADS" --out "$abl/els-$name" "${resume[@]}"
+        --steps "$MACHINE_STEPS" --seeds "$EVAL_SEEDS" --threads "$THREADS" --out "$abl/els-$name" "${resume[@]}"
     fi
     if [[ ! -f $abl/evaluate-150-$name/metrics.json ]]; then
       stage "$name: evaluate, ablation $tag, network 150 steps"
       "$PM" evaluate --model "$model" --machine els --patch-sizes "$abl/calibrate-$name/schedule.json" \
-        --seeds "$EVAL_SEEDS" --network-steps 150 --reuse "$abl/els-$name" --threads "$THREADS" \
-        --out "$abl/evaluate-150-$name" --overwrite
+        --steps "$MACHINE_STEPS" --seeds "$EVAL_SEEDS" --network-steps 150 --reuse "$abl/els-$name" \
+        --threads "$THREADS" --out "$abl/evaluate-150-$name" --overwrite
     fi
   done
 done

@@ -119,7 +119,9 @@ def read_evaluation(path: Path, network_steps: int) -> dict[str, Any]:
         "seeds": [int(s) for s in _get(data, path, "config", "seeds")],
         "network_steps": int(steps),
         "machine_steps": int(_get(data, path, "config", "steps")),
-        "patch_sizes": [int(k) for k in _get(data, path, "config", "patch_sizes")],
+        # the schedule as calibrated (evaluate records its sizes apart from the sizes on the machines' grid)
+        "patch_sizes": [int(k) for k in ((data["config"].get("schedule") or {}).get("sizes")
+                                         or _get(data, path, "config", "patch_sizes"))],
         "els_samples": (data["config"].get("reuse") or {}).get("els"),  # --reuse DIR of the ELS samples, if any
     }
 

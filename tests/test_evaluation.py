@@ -27,6 +27,8 @@ from patchmosaic.evaluation import (
 )
 from patchmosaic.models import ResNetConfig, build_model
 from patchmosaic.runs import load_samples
+from patchmosaic.samplers import sample_seeds
+from patchmosaic.schedules import PatchSchedule, sigmas_cosine
 from patchmosaic.training import TrainConfig
 
 H = W = 8
@@ -229,6 +231,29 @@ def test_evaluate_defaults_to_the_papers_150_network_steps(tmp_path):
     noise = noise_for_seeds([0, 1], (1, H, W))
     expected = sample(load_denoiser(ckpt), noise, steps=150)
     np.testing.assert_allclose(load_samples(out / "samples_network.npz")["images"], expected.numpy(), atol=1e-6)
+
+
+def test_evaluate_machine_steps_apart_from_the_schedule_length(tmp_path):
+    """A 4-entry schedule run on a 2-step grid: each step takes k at its sigma; reuse checks those sizes."""
+    ckpt, data = tiny_checkpoint(tmp_path)
+    schedule = PatchSchedule((3, 3, 5, 5))  # keyed to the 4-step cosine grid
+    schedule.save(tmp_path / "k.json")
+    prev = tmp_path / "prev"
+    ok("sample", "--like", ckpt, "--patch-sizes", tmp_path / "k.json", "--steps", 2, "--seeds", "0-1", "--out", prev)
+    out = tmp_path / "eval"
+    ok("evaluate", "--model", ckpt, "--patch-sizes", tmp_path / "k.json", "--steps", 2, "--network-steps", 3,
+       "--seeds", "0-1", "--out", out, "--reuse", prev, "--bootstrap-resamples", 20)
+    cfg = json.loads((out / "metrics.json").read_text())["config"]
+    on_grid = list(schedule.on_grid(sigmas_cosine(2)))[::-1]
+    assert cfg["steps"] == 2 and cfg["patch_sizes"] == on_grid and cfg["schedule"]["sizes"] == [3, 3, 5, 5]
+    images = load_dataset(str(data), size=None).images
+    els = sample_seeds(ScoreMachine(images, kind="els", padding="zeros").bind(patch_sizes=schedule), [0, 1], (1, H, W),
+                       sigmas=sigmas_cosine(2))
+    np.testing.assert_allclose(load_samples(out / "samples_els.npz")["images"], els.numpy(), atol=1e-5)
+    # the same samples do not pass for the schedule's own 4 steps
+    refused = invoke("evaluate", "--model", ckpt, "--patch-sizes", tmp_path / "k.json", "--seeds", "0-1",
+                     "--out", tmp_path / "e4", "--reuse", prev)
+    assert refused.exit_code == 2 and "steps is 2, expected 4" in refused.output
 
 
 def test_evaluate_reuses_a_matching_sample_run(tmp_path):

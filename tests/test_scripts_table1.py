@@ -234,7 +234,8 @@ def test_reproduce_script_stages_ablations_and_resumes(tmp_path):
     assert f"--reuse {out}/els-mnist-resnet-zeros" in calls[6] and f"--out {out}/compare-mnist-resnet-zeros" in calls[6]
     abl = out / "ablation-cand31"
     assert calls[7].endswith(f"--out {abl}/calibrate-mnist-resnet-zeros --overwrite --candidates=3-31")
-    assert f"--patch-sizes {abl}/calibrate-mnist-resnet-zeros/schedule.json" in calls[8]
+    assert f"--patch-sizes {abl}/calibrate-mnist-resnet-zeros/schedule.json --steps 20" in calls[8]
+    assert "--steps 20" in calls[9]  # the ablation's ELS runs on the 20-step grid whatever its schedule's length
     assert f"--reuse {abl}/els-mnist-resnet-zeros" in calls[9] and f"--out {abl}/evaluate-150" in calls[9]
     tables = [c for c in calls if c.endswith(".md")]
     assert tables == [f"scripts/table1.py {out} --out {out}/table1.md",

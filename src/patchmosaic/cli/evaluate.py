@@ -59,6 +59,9 @@ from patchmosaic.schedules import sigmas_cosine
               "delete them first.")
 @click.option("--reuse", "reuse_dirs", type=click.Path(file_okay=False, exists=True, path_type=Path), multiple=True,
               help=REUSE_HELP + " Here: a run of --machine or of ideal.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="DDIM steps of the machines on the cosine grid (each uses the schedule's k at its sigma).  "
+              "[default: one step per schedule entry, 20 for the paper's]")
 @click.option("--network-steps", type=click.IntRange(min=1), default=150, show_default=True,
               help="DDIM steps of the network on the cosine grid (the paper's protocol: 150; the machines take "
               "one step per schedule entry). --network-steps 20 with a 20-entry schedule gives both the same grid.")
@@ -74,6 +77,7 @@ def evaluate_command(
     reuse_dirs: tuple[Path, ...],
     dataset: str | None,
     n_train: int | None,
+    steps: int | None,
     network_steps: int,
     batch_size: int,
     bootstrap_resamples: int,
@@ -111,18 +115,21 @@ def evaluate_command(
         baseline = ScoreMachine(data.images, kind="ideal", padding=ts.padding, device=dev,
                                 labels=data.labels if model.num_classes else None, chunk_elements=chunk_elements)
         patch_machine.bind(patch_sizes=schedule)  # validates every size before any work
+        steps = len(schedule) if steps is None else steps
+        sigmas = sigmas_cosine(steps)
+        on_grid = list(schedule.on_grid(sigmas))[::-1]  # the sizes the machine uses, lowest noise first
         labels = model.labels(seed_list)
         reuse: dict[str, np.ndarray] = {}
         for d in reuse_dirs:
             name, images = load_reused_samples(d, allowed=(machine, "ideal"), data=data, ts=ts,
-                                               patch_sizes={machine: list(schedule.sizes)}, seeds=seed_list, labels=labels,
-                                               steps=len(schedule))
+                                               patch_sizes={machine: on_grid}, seeds=seed_list, labels=labels,
+                                               steps=steps)
             if name in reuse:
                 raise click.BadParameter(f"two --reuse directories hold {name} samples", param_hint="'--reuse'")
             reuse[name] = images
         start = time.perf_counter()
         result = evaluate(
-            model.denoiser, patch_machine, baseline, seed_list, model.shape, patch_sizes=schedule,
+            model.denoiser, patch_machine, baseline, seed_list, model.shape, patch_sizes=schedule, sigmas=sigmas,
             network_sigmas=sigmas_cosine(network_steps), labels=labels,
             names=(machine, "ideal"), train_images=data.images, reuse=reuse, batch_size=batch_size,
             resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed, device=dev,
@@ -149,9 +156,10 @@ def evaluate_command(
                 "machine": machine,
                 "baseline": "ideal",
                 "training_set": {**ts.to_dict(), "dataset_name": data.name, "n_images": len(data)},
-                "patch_sizes": list(schedule.sizes),
+                "patch_sizes": on_grid,
+                "schedule": {"sizes": list(schedule.sizes), "sigmas": list(schedule.sigmas)},
                 "patch_sizes_source": schedule.name,
-                "steps": len(schedule),
+                "steps": steps,
                 "network_steps": network_steps,
                 "grid": "cosine",
                 "seeds": seed_list,
@@ -178,7 +186,7 @@ def evaluate_command(
     except LIBRARY_ERRORS as err:
         raise click.ClickException(str(err)) from err
     agg = summary["aggregates"]
-    click.echo(f"{len(seed_list)} seeds, schedule {','.join(map(str, schedule.sizes))}, machines {len(schedule)} "
+    click.echo(f"{len(seed_list)} seeds, k {','.join(map(str, on_grid))} (lowest noise first), machines {steps} "
                f"steps, network {network_steps} steps, {wall:.1f} s")
     for name, label in ((machine, machine.upper()), ("ideal", "IS")):
         a = agg[name]
