@@ -47,7 +47,7 @@ def test_value_schedule_lookup_and_files(tmp_path):
         ValueSchedule("std", (0.1, 0.2), (1.0, 0.5))
     with pytest.raises(ValueError, match="finite"):
         ValueSchedule("std", (float("nan"),), (1.0,))
-    with pytest.raises(ValueError, match="one sigma per entry"):
+    with pytest.raises(ValueError, match="one sigma per value"):
         ValueSchedule("std", (0.1, 0.2), (1.0,))
 
 

@@ -216,6 +216,14 @@ def check_patch_size(k: object) -> int:
     return k
 
 
+def _key_index(log_midpoints: Sequence[float], sigma: float | torch.Tensor, what: str) -> int:
+    """Index of the sigma key nearest to ``sigma`` in log sigma (ties: the lower-noise key; ends extend)."""
+    sigma = float(sigma)
+    if not sigma > 0 or not math.isfinite(sigma):
+        raise ValueError(f"a {what} is defined for finite sigma > 0, got {sigma}")
+    return bisect.bisect_left(log_midpoints, math.log(sigma))
+
+
 def _check_window_size(k: object) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"window size must be a positive integer, got {k!r}")
@@ -254,26 +262,16 @@ class PatchSchedule:
         sigmas = self.sigmas
         if sigmas is None:
             sigmas = sigmas_cosine(len(self.sizes)).flip(0)[1:].tolist()  # t = 1/n, ..., 1
-        sigmas = tuple(float(s) for s in sigmas)
-        if len(sigmas) != len(self.sizes):
-            raise ValueError(f"a patch-size schedule needs one sigma per size: {len(self.sizes)} sizes, {len(sigmas)} sigmas")
-        if not all(math.isfinite(s) and s > 0 for s in sigmas):
-            raise ValueError(f"schedule sigmas must be finite and positive, got {list(sigmas)}")
-        if any(b <= a for a, b in zip(sigmas, sigmas[1:])):
-            raise ValueError(f"schedule sigmas must be strictly ascending (lowest noise first), got {list(sigmas)}")
-        object.__setattr__(self, "sigmas", sigmas)
-        logs = [math.log(s) for s in sigmas]
-        object.__setattr__(self, "_log_midpoints", tuple((a + b) / 2 for a, b in zip(logs, logs[1:])))
+        keys, mids = _check_sigma_keys(sigmas, len(self.sizes), "patch-size", "size")
+        object.__setattr__(self, "sigmas", keys)
+        object.__setattr__(self, "_log_midpoints", mids)
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     def size_at(self, sigma: float | torch.Tensor) -> int:
         """Patch size at noise level ``sigma`` (a positive float)."""
-        sigma = float(sigma)
-        if not sigma > 0 or not math.isfinite(sigma):
-            raise ValueError(f"a patch size is defined for finite sigma > 0, got {sigma}")
-        return self.sizes[bisect.bisect_left(self._log_midpoints, math.log(sigma))]
+        return self.sizes[_key_index(self._log_midpoints, sigma, "patch size")]
 
     __call__ = size_at
 
@@ -319,13 +317,8 @@ class PatchSchedule:
         step-indexed sizes on the paper's cosine grid and load as such.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"schedule file not found: {path}")
         what = f"{path} is not a schedule file (a JSON object with a 'patch_sizes' list)"
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{what}: {err}") from err
+        data = _read_schedule_json(path, what)
         if not isinstance(data, dict) or not isinstance(data.get("patch_sizes"), list):
             raise ValueError(what)
         sigmas = data.get("sigmas")
@@ -349,11 +342,22 @@ class PatchSchedule:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def _check_sigma_keys(sigmas: Sequence[float], n: int, what: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _read_schedule_json(path: Path, what: str) -> object:
+    """The JSON in a schedule file (FileNotFoundError if missing; ValueError ``what: ...`` if unreadable)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"schedule file not found: {path}")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{what}: {err}") from err
+
+
+def _check_sigma_keys(sigmas: Sequence[float], n: int, what: str,
+                      entry: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Validated ascending sigma keys (one per entry) and the log-sigma midpoints between them."""
     keys = tuple(float(s) for s in sigmas)
     if len(keys) != n:
-        raise ValueError(f"a {what} schedule needs one sigma per entry: {n} entries, {len(keys)} sigmas")
+        raise ValueError(f"a {what} schedule needs one sigma per {entry}: {n} {entry}s, {len(keys)} sigmas")
     if not all(math.isfinite(s) and s > 0 for s in keys):
         raise ValueError(f"schedule sigmas must be finite and positive, got {list(keys)}")
     if any(b <= a for a, b in zip(keys, keys[1:])):
@@ -391,7 +395,7 @@ class ValueSchedule:
         values = tuple(float(v) for v in self.values)
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"{self.parameter} schedule values must be finite, got {list(values)}")
-        keys, mids = _check_sigma_keys(self.sigmas, len(values), self.parameter)
+        keys, mids = _check_sigma_keys(self.sigmas, len(values), self.parameter, "value")
         object.__setattr__(self, "values", values)
         object.__setattr__(self, "sigmas", keys)
         object.__setattr__(self, "_log_midpoints", mids)
@@ -401,10 +405,7 @@ class ValueSchedule:
 
     def value_at(self, sigma: float | torch.Tensor) -> float:
         """The value at noise level ``sigma`` (a positive float)."""
-        sigma = float(sigma)
-        if not sigma > 0 or not math.isfinite(sigma):
-            raise ValueError(f"a {self.parameter} is defined for finite sigma > 0, got {sigma}")
-        return self.values[bisect.bisect_left(self._log_midpoints, math.log(sigma))]
+        return self.values[_key_index(self._log_midpoints, sigma, self.parameter)]
 
     __call__ = value_at
 
@@ -434,13 +435,8 @@ class ValueSchedule:
         path = Path(path)
         if path.is_dir():
             path = path / "schedule.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"schedule file not found: {path}")
         what = f"{path} is not a value schedule file (a JSON object with 'parameter', 'values' and 'sigmas')"
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{what}: {err}") from err
+        data = _read_schedule_json(path, what)
         if isinstance(data, dict) and "patch_sizes" in data:
             raise ValueError(f"{path} is a patch-size schedule (patch_sizes), not a {parameter or 'value'} schedule")
         if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("values", "sigmas")):

@@ -136,7 +136,7 @@ def calibrate_command(
         if machine == "pspc":
             score_machine, data, ts = _pspc_for(model, chunk_elements, dev, cands)
         elif machine in VALUE_DENOISERS:
-            score_machine, data, ts = _value_denoiser_for(model, machine, chunk_elements, dev, cands)
+            score_machine, data, ts = _value_denoiser_for(model, machine, dev, cands)
         else:
             score_machine, data, ts = machine_for(model, machine, chunk_elements, dev)
         try:
@@ -203,12 +203,7 @@ def calibrate_command(
 def _pspc_for(model: LoadedModel, chunk_elements: int, device: torch.device,
               cands: tuple[int, ...]) -> tuple[PatchComposite, ImageDataset, TrainingSet]:
     """PSPC-Square on the network's training subset (windows stay inside the image: no padding)."""
-    ts = model.training_set()
-    data = ts.load()
-    if tuple(data.images.shape[1:]) != model.shape:
-        raise ValueError(f"the training set {ts.dataset!r} loads as {list(data.images.shape[1:])} images but the "
-                         f"network expects {list(model.shape)}")
-    model.denoiser.model.to(device)
+    data, ts = _training_data(model, device)
     _, H, W = model.shape
     if max(cands) > min(H, W):
         raise click.BadParameter(f"window size {max(cands)} does not fit the {H}x{W} images",
@@ -232,15 +227,21 @@ def _parse_candidates(spec: str | None, machine: str) -> tuple[float, ...]:
         raise click.BadParameter(str(err), param_hint="'--candidates'") from err
 
 
-def _value_denoiser_for(model: LoadedModel, name: str, chunk_elements: int, device: torch.device,
-                        cands: tuple[float, ...]) -> tuple[object, ImageDataset, TrainingSet]:
-    """data-locality or smoothed (ideal base, 8 draws, seed 0) on the network's training subset."""
+def _training_data(model: LoadedModel, device: torch.device) -> tuple[ImageDataset, TrainingSet]:
+    """The network's training subset (checked against its input shape); the network moved to ``device``."""
     ts = model.training_set()
     data = ts.load()
     if tuple(data.images.shape[1:]) != model.shape:
         raise ValueError(f"the training set {ts.dataset!r} loads as {list(data.images.shape[1:])} images but the "
                          f"network expects {list(model.shape)}")
     model.denoiser.model.to(device)
+    return data, ts
+
+
+def _value_denoiser_for(model: LoadedModel, name: str, device: torch.device,
+                        cands: tuple[float, ...]) -> tuple[object, ImageDataset, TrainingSet]:
+    """data-locality or smoothed (ideal base, 8 draws, seed 0) on the network's training subset."""
+    data, ts = _training_data(model, device)
     labels = data.labels if model.num_classes else None
     knob = {"data-locality": {"threshold": cands[0]},
             "smoothed": {"std": cands[0]}}[name]
