@@ -127,6 +127,8 @@ def test_calibrate_sample_and_compare_with_a_threshold_schedule(tiny_model, tmp_
     assert done.exit_code == 0, done.output + repr(done.exception)
     entry = json.loads((cmp / "leaderboard.json").read_text())["leaderboard"][0]
     assert entry["parameters"]["threshold"]["values"] == saved["values"]
+    values = ",".join(f"{v:g}" for v in saved["values"])
+    assert f"threshold(sigma)={values} ({cal / 'schedule.json'})" in (cmp / "leaderboard.md").read_text()
     # a patch-size schedule, or a std file, is not a threshold
     PatchSchedule((3, 5)).save(tmp_path / "k.json")
     bad = invoke("sample", "--denoiser", "data-locality", "--dataset", data, "--size", "native",

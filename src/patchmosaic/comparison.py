@@ -296,6 +296,14 @@ def leaderboard(summary: Mapping[str, Any], parameters: Mapping[str, Mapping[str
     return sorted(entries, key=key)
 
 
+def _parameter_text(name: str, value: Any) -> str:
+    """``name=value``; a value schedule's record as ``name(sigma)=v1,v2,... (source)``, lowest noise first."""
+    if isinstance(value, Mapping) and "values" in value:
+        values = ",".join(f"{v:g}" for v in value["values"])
+        return f"{name}(sigma)={values} ({value.get('source', '?')})"
+    return f"{name}={value}"
+
+
 def _ci(stats: Mapping[str, Any], central: str = "median", fmt: str = ".3f") -> str:
     v = stats.get(central)
     if v is None or not np.isfinite(v):
@@ -314,7 +322,7 @@ def leaderboard_markdown(entries: Sequence[Mapping[str, Any]], *, title: str, pr
         m = e["metrics"]
         win = e.get(f"{machine}_beats_this")
         win_text = "-" if not win else f"{win['wins']}/{win['n']}"
-        params = ", ".join(f"{k}={v}" for k, v in e["parameters"].items()) or "-"
+        params = ", ".join(_parameter_text(k, v) for k, v in e["parameters"].items()) or "-"
         ads = e.get("R2_ads_mean")
         lines.append(
             f"| {rank} | `{e['name']}` | {_ci(m['pearson_r'])} | {_ci(m['r_squared'])} | {_ci(m['R2'])} | "
