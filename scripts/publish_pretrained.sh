@@ -14,6 +14,10 @@
 #   (the same with --dataset fashion-mnist --conditional --out runs/train-fashion-resnet-zeros-cond)
 #
 # Outputs: runs/calibrate-<name>/, runs/evaluate-<name>/, runs/publish-<name>.log and the pretrained dirs.
+# (The two ResNets' committed metrics.json has since been replaced by their paper-protocol evaluation on
+# seeds 1000-1099 from scripts/reproduce_table1.sh, and leaderboard.json added, with
+# `patchmosaic pretrained publish NAME --metrics runs/table1/evaluate-150-NAME --leaderboard
+# runs/table1/compare-NAME --overwrite`; this script's 20/20 numbers are in the README.)
 # Seeds are sized to the budget of ~12 min calibration + ~15 min evaluation per model on one core,
 # from one-core timings of one ELS call on a batch of 10 seeds (N = 1000 training images, 32x32):
 #   mnist (unconditional, all 1000 images per query): ~79 s per step for the 10 candidates 3..21,
