@@ -47,8 +47,8 @@ def test_package_manifest_lists_and_matches_every_pretrained_file(monkeypatch):
     monkeypatch.delenv(PRETRAINED_ENV, raising=False)
     manifest = json.loads((PACKAGE_ROOT / MANIFEST_FILE).read_text())["files"]
     names = available_pretrained(PACKAGE_ROOT)
-    assert names == ["fashion-resnet-zeros-cond", "fashion-unet-zeros-cond", "mnist-resnet-zeros", "mnist-unet-attention",
-                     "mnist-unet-zeros"]
+    assert names == ["fashion-resnet-zeros-cond", "fashion-unet-zeros-cond", "mnist-resnet-circular", "mnist-resnet-zeros",
+                     "mnist-unet-attention", "mnist-unet-zeros"]
     for name in names:
         verify_pretrained(name)
         for f in ("model.pt", "config.json", "schedule.json", "metrics.json"):
