@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from patchmosaic.calibration import (
     METRICS,
+    VALUE_KNOBS,
     calibrate,
     check_candidates,
     parse_candidates,
@@ -31,7 +32,7 @@ from patchmosaic.cli.common import (
 from patchmosaic.cli.network import LoadedModel, machine_for
 from patchmosaic.data import ImageDataset
 from patchmosaic.denoisers import DEFAULT_CHUNK_ELEMENTS, PatchComposite
-from patchmosaic.denoisers.registry import build_denoiser
+from patchmosaic.denoisers.registry import DENOISERS, build_denoiser
 from patchmosaic.pretrained import (
     LABEL_RULE,
     SCHEDULE_FILE,
@@ -203,7 +204,7 @@ def calibrate_command(
 def _pspc_for(model: LoadedModel, chunk_elements: int, device: torch.device,
               cands: tuple[int, ...]) -> tuple[PatchComposite, ImageDataset, TrainingSet]:
     """PSPC-Square on the network's training subset (windows stay inside the image: no padding)."""
-    data, ts = _training_data(model, device)
+    data, ts = model.training_data(device)
     _, H, W = model.shape
     if max(cands) > min(H, W):
         raise click.BadParameter(f"window size {max(cands)} does not fit the {H}x{W} images",
@@ -227,26 +228,14 @@ def _parse_candidates(spec: str | None, machine: str) -> tuple[float, ...]:
         raise click.BadParameter(str(err), param_hint="'--candidates'") from err
 
 
-def _training_data(model: LoadedModel, device: torch.device) -> tuple[ImageDataset, TrainingSet]:
-    """The network's training subset (checked against its input shape); the network moved to ``device``."""
-    ts = model.training_set()
-    data = ts.load()
-    if tuple(data.images.shape[1:]) != model.shape:
-        raise ValueError(f"the training set {ts.dataset!r} loads as {list(data.images.shape[1:])} images but the "
-                         f"network expects {list(model.shape)}")
-    model.denoiser.model.to(device)
-    return data, ts
-
-
 def _value_denoiser_for(model: LoadedModel, name: str, device: torch.device,
                         cands: tuple[float, ...]) -> tuple[object, ImageDataset, TrainingSet]:
     """data-locality or smoothed (ideal base, 8 draws, seed 0) on the network's training subset."""
-    data, ts = _training_data(model, device)
+    data, ts = model.training_data(device)
     labels = data.labels if model.num_classes else None
-    knob = {"data-locality": {"threshold": cands[0]},
-            "smoothed": {"std": cands[0]}}[name]
+    knob = VALUE_KNOBS[DENOISERS[name].build][0]  # threshold, std
     try:
-        denoiser = build_denoiser(name, data.images.to(device), labels=labels, **knob)
+        denoiser = build_denoiser(name, data.images.to(device), labels=labels, **{knob: cands[0]})
     except ValueError as err:
         raise click.BadParameter(f"{name}: {err}", param_hint="'--candidates'") from err
     return denoiser, data, ts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,7 @@ REUSE_HELP = (
 
 
 def load_reused_samples(
-    run_dir: Path,
+    run_dirs: Sequence[Path],
     *,
     allowed: tuple[str, ...],
     data: ImageDataset,
@@ -140,21 +140,36 @@ def load_reused_samples(
     steps: int,
     sampler: str = "euler",
     grid: str = "cosine",
-) -> tuple[str, np.ndarray]:
-    """Samples of a previous ``sample`` run for ``seeds``, after checking that its config matches (``--reuse``).
+) -> dict[str, tuple[np.ndarray, Path]]:
+    """Samples of previous ``sample`` runs for ``seeds``, after checking that each config matches (``--reuse``).
 
     Args:
+        run_dirs: The ``--reuse`` directories, at most one per machine.
         allowed: The machine names the command would run (a run of another machine is refused).
         patch_sizes: ``ls``/``els`` -> the sizes that machine uses here at each step, lowest noise first (as
             ``sample`` records them).
         steps, sampler, grid: The sampler protocol of the command.
 
     Returns:
-        ``(machine name, [S, C, H, W] images in the order of seeds)``.
+        ``machine name -> ([S, C, H, W] images in the order of seeds, its directory)``.
 
     Raises:
-        click.BadParameter: Listing every mismatch.
+        click.BadParameter: Listing every mismatch of a directory, or naming a machine reused twice.
     """
+    reused: dict[str, tuple[np.ndarray, Path]] = {}
+    for run_dir in run_dirs:
+        name, images = _reused_run(run_dir, allowed=allowed, data=data, ts=ts, patch_sizes=patch_sizes, seeds=seeds,
+                                   labels=labels, steps=steps, sampler=sampler, grid=grid)
+        if name in reused:
+            raise click.BadParameter(f"two --reuse directories hold {name} samples", param_hint="'--reuse'")
+        reused[name] = (images, run_dir)
+    return reused
+
+
+def _reused_run(run_dir: Path, *, allowed: tuple[str, ...], data: ImageDataset, ts: TrainingSet,
+                patch_sizes: dict[str, list[int]], seeds: list[int], labels: list[int] | None, steps: int,
+                sampler: str, grid: str) -> tuple[str, np.ndarray]:
+    """One ``--reuse`` directory of :func:`load_reused_samples`: ``(machine name, images)``."""
     hint = "'--reuse'"
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():

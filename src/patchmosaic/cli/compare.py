@@ -218,13 +218,8 @@ def compare_command(**params: Any) -> None:
                                      param_hint="'--patch-sizes'")
         steps = p["steps"] or (len(schedule) if schedule is not None else 20)
         # 2. the training set and every denoiser
-        data = ts.load()
-        if tuple(data.images.shape[1:]) != model.shape:
-            raise ValueError(f"the training set {ts.dataset!r} (n_train={ts.n_train}) loads as "
-                             f"{list(data.images.shape[1:])} images but the network expects {list(model.shape)}")
+        data, ts = model.training_data()
         labels_train = data.labels if model.num_classes else None
-        if model.num_classes and labels_train is None:
-            raise ValueError(f"the model is class-conditional but its training set {ts.dataset!r} has no labels")
         given = family_params(p, data.name, "data-locality" if "data-locality" in names else "")
         family = [n for n in names if n not in KINDS]
         unused = [k for k in given if not any(k in _family_kwargs(n, given) for n in family)]
@@ -245,17 +240,14 @@ def compare_command(**params: Any) -> None:
             except ValueError as err:
                 raise click.BadParameter(f"pspc: {err} on this grid; pass --patch-size or --pspc-patch-sizes",
                                          param_hint="'--denoisers'") from err
-        reuse: dict[str, np.ndarray] = {}
-        reused_from: dict[str, str] = {}
         on_grid = {n: list(sch.on_grid(sigmas))[::-1] for n, sch in schedules.items() if sch is not None}
-        for d in p["reuse_dirs"]:
-            name, images = load_reused_samples(d, allowed=tuple(n for n in names if n in KINDS), data=data, ts=ts,
-                                               patch_sizes=on_grid, seeds=seeds, labels=labels, steps=steps,
-                                               sampler=p["sampler"], grid=p["grid"])
-            if name in reuse:
-                raise click.BadParameter(f"two --reuse directories hold {name} samples", param_hint="'--reuse'")
-            reuse[name], reused_from[name] = images, str(d)
-            recorded[name]["reused_from"] = str(d)
+        reused = load_reused_samples(p["reuse_dirs"], allowed=tuple(n for n in names if n in KINDS), data=data, ts=ts,
+                                     patch_sizes=on_grid, seeds=seeds, labels=labels, steps=steps,
+                                     sampler=p["sampler"], grid=p["grid"])
+        reuse = {name: images for name, (images, _) in reused.items()}
+        reused_from = {name: str(d) for name, (_, d) in reused.items()}
+        for name, source in reused_from.items():
+            recorded[name]["reused_from"] = source
         model.denoiser.model.to(dev)
         # 3. run and compare
         start = time.perf_counter()

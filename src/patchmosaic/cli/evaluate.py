@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from patchmosaic.cli.common import (
@@ -64,7 +63,7 @@ from patchmosaic.schedules import sigmas_cosine
               "[default: one step per schedule entry, 20 for the paper's]")
 @click.option("--network-steps", type=click.IntRange(min=1), default=150, show_default=True,
               help="DDIM steps of the network on the cosine grid (the paper's protocol: 150; the machines take "
-              "one step per schedule entry). --network-steps 20 with a 20-entry schedule gives both the same grid.")
+              "--steps). --network-steps 20 with 20 machine steps gives both the same grid.")
 @comparison_options
 @compute_options
 def evaluate_command(
@@ -119,14 +118,9 @@ def evaluate_command(
         sigmas = sigmas_cosine(steps)
         on_grid = list(schedule.on_grid(sigmas))[::-1]  # the sizes the machine uses, lowest noise first
         labels = model.labels(seed_list)
-        reuse: dict[str, np.ndarray] = {}
-        for d in reuse_dirs:
-            name, images = load_reused_samples(d, allowed=(machine, "ideal"), data=data, ts=ts,
-                                               patch_sizes={machine: on_grid}, seeds=seed_list, labels=labels,
-                                               steps=steps)
-            if name in reuse:
-                raise click.BadParameter(f"two --reuse directories hold {name} samples", param_hint="'--reuse'")
-            reuse[name] = images
+        reused = load_reused_samples(reuse_dirs, allowed=(machine, "ideal"), data=data, ts=ts,
+                                     patch_sizes={machine: on_grid}, seeds=seed_list, labels=labels, steps=steps)
+        reuse = {name: images for name, (images, _) in reused.items()}
         start = time.perf_counter()
         result = evaluate(
             model.denoiser, patch_machine, baseline, seed_list, model.shape, patch_sizes=schedule, sigmas=sigmas,
@@ -165,7 +159,7 @@ def evaluate_command(
                 "seeds": seed_list,
                 "labels": labels,
                 "label_rule": None if labels is None else LABEL_RULE,
-                "reuse": {name: str(d) for d, name in zip(reuse_dirs, reuse)},
+                "reuse": {name: str(d) for name, (_, d) in reused.items()},
                 "batch_size": batch_size,
                 "threads": torch.get_num_threads(),
                 "noise_rule": NOISE_RULE,

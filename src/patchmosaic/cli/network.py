@@ -120,6 +120,26 @@ class LoadedModel:
             return self._given_set
         return training_set(self.config, self.meta["train_config"], where=f"checkpoint {self.source.checkpoint}")
 
+    def training_data(self, device: torch.device | None = None) -> tuple[ImageDataset, TrainingSet]:
+        """The network's training subset, loaded and checked against the network (shape; labels when
+        class-conditional), with the network moved to ``device`` when given.
+
+        Raises:
+            ValueError: If the images do not fit the network or a conditional model's set has no labels.
+        """
+        ts = self.training_set()
+        data = ts.load()
+        if tuple(data.images.shape[1:]) != self.shape:
+            raise ValueError(
+                f"the training set {ts.dataset!r} (n_train={ts.n_train}) loads as {list(data.images.shape[1:])} "
+                f"images but the network expects {list(self.shape)}"
+            )
+        if self.num_classes and data.labels is None:
+            raise ValueError(f"the model is class-conditional but its training set {ts.dataset!r} has no labels")
+        if device is not None:
+            self.denoiser.model.to(device)
+        return data, ts
+
     def labels(self, seeds: list[int]) -> list[int] | None:
         return labels_for_seeds(seeds, self.num_classes)
 
@@ -142,21 +162,11 @@ def machine_for(
     model: LoadedModel, kind: str, chunk_elements: int, device: torch.device | None = None
 ) -> tuple[ScoreMachine, ImageDataset, TrainingSet]:
     """A score machine on the network's exact training subset, with the network's padding (both on ``device``)."""
-    ts = model.training_set()
-    data = ts.load()
-    if tuple(data.images.shape[1:]) != model.shape:
-        raise ValueError(
-            f"the training set {ts.dataset!r} (n_train={ts.n_train}) loads as {list(data.images.shape[1:])} images "
-            f"but the network expects {list(model.shape)}"
-        )
-    if model.num_classes and data.labels is None:
-        raise ValueError(f"the model is class-conditional but its training set {ts.dataset!r} has no labels")
+    data, ts = model.training_data(device)
     machine = ScoreMachine(
         data.images, kind=kind, padding=ts.padding, labels=data.labels if model.num_classes else None,
         chunk_elements=chunk_elements, device=device,
     )
-    if device is not None:
-        model.denoiser.model.to(device)
     return machine, data, ts
 
 
