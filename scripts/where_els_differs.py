@@ -16,6 +16,10 @@ with ``y`` the network's final image and ``y_hat`` ELS's:
 * ``border_share``: the share of the squared difference in the outer
   ``--border`` pixels, against that band's share of the pixels (``border_area``).
 
+For each pair of directories with the same seeds it also reports the median r
+between their networks' samples and between their ELS samples (do two
+networks, e.g. with and without attention, make the same images?).
+
 Medians over seeds go to ``where_els_differs.json`` (with the per-seed values),
 and ``where_els_differs.png`` shows, per directory, the mean absolute
 difference per pixel over seeds and the three r's medians.
@@ -78,6 +82,19 @@ def analyse(network: np.ndarray, els: np.ndarray, *, blur: float, border: int) -
         }
 
 
+def between_runs(loaded: dict[str, tuple[np.ndarray, np.ndarray, list[int]]]) -> list[dict]:
+    """Median r between two runs' network samples and between their ELS samples, for each pair with equal seeds."""
+    names = list(loaded)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            (net_a, els_a, seeds_a), (net_b, els_b, seeds_b) = loaded[a], loaded[b]
+            if seeds_a == seeds_b:
+                rows.append({"a": a, "b": b, "network_r": _median(pearson_r(net_a, net_b)),
+                             "els_r": _median(pearson_r(els_a, els_b))})
+    return rows
+
+
 def _median(values: np.ndarray) -> float | None:
     finite = values[np.isfinite(values)]
     return float(np.median(finite)) if finite.size else None
@@ -99,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.blur <= 0 or args.border < 1:
         parser.error("--blur must be > 0 and --border >= 1")
-    results, maps = {}, {}
+    results, maps, loaded = {}, {}, {}
     for run in args.runs:
-        network, els, seeds = _load(run)
+        network, els, seeds = loaded[run.name] = _load(run)
         a = analyse(network, els, blur=args.blur, border=args.border)
         maps[run.name] = a.pop("mean_abs_diff")
         area = a.pop("border_area")
@@ -114,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run.name}: median r {m['pearson_r']}, low-pass r {m['r_low']}, high-pass r {m['r_high']}; "
               f"low-pass share of the squared difference {m['low_share']}; border share {m['border_share']} "
               f"(area {area:.2f})")
+    between = between_runs(loaded)
+    for row in between:
+        print(f"{row['a']} vs {row['b']}: networks' samples median r {row['network_r']:.3f}, ELS samples "
+              f"{row['els_r']:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"blur_std_px": args.blur, "border_px": args.border, "runs": results}
+    payload = {"blur_std_px": args.blur, "border_px": args.border, "runs": results, "between_runs": between}
     (args.out / "where_els_differs.json").write_text(json.dumps(payload, indent=2))
     _figure(args.out / "where_els_differs.png", results, maps)
     print(f"wrote {args.out}/where_els_differs.json and .png")

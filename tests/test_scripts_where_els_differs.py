@@ -65,7 +65,10 @@ def test_command_line(tmp_path, capsys):
     assert data["runs"]["b"]["median"]["pearson_r"] == pytest.approx(-1.0)
     assert data["runs"]["b"]["seeds"] == seeds and (out / "where_els_differs.png").is_file()
     assert data["runs"]["a"]["median"]["low_share"] is None  # no difference to share
-    assert "b: median r -1.000" in capsys.readouterr().out
+    # the two runs share the network's samples; their ELS samples are opposite
+    assert data["between_runs"] == [{"a": "a", "b": "b", "network_r": pytest.approx(1.0), "els_r": pytest.approx(-1.0)}]
+    printed = capsys.readouterr().out
+    assert "b: median r -1.000" in printed and "a vs b: networks' samples median r 1.000, ELS samples -1.000" in printed
     save_samples(tmp_path / "a" / "samples_els.npz", net, [3, 5], None)
     with pytest.raises(SystemExit, match="different seeds"):
         wed.main([str(tmp_path / "a"), "--out", str(out)])
