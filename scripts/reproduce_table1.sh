@@ -26,6 +26,15 @@
 #   CAL_ABLATIONS="cand31:--candidates=3-31 l2:--metric=l2" MODELS=fashion-unet-zeros-cond \
 #     bash scripts/reproduce_table1.sh
 #
+# Training ablations (TRAIN_ABLATIONS, default none): each "TAG:FLAGS" entry trains the model again with FLAGS
+# added to its recipe (e.g. --steps=8000, --width=64) under OUT/ablation-TAG/train-NAME, calibrates it as above
+# (CAL_SEEDS, CANDIDATES), and evaluates it in the paper's protocol. ELS depends on the network only through its
+# calibrated k(sigma): when the variant's schedule equals the model's, the model's ELS samples are reused,
+# otherwise ELS is sampled again under OUT/ablation-TAG/els-NAME. With the learning rate constant, a shorter run
+# is the longer run's checkpoint at that step (a copy of that checkpoint, resumed with the shorter --steps, ends
+# at once):
+#   TRAIN_ABLATIONS="train8000:--steps=8000" CAL_SEEDS=0-4 MODELS=mnist-resnet-zeros bash scripts/reproduce_table1.sh
+#
 # Costs on this 2-core CPU, one thread (measured 2026-11-30): ELS sampling at N = 1000 about
 # 15 s per seed (MNIST, unconditional) and 5 s per seed (Fashion-MNIST, conditional); a
 # 4,000-step ResNet training run about 40 min, a UNet's about 60 min (channels-last, both cores busy);
@@ -43,6 +52,7 @@ CANDIDATES=${CANDIDATES:-3-21}
 TRAIN_STEPS=${TRAIN_STEPS:-4000}
 ABLATION_STEPS=${ABLATION_STEPS:-"50 500"}   # the network's own DDIM steps, beside 150 and 20 (same ELS samples)
 CAL_ABLATIONS=${CAL_ABLATIONS:-}   # "TAG:FLAGS ...": calibration variants (see above)
+TRAIN_ABLATIONS=${TRAIN_ABLATIONS:-}   # "TAG:FLAGS ...": training variants (see above)
 MACHINE_STEPS=${MACHINE_STEPS:-20}   # the ablations' ELS sampling steps, whatever their schedule's length
 COMPARE_DENOISERS=${COMPARE_DENOISERS:-els,ls,ideal,wiener,data-locality,pspc,nearest}  # "none": no compare stage
 CALIBRATE_FAMILY=${CALIBRATE_FAMILY:-"ls data-locality"}   # knobs calibrated before compare ("none": published defaults)
@@ -66,6 +76,8 @@ train_flags() {
 }
 
 stage() { echo "== $(date +%T) $*"; }
+# a schedule.json's patch sizes as one string (JSON of any layout; no python needed)
+patch_sizes_of() { tr -d ' \n\t' < "$1" | grep -o '"patch_sizes":\[[0-9,]*\]'; }
 
 for name in $MODELS; do
   flags=$(train_flags "$name")
@@ -157,11 +169,46 @@ for name in $MODELS; do
         --threads "$THREADS" --out "$abl/evaluate-150-$name" --overwrite
     fi
   done
+  for entry in $TRAIN_ABLATIONS; do
+    tag=${entry%%:*} extra=${entry#*:}
+    abl=$OUT/ablation-$tag
+    variant=$abl/train-$name
+    if [[ ! -f $variant/summary.json ]]; then
+      stage "$name: train, ablation $tag ($extra)"
+      resume=()
+      [[ -f $variant/model.pt ]] && resume=(--resume)
+      # shellcheck disable=SC2086
+      "$PM" train $flags --steps "$TRAIN_STEPS" --threads "$THREADS" --out "$variant" "${resume[@]}" $extra
+    fi
+    vschedule=$abl/calibrate-$name/schedule.json
+    if [[ ! -f $vschedule ]]; then
+      stage "$name: calibrate, ablation $tag (seeds $CAL_SEEDS, candidates $CANDIDATES)"
+      "$PM" calibrate --model "$variant" --machine els --candidates "$CANDIDATES" --seeds "$CAL_SEEDS" \
+        --threads "$THREADS" --out "$abl/calibrate-$name" --overwrite
+    fi
+    vels=$abl/els-$name
+    vsizes=$(patch_sizes_of "$vschedule" || true) sizes=$(patch_sizes_of "$schedule" || true)
+    if [[ -n $vsizes && $vsizes == "$sizes" && ! -d $vels ]]; then
+      vels=$els   # the same k(sigma): the same ELS samples
+    elif [[ ! -f $vels/samples.npz ]]; then
+      stage "$name: ELS samples, ablation $tag"
+      resume=()
+      [[ -f $vels/config.json ]] && resume=(--resume)
+      "$PM" sample --machine els --like "$variant" --patch-sizes "$vschedule" --steps "$MACHINE_STEPS" \
+        --seeds "$EVAL_SEEDS" --threads "$THREADS" --out "$vels" "${resume[@]}"
+    fi
+    if [[ ! -f $abl/evaluate-150-$name/metrics.json ]]; then
+      stage "$name: evaluate, ablation $tag, network 150 steps"
+      "$PM" evaluate --model "$variant" --machine els --patch-sizes "$vschedule" --steps "$MACHINE_STEPS" \
+        --seeds "$EVAL_SEEDS" --network-steps 150 --reuse "$vels" --threads "$THREADS" \
+        --out "$abl/evaluate-150-$name" --overwrite
+    fi
+  done
 done
 stage "table"
 "$PY" scripts/table1.py "$OUT" --out "$OUT/table1.md"
 cat "$OUT/table1.md"
-for entry in $CAL_ABLATIONS; do
+for entry in $CAL_ABLATIONS $TRAIN_ABLATIONS; do
   abl=$OUT/ablation-${entry%%:*}
   # the ablation's own schedules: no committed ones (--pretrained points at the ablation folder)
   "$PY" scripts/table1.py "$abl" --pretrained "$abl" --out "$abl/table1.md"

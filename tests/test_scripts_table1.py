@@ -252,8 +252,8 @@ def test_reproduce_script_family_knobs_follow_the_compared_denoisers(tmp_path):
     base = {"PATH": "/usr/bin:/bin", "LOG": str(log), "PM": str(fake), "PY": str(fake),
             "MODELS": "mnist-resnet-zeros", "EVAL_SEEDS": "1000-1001", "ABLATION_STEPS": " "}
     for extra, expected in (
-        ({"COMPARE_DENOISERS": "els,pspc", "CALIBRATE_FAMILY": "ls pspc"}, ["calibrate --model pretrained:mnist-resnet-"
-                                                                           "zeros --denoiser pspc --candidates 3-31"]),
+        ({"COMPARE_DENOISERS": "els,pspc", "CALIBRATE_FAMILY": "ls pspc"}, [
+            "calibrate --model pretrained:mnist-resnet-zeros --denoiser pspc --candidates 3-31"]),
         ({"COMPARE_DENOISERS": "els,ls", "CALIBRATE_FAMILY": "none"}, []),
     ):
         out = tmp_path / extra["CALIBRATE_FAMILY"].replace(" ", "-")
@@ -265,3 +265,48 @@ def test_reproduce_script_family_knobs_follow_the_compared_denoisers(tmp_path):
         assert [c.split(" --seeds")[0] for c in calls if c.startswith("calibrate")] == expected
         compare = next(c for c in calls if c.startswith("compare"))
         assert ("--pspc-patch-sizes" in compare) == bool(expected) and "--ls-patch-sizes" not in compare
+
+
+def test_reproduce_script_training_ablations(tmp_path):
+    """A training ablation trains the recipe with its flags last, calibrates the variant, reuses the model's ELS
+    samples when the variant's k(sigma) is the model's and samples ELS again when it is not, evaluates in the
+    paper's protocol, renders its table, and a second run starts no stage."""
+    fake = tmp_path / "fake"
+    fake.write_text(FAKE_CLI)
+    fake.chmod(0o755)
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "LOG": str(log), "PM": str(fake), "PY": str(fake), "OUT": str(out),
+           "MODELS": "mnist-resnet-zeros", "EVAL_SEEDS": "1000-1001", "ABLATION_STEPS": " ",
+           "COMPARE_DENOISERS": "none", "TRAIN_ABLATIONS": "same:--steps=8000 other:--width=64"}
+    same, other = out / "ablation-same", out / "ablation-other"
+    # the "same" variant calibrates to the committed schedule (written reformatted: only the sizes count)
+    committed = json.loads((ROOT / "pretrained" / "mnist-resnet-zeros" / "schedule.json").read_text())
+    write_json(same / "calibrate-mnist-resnet-zeros" / "schedule.json", {"patch_sizes": committed["patch_sizes"]})
+
+    def run():
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table1.sh")], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        calls = log.read_text().splitlines()
+        log.unlink()
+        return calls
+
+    skip = ("evaluate --model pretrained", "sample --machine els --like pretrained")  # the committed model's stages
+    calls = [c for c in run() if not c.startswith(skip)]
+    stages = [c.split()[0] for c in calls if not c.endswith(".md")]
+    assert stages == ["train", "evaluate", "train", "calibrate", "sample", "evaluate"], calls
+    assert calls[0].startswith("train --dataset mnist --arch resnet --padding zeros --width 32 --depth 4")
+    assert calls[0].endswith(f"--steps 4000 --threads 1 --out {same}/train-mnist-resnet-zeros --steps=8000")
+    # same k(sigma): the model's own ELS samples, the variant network
+    assert calls[1].startswith(f"evaluate --model {same}/train-mnist-resnet-zeros --machine els --patch-sizes "
+                               f"{same}/calibrate-mnist-resnet-zeros/schedule.json --steps 20")
+    assert f"--network-steps 150 --reuse {out}/els-mnist-resnet-zeros " in calls[1]
+    assert calls[2].endswith(f"--out {other}/train-mnist-resnet-zeros --width=64")
+    assert calls[3].startswith(f"calibrate --model {other}/train-mnist-resnet-zeros --machine els --candidates 3-21")
+    assert calls[4].startswith(f"sample --machine els --like {other}/train-mnist-resnet-zeros --patch-sizes "
+                               f"{other}/calibrate-mnist-resnet-zeros/schedule.json --steps 20")
+    assert f"--reuse {other}/els-mnist-resnet-zeros " in calls[5]
+    tables = [c for c in calls if c.endswith(".md")]
+    assert tables[1:] == [f"scripts/table1.py {same} --pretrained {same} --out {same}/table1.md",
+                          f"scripts/table1.py {other} --pretrained {other} --out {other}/table1.md"]
+    assert [c for c in run() if not c.endswith(".md")] == []
