@@ -56,6 +56,36 @@ def test_a_much_better_later_chunk_is_redone_exactly(dtype, jump):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_tracked_state_moves_its_reference_up_for_much_better_later_chunks(dtype, chunk):
+    # Row 0 meets its match last (its logits jump by ~500 nats, far above the cap, several times),
+    # row 1 first (no jump): the mean, N_eff, entropy and top candidates equal the direct softmax's.
+    x = torch.tensor([[[0.0, 0.0], [9.0, 9.0]]], dtype=torch.float64)
+    keys = torch.tensor([[[9.0, 9.0], [6.0, 0.0], [3.0, 0.0], [1.0, 0.0], [0.3, 0.0], [0.0, 0.1], [0.0, 0.0]]],
+                        dtype=torch.float64)
+    values = torch.arange(7, dtype=torch.float64).reshape(1, 7, 1)
+    ab = 0.99
+    coef = torch.tensor(ab, dtype=dtype)
+    scale, bias = coef.sqrt() / (1 - coef), -coef / (2 * (1 - coef))
+    state = SoftmaxMean(augment_queries(x.to(dtype), scale.expand(2), bias.expand(2)), 1, track=3)
+    for s in range(0, 7, chunk):
+        state.update(augment_keys(keys[:, s : s + chunk].transpose(1, 2).to(dtype)),
+                     augment_values(values[:, s : s + chunk].to(dtype)), ids=torch.arange(s, min(7, s + chunk))[None])
+    d2 = ((x[:, :, None, :] - ab**0.5 * keys[:, None, :, :]) ** 2).sum(-1)
+    w = torch.softmax(-d2 / (2 * (1 - ab)), dim=-1)  # [1, 2, 7]
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.mean().double(), w @ values, **tol)
+    n_eff, entropy = state.posterior_stats()
+    torch.testing.assert_close(n_eff.double(), 1 / (w * w).sum(-1), **tol)
+    torch.testing.assert_close(entropy.double(), -(w * w.clamp_min(1e-300).log()).sum(-1), **tol)
+    weight, ids, _ = state.top_candidates()
+    want_w, want_ids = w.topk(3, dim=-1)
+    held = want_w > 1e-12  # row 1's runners-up lie below the exponent floor: their order is not kept
+    assert held.sum() == 4 and ids[held].tolist() == want_ids[held].tolist()
+    torch.testing.assert_close(weight.double(), want_w, **tol)
+
+
 def test_partial_states_of_disjoint_shards_merge_exactly():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 3, 4, generator=g, dtype=torch.float64)
