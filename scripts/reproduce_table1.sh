@@ -76,6 +76,11 @@ train_flags() {
 }
 
 stage() { echo "== $(date +%T) $*"; }
+# calibrate_els MODEL OUT [FLAGS...]: ELS's k(sigma) against MODEL (CANDIDATES, CAL_SEEDS), FLAGS last
+calibrate_els() {
+  "$PM" calibrate --model "$1" --machine els --candidates "$CANDIDATES" --seeds "$CAL_SEEDS" \
+    --threads "$THREADS" --out "$2" --overwrite "${@:3}"
+}
 # a schedule.json's patch sizes as one string (JSON of any layout; no python needed)
 patch_sizes_of() { tr -d ' \n\t' < "$1" | grep -o '"patch_sizes":\[[0-9,]*\]'; }
 
@@ -99,8 +104,7 @@ for name in $MODELS; do
     schedule=$OUT/calibrate-$name/schedule.json
     if [[ ! -f $schedule ]]; then
       stage "$name: calibrate (seeds $CAL_SEEDS, candidates $CANDIDATES)"
-      "$PM" calibrate --model "$model" --machine els --candidates "$CANDIDATES" --seeds "$CAL_SEEDS" \
-        --threads "$THREADS" --out "$OUT/calibrate-$name" --overwrite
+      calibrate_els "$model" "$OUT/calibrate-$name"
     fi
   fi
   els=$OUT/els-$name
@@ -152,8 +156,7 @@ for name in $MODELS; do
     if [[ ! -f $abl/calibrate-$name/schedule.json ]]; then
       stage "$name: calibrate, ablation $tag ($extra)"
       # shellcheck disable=SC2086
-      "$PM" calibrate --model "$model" --machine els --candidates "$CANDIDATES" --seeds "$CAL_SEEDS" \
-        --threads "$THREADS" --out "$abl/calibrate-$name" --overwrite $extra
+      calibrate_els "$model" "$abl/calibrate-$name" $extra
     fi
     if [[ ! -f $abl/els-$name/samples.npz ]]; then
       stage "$name: ELS samples, ablation $tag"
@@ -183,8 +186,7 @@ for name in $MODELS; do
     vschedule=$abl/calibrate-$name/schedule.json
     if [[ ! -f $vschedule ]]; then
       stage "$name: calibrate, ablation $tag (seeds $CAL_SEEDS, candidates $CANDIDATES)"
-      "$PM" calibrate --model "$variant" --machine els --candidates "$CANDIDATES" --seeds "$CAL_SEEDS" \
-        --threads "$THREADS" --out "$abl/calibrate-$name" --overwrite
+      calibrate_els "$variant" "$abl/calibrate-$name"
     fi
     vels=$abl/els-$name
     vsizes=$(patch_sizes_of "$vschedule" || true) sizes=$(patch_sizes_of "$schedule" || true)

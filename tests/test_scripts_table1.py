@@ -194,6 +194,16 @@ touch "$out/summary.json" "$out/model.pt" "$out/schedule.json" "$out/samples.npz
 '''
 
 
+def run_reproduce(env, log):
+    """Run reproduce_table1.sh with ``env`` (a fake CLI that logs to ``log``); the calls it made, the log emptied."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table1.sh")], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = log.read_text().splitlines()
+    log.unlink()
+    return calls
+
+
 def test_reproduce_script_stages_ablations_and_resumes(tmp_path):
     """reproduce_table1.sh with a fake CLI: a committed model skips training and calibration, runs each
     evaluation once, the calibration ablation calibrates, samples and evaluates under ablation-TAG/ with
@@ -207,12 +217,7 @@ def test_reproduce_script_stages_ablations_and_resumes(tmp_path):
            "CAL_ABLATIONS": "cand31:--candidates=3-31"}
 
     def run():
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table1.sh")], env=env,
-                              capture_output=True, text=True, timeout=60, check=False)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        calls = log.read_text().splitlines()
-        log.unlink()
-        return calls
+        return run_reproduce(env, log)
 
     calls = run()
     stages = [c.split()[0] for c in calls if not c.endswith(".md")]
@@ -257,11 +262,7 @@ def test_reproduce_script_family_knobs_follow_the_compared_denoisers(tmp_path):
         ({"COMPARE_DENOISERS": "els,ls", "CALIBRATE_FAMILY": "none"}, []),
     ):
         out = tmp_path / extra["CALIBRATE_FAMILY"].replace(" ", "-")
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table1.sh")], env={**base, **extra, "OUT": str(out)},
-                              capture_output=True, text=True, timeout=60, check=False)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        calls = log.read_text().splitlines()
-        log.unlink()
+        calls = run_reproduce({**base, **extra, "OUT": str(out)}, log)
         assert [c.split(" --seeds")[0] for c in calls if c.startswith("calibrate")] == expected
         compare = next(c for c in calls if c.startswith("compare"))
         assert ("--pspc-patch-sizes" in compare) == bool(expected) and "--ls-patch-sizes" not in compare
@@ -284,12 +285,7 @@ def test_reproduce_script_training_ablations(tmp_path):
     write_json(same / "calibrate-mnist-resnet-zeros" / "schedule.json", {"patch_sizes": committed["patch_sizes"]})
 
     def run():
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table1.sh")], env=env,
-                              capture_output=True, text=True, timeout=60, check=False)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        calls = log.read_text().splitlines()
-        log.unlink()
-        return calls
+        return run_reproduce(env, log)
 
     skip = ("evaluate --model pretrained", "sample --machine els --like pretrained")  # the committed model's stages
     calls = [c for c in run() if not c.startswith(skip)]
