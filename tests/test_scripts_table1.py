@@ -194,6 +194,17 @@ touch "$out/summary.json" "$out/model.pt" "$out/schedule.json" "$out/samples.npz
 '''
 
 
+def fake_cli_env(tmp_path, **extra):
+    """``(env, log, out)`` for reproduce_table1.sh on mnist-resnet-zeros with the fake CLI (``extra`` overrides)."""
+    fake = tmp_path / "fake"
+    fake.write_text(FAKE_CLI)
+    fake.chmod(0o755)
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "LOG": str(log), "PM": str(fake), "PY": str(fake), "OUT": str(out),
+           "MODELS": "mnist-resnet-zeros", "EVAL_SEEDS": "1000-1001", "ABLATION_STEPS": " ", **extra}
+    return env, log, out
+
+
 def run_reproduce(env, log):
     """Run reproduce_table1.sh with ``env`` (a fake CLI that logs to ``log``); the calls it made, the log emptied."""
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table1.sh")], env=env,
@@ -208,13 +219,7 @@ def test_reproduce_script_stages_ablations_and_resumes(tmp_path):
     """reproduce_table1.sh with a fake CLI: a committed model skips training and calibration, runs each
     evaluation once, the calibration ablation calibrates, samples and evaluates under ablation-TAG/ with
     its flags last, and a second run starts no stage."""
-    fake = tmp_path / "fake"
-    fake.write_text(FAKE_CLI)
-    fake.chmod(0o755)
-    log, out = tmp_path / "calls.log", tmp_path / "out"
-    env = {"PATH": "/usr/bin:/bin", "LOG": str(log), "PM": str(fake), "PY": str(fake), "OUT": str(out),
-           "MODELS": "mnist-resnet-zeros", "EVAL_SEEDS": "1000-1001", "ABLATION_STEPS": "50",
-           "CAL_ABLATIONS": "cand31:--candidates=3-31"}
+    env, log, out = fake_cli_env(tmp_path, ABLATION_STEPS="50", CAL_ABLATIONS="cand31:--candidates=3-31")
 
     def run():
         return run_reproduce(env, log)
@@ -250,12 +255,7 @@ def test_reproduce_script_stages_ablations_and_resumes(tmp_path):
 
 def test_reproduce_script_family_knobs_follow_the_compared_denoisers(tmp_path):
     """Only the listed denoisers' knobs are calibrated (pspc on request, with its own candidates); none: none."""
-    fake = tmp_path / "fake"
-    fake.write_text(FAKE_CLI)
-    fake.chmod(0o755)
-    log = tmp_path / "calls.log"
-    base = {"PATH": "/usr/bin:/bin", "LOG": str(log), "PM": str(fake), "PY": str(fake),
-            "MODELS": "mnist-resnet-zeros", "EVAL_SEEDS": "1000-1001", "ABLATION_STEPS": " "}
+    base, log, _ = fake_cli_env(tmp_path)
     for extra, expected in (
         ({"COMPARE_DENOISERS": "els,pspc", "CALIBRATE_FAMILY": "ls pspc"}, [
             "calibrate --model pretrained:mnist-resnet-zeros --denoiser pspc --candidates 3-31"]),
@@ -272,13 +272,7 @@ def test_reproduce_script_training_ablations(tmp_path):
     """A training ablation trains the recipe with its flags last, calibrates the variant, reuses the model's ELS
     samples when the variant's k(sigma) is the model's and samples ELS again when it is not, evaluates in the
     paper's protocol, renders its table, and a second run starts no stage."""
-    fake = tmp_path / "fake"
-    fake.write_text(FAKE_CLI)
-    fake.chmod(0o755)
-    log, out = tmp_path / "calls.log", tmp_path / "out"
-    env = {"PATH": "/usr/bin:/bin", "LOG": str(log), "PM": str(fake), "PY": str(fake), "OUT": str(out),
-           "MODELS": "mnist-resnet-zeros", "EVAL_SEEDS": "1000-1001", "ABLATION_STEPS": " ",
-           "COMPARE_DENOISERS": "none", "TRAIN_ABLATIONS": "same:--steps=8000 other:--width=64"}
+    env, log, out = fake_cli_env(tmp_path, COMPARE_DENOISERS="none", TRAIN_ABLATIONS="same:--steps=8000 other:--width=64")
     same, other = out / "ablation-same", out / "ablation-other"
     # the "same" variant calibrates to the committed schedule (written reformatted: only the sizes count)
     committed = json.loads((ROOT / "pretrained" / "mnist-resnet-zeros" / "schedule.json").read_text())
