@@ -81,6 +81,22 @@ calibrate_els() {
   "$PM" calibrate --model "$1" --machine els --candidates "$CANDIDATES" --seeds "$CAL_SEEDS" \
     --threads "$THREADS" --out "$2" --overwrite "${@:3}"
 }
+# ablation_evaluate NETWORK ELS: an ablation's ELS samples (in ELS, sampled there on the MACHINE_STEPS grid with
+# $abl/calibrate-$name's schedule unless ELS holds them) against NETWORK in the paper's protocol
+ablation_evaluate() {
+  local sched=$abl/calibrate-$name/schedule.json resume=()
+  if [[ ! -f $2/samples.npz ]]; then
+    stage "$name: ELS samples, ablation $tag"
+    [[ -f $2/config.json ]] && resume=(--resume)
+    "$PM" sample --machine els --like "$1" --patch-sizes "$sched" --steps "$MACHINE_STEPS" --seeds "$EVAL_SEEDS" \
+      --threads "$THREADS" --out "$2" "${resume[@]}"
+  fi
+  if [[ ! -f $abl/evaluate-150-$name/metrics.json ]]; then
+    stage "$name: evaluate, ablation $tag, network 150 steps"
+    "$PM" evaluate --model "$1" --machine els --patch-sizes "$sched" --steps "$MACHINE_STEPS" --seeds "$EVAL_SEEDS" \
+      --network-steps 150 --reuse "$2" --threads "$THREADS" --out "$abl/evaluate-150-$name" --overwrite
+  fi
+}
 # a schedule.json's patch sizes as one string (JSON of any layout; no python needed)
 patch_sizes_of() { tr -d ' \n\t' < "$1" | grep -o '"patch_sizes":\[[0-9,]*\]'; }
 
@@ -158,19 +174,7 @@ for name in $MODELS; do
       # shellcheck disable=SC2086
       calibrate_els "$model" "$abl/calibrate-$name" $extra
     fi
-    if [[ ! -f $abl/els-$name/samples.npz ]]; then
-      stage "$name: ELS samples, ablation $tag"
-      resume=()
-      [[ -f $abl/els-$name/config.json ]] && resume=(--resume)
-      "$PM" sample --machine els --like "$model" --patch-sizes "$abl/calibrate-$name/schedule.json" \
-        --steps "$MACHINE_STEPS" --seeds "$EVAL_SEEDS" --threads "$THREADS" --out "$abl/els-$name" "${resume[@]}"
-    fi
-    if [[ ! -f $abl/evaluate-150-$name/metrics.json ]]; then
-      stage "$name: evaluate, ablation $tag, network 150 steps"
-      "$PM" evaluate --model "$model" --machine els --patch-sizes "$abl/calibrate-$name/schedule.json" \
-        --steps "$MACHINE_STEPS" --seeds "$EVAL_SEEDS" --network-steps 150 --reuse "$abl/els-$name" \
-        --threads "$THREADS" --out "$abl/evaluate-150-$name" --overwrite
-    fi
+    ablation_evaluate "$model" "$abl/els-$name"
   done
   for entry in $TRAIN_ABLATIONS; do
     tag=${entry%%:*} extra=${entry#*:}
@@ -192,19 +196,8 @@ for name in $MODELS; do
     vsizes=$(patch_sizes_of "$vschedule" || true) sizes=$(patch_sizes_of "$schedule" || true)
     if [[ -n $vsizes && $vsizes == "$sizes" && ! -d $vels ]]; then
       vels=$els   # the same k(sigma): the same ELS samples
-    elif [[ ! -f $vels/samples.npz ]]; then
-      stage "$name: ELS samples, ablation $tag"
-      resume=()
-      [[ -f $vels/config.json ]] && resume=(--resume)
-      "$PM" sample --machine els --like "$variant" --patch-sizes "$vschedule" --steps "$MACHINE_STEPS" \
-        --seeds "$EVAL_SEEDS" --threads "$THREADS" --out "$vels" "${resume[@]}"
     fi
-    if [[ ! -f $abl/evaluate-150-$name/metrics.json ]]; then
-      stage "$name: evaluate, ablation $tag, network 150 steps"
-      "$PM" evaluate --model "$variant" --machine els --patch-sizes "$vschedule" --steps "$MACHINE_STEPS" \
-        --seeds "$EVAL_SEEDS" --network-steps 150 --reuse "$vels" --threads "$THREADS" \
-        --out "$abl/evaluate-150-$name" --overwrite
-    fi
+    ablation_evaluate "$variant" "$vels"
   done
 done
 stage "table"
