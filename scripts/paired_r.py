@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from patchmosaic.comparison import format_interval
 from patchmosaic.evaluation import bootstrap_median
 
 KEY = "pearson_r_els"
@@ -37,14 +38,6 @@ def per_seed_r(path: Path) -> dict[int, float]:
     return {int(row["seed"]): float(row[KEY]) for row in rows}
 
 
-def fmt(stats: dict) -> str:
-    return f"{stats['median']:.3f} [{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]"
-
-
-def fmt_signed(stats: dict) -> str:
-    return f"{stats['median']:+.3f} [{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]"
-
-
 def build_table(paths: list[Path], labels: list[str]) -> str:
     runs = [per_seed_r(p) for p in paths]
     base = runs[0]
@@ -57,9 +50,9 @@ def build_table(paths: list[Path], labels: list[str]) -> str:
         if not shared:
             raise SystemExit(f"paired_r.py: {label} shares no seed with {labels[0]}")
         diff = np.array([run[s] - base[s] for s in shared])
-        paired = "–" if run is base else fmt_signed(bootstrap_median(diff))
+        paired = "–" if run is base else format_interval(bootstrap_median(diff), fmt="+.3f")
         wins = "–" if run is base else f"{int((diff > 0).sum())}/{len(shared)}"
-        lines.append(f"| {label} | {len(run)} | {fmt(own)} | {paired} | {wins} |")
+        lines.append(f"| {label} | {len(run)} | {format_interval(own)} | {paired} | {wins} |")
     return "\n".join(lines) + "\n"
 
 

@@ -304,7 +304,8 @@ def _parameter_text(name: str, value: Any) -> str:
     return f"{name}={value}"
 
 
-def _ci(stats: Mapping[str, Any], central: str = "median", fmt: str = ".3f") -> str:
+def format_interval(stats: Mapping[str, Any], central: str = "median", fmt: str = ".3f") -> str:
+    """``central [ci_low, ci_high]`` in ``fmt`` (e.g. ``"+.3f"`` for differences); ``n/a`` when not finite."""
     v = stats.get(central)
     if v is None or not np.isfinite(v):
         return "n/a"
@@ -325,9 +326,10 @@ def leaderboard_markdown(entries: Sequence[Mapping[str, Any]], *, title: str, pr
         params = ", ".join(_parameter_text(k, v) for k, v in e["parameters"].items()) or "-"
         ads = e.get("R2_ads_mean")
         lines.append(
-            f"| {rank} | `{e['name']}` | {_ci(m['pearson_r'])} | {_ci(m['r_squared'])} | {_ci(m['R2'])} | "
-            f"{'n/a' if ads is None else f'{ads:.3f}'} | {_ci(e['R2_pooled'], 'value')} | "
-            f"{_ci(m['mse'], fmt='.4g')} | {win_text} | {params} |"
+            f"| {rank} | `{e['name']}` | {format_interval(m['pearson_r'])} | {format_interval(m['r_squared'])} | "
+            f"{format_interval(m['R2'])} | "
+            f"{'n/a' if ads is None else f'{ads:.3f}'} | {format_interval(e['R2_pooled'], 'value')} | "
+            f"{format_interval(m['mse'], fmt='.4g')} | {win_text} | {params} |"
         )
     lines += ["", "Medians over seeds with percentile-bootstrap 95% intervals; R^2 pooled over all seeds' pixels "
               "(bootstrap over seeds); R^2 (ADS) = 1 - SSE / (n var_unbiased(network image)), mean over images.", ""]
