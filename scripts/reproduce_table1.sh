@@ -29,11 +29,16 @@
 # Training ablations (TRAIN_ABLATIONS, default none): each "TAG:FLAGS" entry trains the model again with FLAGS
 # added to its recipe (e.g. --steps=8000, --width=64) under OUT/ablation-TAG/train-NAME, calibrates it as above
 # (CAL_SEEDS, CANDIDATES), and evaluates it in the paper's protocol. ELS depends on the network only through its
-# calibrated k(sigma): when the variant's schedule equals the model's, the model's ELS samples are reused,
-# otherwise ELS is sampled again under OUT/ablation-TAG/els-NAME. With the learning rate constant, a shorter run
-# is the longer run's checkpoint at that step (a copy of that checkpoint, resumed with the shorter --steps, ends
-# at once):
+# calibrated k(sigma) and its training set: when the variant's schedule and training set (dataset, n_train, image
+# shape, conditioning, from config.json) equal the model's, the model's ELS samples are reused, otherwise ELS is
+# sampled again under OUT/ablation-TAG/els-NAME. With the learning rate constant, a shorter run is the longer
+# run's checkpoint at that step (a copy of that checkpoint, resumed with the shorter --steps, ends at once):
 #   TRAIN_ABLATIONS="train8000:--steps=8000" CAL_SEEDS=0-4 MODELS=mnist-resnet-zeros bash scripts/reproduce_table1.sh
+# ABLATION_SCHEDULE (default: calibrate each variant) gives the training ablations one k(sigma) instead, anything
+# `--patch-sizes` takes (a schedule.json or a preset); "model" means the model's own calibrated schedule. For a
+# variant too costly to calibrate here, e.g. all 10,000 bundled digits (ELS cost grows with n_train):
+#   TRAIN_ABLATIONS="n10k:--n-train=10000" ABLATION_SCHEDULE=model EVAL_SEEDS=1000-1039 MODELS=mnist-resnet-zeros \
+#     bash scripts/reproduce_table1.sh
 #
 # Costs on this 2-core CPU, one thread (measured 2026-11-30): ELS sampling at N = 1000 about
 # 15 s per seed (MNIST, unconditional) and 5 s per seed (Fashion-MNIST, conditional); a
@@ -53,6 +58,7 @@ TRAIN_STEPS=${TRAIN_STEPS:-4000}
 ABLATION_STEPS=${ABLATION_STEPS:-"50 500"}   # the network's own DDIM steps, beside 150 and 20 (same ELS samples)
 CAL_ABLATIONS=${CAL_ABLATIONS:-}   # "TAG:FLAGS ...": calibration variants (see above)
 TRAIN_ABLATIONS=${TRAIN_ABLATIONS:-}   # "TAG:FLAGS ...": training variants (see above)
+ABLATION_SCHEDULE=${ABLATION_SCHEDULE:-}   # the training variants' k(sigma) instead of calibrating them ("model": the model's)
 MACHINE_STEPS=${MACHINE_STEPS:-20}   # the ablations' ELS sampling steps, whatever their schedule's length
 COMPARE_DENOISERS=${COMPARE_DENOISERS:-els,ls,ideal,wiener,data-locality,pspc,nearest}  # "none": no compare stage
 CALIBRATE_FAMILY=${CALIBRATE_FAMILY:-"ls data-locality"}   # knobs calibrated before compare ("none": published defaults)
@@ -81,10 +87,10 @@ calibrate_els() {
   "$PM" calibrate --model "$1" --machine els --candidates "$CANDIDATES" --seeds "$CAL_SEEDS" \
     --threads "$THREADS" --out "$2" --overwrite "${@:3}"
 }
-# ablation_evaluate NETWORK ELS: an ablation's ELS samples (in ELS, sampled there on the MACHINE_STEPS grid with
-# $abl/calibrate-$name's schedule unless ELS holds them) against NETWORK in the paper's protocol
+# ablation_evaluate NETWORK ELS SCHEDULE: an ablation's ELS samples (in ELS, sampled there on the MACHINE_STEPS grid
+# with SCHEDULE unless ELS holds them) against NETWORK in the paper's protocol
 ablation_evaluate() {
-  local sched=$abl/calibrate-$name/schedule.json resume=()
+  local sched=$3 resume=()
   if [[ ! -f $2/samples.npz ]]; then
     stage "$name: ELS samples, ablation $tag"
     [[ -f $2/config.json ]] && resume=(--resume)
@@ -99,6 +105,13 @@ ablation_evaluate() {
 }
 # a schedule.json's patch sizes as one string (JSON of any layout; no python needed)
 patch_sizes_of() { tr -d ' \n\t' < "$1" | grep -o '"patch_sizes":\[[0-9,]*\]'; }
+# a network's training set (the ELS machine's data) as one string, from its config.json (MODEL: a directory or
+# pretrained:NAME)
+training_set_of() {
+  local dir=${1/#pretrained:/pretrained/}
+  tr -d ' \n\t' < "$dir/config.json" | grep -oE '"(dataset_name|n_images|image_shape|conditional)":("[^"]*"|[0-9]+|\[[0-9,]*\]|true|false)' |
+    sort | tr '\n' ' '
+}
 
 for name in $MODELS; do
   flags=$(train_flags "$name")
@@ -174,7 +187,7 @@ for name in $MODELS; do
       # shellcheck disable=SC2086
       calibrate_els "$model" "$abl/calibrate-$name" $extra
     fi
-    ablation_evaluate "$model" "$abl/els-$name"
+    ablation_evaluate "$model" "$abl/els-$name" "$abl/calibrate-$name/schedule.json"
   done
   for entry in $TRAIN_ABLATIONS; do
     tag=${entry%%:*} extra=${entry#*:}
@@ -187,17 +200,23 @@ for name in $MODELS; do
       # shellcheck disable=SC2086
       "$PM" train $flags --steps "$TRAIN_STEPS" --threads "$THREADS" --out "$variant" "${resume[@]}" $extra
     fi
-    vschedule=$abl/calibrate-$name/schedule.json
-    if [[ ! -f $vschedule ]]; then
+    case $ABLATION_SCHEDULE in
+      "") vschedule=$abl/calibrate-$name/schedule.json ;;
+      model) vschedule=$schedule ;;
+      *) vschedule=$ABLATION_SCHEDULE ;;
+    esac
+    if [[ -z $ABLATION_SCHEDULE && ! -f $vschedule ]]; then
       stage "$name: calibrate, ablation $tag (seeds $CAL_SEEDS, candidates $CANDIDATES)"
       calibrate_els "$variant" "$abl/calibrate-$name"
     fi
     vels=$abl/els-$name
-    vsizes=$(patch_sizes_of "$vschedule" || true) sizes=$(patch_sizes_of "$schedule" || true)
-    if [[ -n $vsizes && $vsizes == "$sizes" && ! -d $vels ]]; then
-      vels=$els   # the same k(sigma): the same ELS samples
+    vsizes= sizes=$(patch_sizes_of "$schedule" || true)
+    [[ -f $vschedule ]] && vsizes=$(patch_sizes_of "$vschedule" || true)
+    vdata=$(training_set_of "$variant" || true) data=$(training_set_of "$model" || true)
+    if [[ -n $vsizes && $vsizes == "$sizes" && -n $vdata && $vdata == "$data" && ! -d $vels ]]; then
+      vels=$els   # the same k(sigma) and training set: the same ELS samples
     fi
-    ablation_evaluate "$variant" "$vels"
+    ablation_evaluate "$variant" "$vels" "$vschedule"
   done
 done
 stage "table"

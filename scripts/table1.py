@@ -268,8 +268,11 @@ def build_table(
 
         schedule_path = find_schedule(run_dir, pretrained, name)
         if schedule_path is None:
-            schedule = MISSING
-            notes.append(f"`{name}`: no {SCHEDULE_FILE} in {pretrained / name} or {run_dir / f'calibrate-{name}'}")
+            # no schedule file (e.g. an ablation given its k(sigma)): the sizes evaluate recorded as calibrated
+            key, ev = next((key, ev) for key, ev in evals.items() if ev is not None)
+            schedule = ",".join(map(str, ev["patch_sizes"]))
+            notes.append(f"`{name}`: no {SCHEDULE_FILE} in {pretrained / name} or {run_dir / f'calibrate-{name}'}; "
+                         f"k(sigma) as evaluate-{key}-{name} recorded it")
         else:
             sizes = [int(k) for k in _get(_read_json(schedule_path), schedule_path, "patch_sizes")]
             schedule = ",".join(map(str, sizes))

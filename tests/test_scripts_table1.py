@@ -90,8 +90,8 @@ def test_rows_cells_and_notes(run_dir):
         "`mnist-unet-zeros`", ",".join(map(str, K_CAL)), "5-7, 9 (4)",
         "0.923 [0.907, 0.940]", "–", "0.557 [0.533, 0.581]", "0.846 [0.812, 0.879]", "3/4",
     ]
-    assert cells(table, "my-model") == ["`my-model`", "–", "1000-1001 (2)", "–", "0.923 [0.907, 0.940]",
-                                        "–", "–", "–"]
+    assert cells(table, "my-model") == ["`my-model`", ",".join(map(str, K_FASHION)), "1000-1001 (2)", "–",
+                                        "0.923 [0.907, 0.940]", "–", "–", "–"]  # k(sigma) as evaluate recorded it
     notes = lines[6:]
     assert "- paper protocol (`evaluate-150-NAME`): network 150 DDIM steps, machines 20 steps." in notes
     assert "- 20/20 (`evaluate-20-NAME`): network 20 DDIM steps, machines 20 steps." in notes
@@ -99,7 +99,8 @@ def test_rows_cells_and_notes(run_dir):
             "`mnist-resnet-circular`, `fashion-unet-zeros-cond`, `mnist-unet-attention`.") in notes
     assert "- `mnist-unet-zeros`: no evaluate-20-mnist-unet-zeros/metrics.json (20/20 cells: –)" in notes
     assert "- `my-model`: no evaluate-150-my-model/metrics.json (paper protocol cells: –)" in notes
-    assert any(n.startswith("- `my-model`: no schedule.json in ") for n in notes)
+    assert any(n.startswith("- `my-model`: no schedule.json in ") and
+               n.endswith("; k(sigma) as evaluate-20-my-model recorded it") for n in notes)
     assert not any("fashion-resnet-zeros-cond" in n for n in notes)  # complete and consistent
 
 
@@ -270,13 +271,18 @@ def test_reproduce_script_family_knobs_follow_the_compared_denoisers(tmp_path):
 
 def test_reproduce_script_training_ablations(tmp_path):
     """A training ablation trains the recipe with its flags last, calibrates the variant, reuses the model's ELS
-    samples when the variant's k(sigma) is the model's and samples ELS again when it is not, evaluates in the
-    paper's protocol, renders its table, and a second run starts no stage."""
-    env, log, out = fake_cli_env(tmp_path, COMPARE_DENOISERS="none", TRAIN_ABLATIONS="same:--steps=8000 other:--width=64")
-    same, other = out / "ablation-same", out / "ablation-other"
-    # the "same" variant calibrates to the committed schedule (written reformatted: only the sizes count)
+    samples when the variant's k(sigma) and training set are the model's and samples ELS again when either is not,
+    evaluates in the paper's protocol, renders its table, and a second run starts no stage."""
+    env, log, out = fake_cli_env(tmp_path, COMPARE_DENOISERS="none",
+                                 TRAIN_ABLATIONS="same:--steps=8000 other:--width=64 data:--n-train=10000")
+    same, other, data = out / "ablation-same", out / "ablation-other", out / "ablation-data"
+    # "same" and "data" calibrate to the committed schedule (written reformatted: only the sizes count); "same"
+    # trains on the committed model's training set, "data" on 10,000 images
     committed = json.loads((ROOT / "pretrained" / "mnist-resnet-zeros" / "schedule.json").read_text())
-    write_json(same / "calibrate-mnist-resnet-zeros" / "schedule.json", {"patch_sizes": committed["patch_sizes"]})
+    config = json.loads((ROOT / "pretrained" / "mnist-resnet-zeros" / "config.json").read_text())
+    for abl, n_images in ((same, config["n_images"]), (data, 10000)):
+        write_json(abl / "calibrate-mnist-resnet-zeros" / "schedule.json", {"patch_sizes": committed["patch_sizes"]})
+        write_json(abl / "train-mnist-resnet-zeros" / "config.json", {**config, "n_images": n_images})
 
     def run():
         return run_reproduce(env, log)
@@ -284,10 +290,11 @@ def test_reproduce_script_training_ablations(tmp_path):
     skip = ("evaluate --model pretrained", "sample --machine els --like pretrained")  # the committed model's stages
     calls = [c for c in run() if not c.startswith(skip)]
     stages = [c.split()[0] for c in calls if not c.endswith(".md")]
-    assert stages == ["train", "evaluate", "train", "calibrate", "sample", "evaluate"], calls
+    assert stages == ["train", "evaluate", "train", "calibrate", "sample", "evaluate", "train", "sample",
+                      "evaluate"], calls
     assert calls[0].startswith("train --dataset mnist --arch resnet --padding zeros --width 32 --depth 4")
     assert calls[0].endswith(f"--steps 4000 --threads 1 --out {same}/train-mnist-resnet-zeros --steps=8000")
-    # same k(sigma): the model's own ELS samples, the variant network
+    # same k(sigma) and training set: the model's own ELS samples, the variant network
     assert calls[1].startswith(f"evaluate --model {same}/train-mnist-resnet-zeros --machine els --patch-sizes "
                                f"{same}/calibrate-mnist-resnet-zeros/schedule.json --steps 20")
     assert f"--network-steps 150 --reuse {out}/els-mnist-resnet-zeros " in calls[1]
@@ -296,7 +303,28 @@ def test_reproduce_script_training_ablations(tmp_path):
     assert calls[4].startswith(f"sample --machine els --like {other}/train-mnist-resnet-zeros --patch-sizes "
                                f"{other}/calibrate-mnist-resnet-zeros/schedule.json --steps 20")
     assert f"--reuse {other}/els-mnist-resnet-zeros " in calls[5]
+    # same k(sigma), another training set: ELS sampled again on the variant's data
+    assert calls[7].startswith(f"sample --machine els --like {data}/train-mnist-resnet-zeros --patch-sizes "
+                               f"{data}/calibrate-mnist-resnet-zeros/schedule.json --steps 20")
+    assert f"--reuse {data}/els-mnist-resnet-zeros " in calls[8]
     tables = [c for c in calls if c.endswith(".md")]
-    assert tables[1:] == [f"scripts/table1.py {same} --pretrained {same} --out {same}/table1.md",
-                          f"scripts/table1.py {other} --pretrained {other} --out {other}/table1.md"]
+    assert tables[1:] == [f"scripts/table1.py {abl} --pretrained {abl} --out {abl}/table1.md"
+                          for abl in (same, other, data)]
     assert [c for c in run() if not c.endswith(".md")] == []
+
+
+def test_reproduce_script_training_ablation_schedule(tmp_path):
+    """ABLATION_SCHEDULE gives the training variants one k(sigma) instead of calibrating them ("model": the model's
+    committed schedule, whose ELS samples are not reused for another training set; or any --patch-sizes value)."""
+    base, log, out = fake_cli_env(tmp_path, COMPARE_DENOISERS="none", TRAIN_ABLATIONS="n10k:--n-train=10000")
+    schedule = "pretrained/mnist-resnet-zeros/schedule.json"
+    for value, sizes in (("model", schedule), ("mnist-resnet-zeros", "mnist-resnet-zeros")):
+        abl = out / value / "ablation-n10k"
+        calls = [c for c in run_reproduce({**base, "OUT": str(out / value), "ABLATION_SCHEDULE": value}, log)
+                 if f"{abl}/" in c and not c.endswith(".md")]
+        assert [c.split()[0] for c in calls] == ["train", "sample", "evaluate"], calls
+        assert calls[1].startswith(f"sample --machine els --like {abl}/train-mnist-resnet-zeros --patch-sizes "
+                                   f"{sizes} --steps 20")
+        assert calls[2].startswith(f"evaluate --model {abl}/train-mnist-resnet-zeros --machine els --patch-sizes "
+                                   f"{sizes} --steps 20")
+        assert f"--reuse {abl}/els-mnist-resnet-zeros " in calls[2]
