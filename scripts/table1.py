@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from patchmosaic.comparison import format_interval
 from patchmosaic.runs import format_seeds
 
 # The models of Table 1, in its order (scripts/reproduce_table1.sh trains and evaluates the same list).
@@ -88,11 +89,6 @@ def _get(data: dict[str, Any], path: Path, *keys: str) -> Any:
             raise Table1Error(f"{path} has no {'.'.join(keys[: i + 1])}")
         value = value[key]
     return value
-
-
-def format_interval(aggregate: dict[str, Any]) -> str:
-    """``median [ci_low, ci_high]`` with three decimals, as the README's tables."""
-    return f"{aggregate['median']:.3f} [{aggregate['ci_low']:.3f}, {aggregate['ci_high']:.3f}]"
 
 
 def read_evaluation(path: Path, network_steps: int) -> dict[str, Any]:

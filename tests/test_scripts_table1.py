@@ -117,6 +117,16 @@ def test_inconsistent_files_are_noted(run_dir):
     assert "Missing" not in table and "`my-model`" in table  # --models replaces Table 1's list
 
 
+def test_undefined_median_reads_n_a(run_dir):
+    """A median evaluate could not define (NaN, e.g. R^2 of a constant network image) is "n/a", as in leaderboards."""
+    run, pretrained = run_dir
+    data = metrics()
+    data["aggregates"]["els"]["R2"].update(median=float("nan"), ci_low=float("nan"), ci_high=float("nan"))
+    write_json(run / "evaluate-150-fashion-resnet-zeros-cond" / "metrics.json", data)
+    table = table1.build_table(run, pretrained=pretrained, models=("fashion-resnet-zeros-cond",))
+    assert cells(table, "fashion-resnet-zeros-cond")[6] == "n/a"
+
+
 def test_denoiser_table_from_compare_leaderboards(run_dir):
     run, pretrained = run_dir
     write_json(run / "compare-fashion-resnet-zeros-cond" / "leaderboard.json", BOARD)
