@@ -33,7 +33,6 @@ import torch
 
 from patchmosaic.data import load_dataset
 from patchmosaic.denoisers.data_locality import DATA_LOCALITY_THRESHOLDS, DataLocality
-from patchmosaic.denoisers.score_machines import IdealScoreMachine as Ideal
 from patchmosaic.denoisers.patch_composite import PatchComposite, pspc_cifar10_schedule
 from patchmosaic.denoisers.registry import build_denoiser
 

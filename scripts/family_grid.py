@@ -14,8 +14,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from patchmosaic.data import load_dataset
 from patchmosaic.denoisers import ScoreMachine, build_denoiser

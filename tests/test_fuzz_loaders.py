@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from patchmosaic.checkpoints import load_checkpoint, save_checkpoint
 from patchmosaic.data.formats import read_cifar10, read_idx, read_npz
