@@ -16,9 +16,11 @@ with ``y`` the network's final image and ``y_hat`` ELS's:
 * ``border_share``: the share of the squared difference in the outer
   ``--border`` pixels, against that band's share of the pixels (``border_area``).
 
-For each pair of directories with the same seeds it also reports the median r
-between their networks' samples and between their ELS samples (do two
-networks, e.g. with and without attention, make the same images?).
+For each pair of directories it also reports, over the seeds both hold, the
+median r between their networks' samples and between their ELS samples (do two
+networks, e.g. with and without attention, make the same images?). A run is
+named by its folder, or by ``PARENT/FOLDER`` where two runs' folders share a
+name (e.g. ``ablation-n10k/evaluate-150-mnist-resnet-zeros``).
 
 Medians over seeds go to ``where_els_differs.json`` (with the per-seed values),
 and ``where_els_differs.png`` shows, per directory, the mean absolute
@@ -83,16 +85,31 @@ def analyse(network: np.ndarray, els: np.ndarray, *, blur: float, border: int) -
 
 
 def between_runs(loaded: dict[str, tuple[np.ndarray, np.ndarray, list[int]]]) -> list[dict]:
-    """Median r between two runs' network samples and between their ELS samples, for each pair with equal seeds."""
+    """Median r between two runs' network samples and between their ELS samples, over the seeds both runs hold
+    (pairs without a shared seed are left out)."""
     names = list(loaded)
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             (net_a, els_a, seeds_a), (net_b, els_b, seeds_b) = loaded[a], loaded[b]
-            if seeds_a == seeds_b:
-                rows.append({"a": a, "b": b, "network_r": _median(pearson_r(net_a, net_b)),
-                             "els_r": _median(pearson_r(els_a, els_b))})
+            shared = sorted(set(seeds_a) & set(seeds_b))
+            if not shared:
+                continue
+            ia, ib = [seeds_a.index(s) for s in shared], [seeds_b.index(s) for s in shared]
+            rows.append({"a": a, "b": b, "n_seeds": len(shared),
+                         "network_r": _median(pearson_r(net_a[ia], net_b[ib])),
+                         "els_r": _median(pearson_r(els_a[ia], els_b[ib]))})
     return rows
+
+
+def run_names(runs: list[Path]) -> list[str]:
+    """Each run's folder name, or ``PARENT/FOLDER`` where folder names repeat."""
+    counts = {name: [r.name for r in runs].count(name) for name in {r.name for r in runs}}
+    names = [r.name if counts[r.name] == 1 else f"{r.parent.name}/{r.name}" for r in runs]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"two runs have the same name {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                         "give each its own folder")
+    return names
 
 
 def _median(values: np.ndarray) -> float | None:
@@ -117,24 +134,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.blur <= 0 or args.border < 1:
         parser.error("--blur must be > 0 and --border >= 1")
     results, maps, loaded = {}, {}, {}
-    for run in args.runs:
-        network, els, seeds = loaded[run.name] = _load(run)
+    for name, run in zip(run_names(args.runs), args.runs):
+        network, els, seeds = loaded[name] = _load(run)
         a = analyse(network, els, blur=args.blur, border=args.border)
-        maps[run.name] = a.pop("mean_abs_diff")
+        maps[name] = a.pop("mean_abs_diff")
         area = a.pop("border_area")
-        results[run.name] = {
+        results[name] = {
             "run": str(run), "seeds": seeds, "border_area": area,
             "median": {k: _median(v) for k, v in a.items()},  # None where no seed has a finite value
             "per_seed": {k: [float(x) if np.isfinite(x) else None for x in v] for k, v in a.items()},
         }
-        m = {k: "n/a" if v is None else f"{v:.3f}" for k, v in results[run.name]["median"].items()}
-        print(f"{run.name}: median r {m['pearson_r']}, low-pass r {m['r_low']}, high-pass r {m['r_high']}; "
+        m = {k: "n/a" if v is None else f"{v:.3f}" for k, v in results[name]["median"].items()}
+        print(f"{name}: median r {m['pearson_r']}, low-pass r {m['r_low']}, high-pass r {m['r_high']}; "
               f"low-pass share of the squared difference {m['low_share']}; border share {m['border_share']} "
               f"(area {area:.2f})")
     between = between_runs(loaded)
     for row in between:
-        print(f"{row['a']} vs {row['b']}: networks' samples median r {row['network_r']:.3f}, ELS samples "
-              f"{row['els_r']:.3f}")
+        print(f"{row['a']} vs {row['b']} ({row['n_seeds']} shared seeds): networks' samples median r "
+              f"{row['network_r']:.3f}, ELS samples {row['els_r']:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"blur_std_px": args.blur, "border_px": args.border, "runs": results, "between_runs": between}
     (args.out / "where_els_differs.json").write_text(json.dumps(payload, indent=2))

@@ -66,9 +66,32 @@ def test_command_line(tmp_path, capsys):
     assert data["runs"]["b"]["seeds"] == seeds and (out / "where_els_differs.png").is_file()
     assert data["runs"]["a"]["median"]["low_share"] is None  # no difference to share
     # the two runs share the network's samples; their ELS samples are opposite
-    assert data["between_runs"] == [{"a": "a", "b": "b", "network_r": pytest.approx(1.0), "els_r": pytest.approx(-1.0)}]
+    assert data["between_runs"] == [{"a": "a", "b": "b", "n_seeds": 2, "network_r": pytest.approx(1.0),
+                                     "els_r": pytest.approx(-1.0)}]
     printed = capsys.readouterr().out
-    assert "b: median r -1.000" in printed and "a vs b: networks' samples median r 1.000, ELS samples -1.000" in printed
+    assert "b: median r -1.000" in printed
+    assert "a vs b (2 shared seeds): networks' samples median r 1.000, ELS samples -1.000" in printed
     save_samples(tmp_path / "a" / "samples_els.npz", net, [3, 5], None)
     with pytest.raises(SystemExit, match="different seeds"):
         wed.main([str(tmp_path / "a"), "--out", str(out)])
+
+
+def test_runs_with_the_same_folder_name_pair_on_shared_seeds(tmp_path):
+    """Two ablations' evaluate folders share a name: each is named PARENT/FOLDER, and they are compared on the
+    seeds both hold, matched by seed whatever their order."""
+    rng = np.random.default_rng(2)
+    net = rng.uniform(-1, 1, size=(3, 1, 8, 8)).astype(np.float32)
+    els = rng.uniform(-1, 1, size=(3, 1, 8, 8)).astype(np.float32)
+    a, b = tmp_path / "base" / "evaluate-150-m", tmp_path / "n10k" / "evaluate-150-m"
+    for run, idx, seeds in ((a, [0, 1, 2], [7, 8, 9]), (b, [2, 1], [9, 8])):
+        run.mkdir(parents=True)
+        save_samples(run / "samples_network.npz", net[idx], seeds, None)
+        save_samples(run / "samples_els.npz", -els[idx] if run == b else els[idx], seeds, None)
+    out = tmp_path / "out"
+    assert wed.main([str(a), str(b), "--out", str(out)]) == 0
+    data = json.loads((out / "where_els_differs.json").read_text())
+    assert sorted(data["runs"]) == ["base/evaluate-150-m", "n10k/evaluate-150-m"]
+    assert data["between_runs"] == [{"a": "base/evaluate-150-m", "b": "n10k/evaluate-150-m", "n_seeds": 2,
+                                     "network_r": pytest.approx(1.0), "els_r": pytest.approx(-1.0)}]
+    with pytest.raises(SystemExit, match="same name"):
+        wed.main([str(a), str(a), "--out", str(out)])
