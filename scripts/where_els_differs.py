@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +105,11 @@ def between_runs(loaded: dict[str, tuple[np.ndarray, np.ndarray, list[int]]]) ->
 
 def run_names(runs: list[Path]) -> list[str]:
     """Each run's folder name, or ``PARENT/FOLDER`` where folder names repeat."""
-    counts = {name: [r.name for r in runs].count(name) for name in {r.name for r in runs}}
+    counts = Counter(r.name for r in runs)
     names = [r.name if counts[r.name] == 1 else f"{r.parent.name}/{r.name}" for r in runs]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"two runs have the same name {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
-                         "give each its own folder")
+    repeated = [name for name, n in Counter(names).items() if n > 1]
+    if repeated:
+        raise SystemExit(f"two runs have the same name {repeated[0]!r}; give each its own folder")
     return names
 
 
