@@ -86,6 +86,76 @@ def test_tracked_state_moves_its_reference_up_for_much_better_later_chunks(dtype
     torch.testing.assert_close(weight.double(), want_w, **tol)
 
 
+def _spy_blockwise(monkeypatch):
+    """Count the calls of SoftmaxMean._blockwise (block-by-block updates, each rebased)."""
+    calls = []
+    original = SoftmaxMean._blockwise
+
+    def spy(self, *args, **kwargs):
+        calls.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SoftmaxMean, "_blockwise", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("track", [None, 0])
+@pytest.mark.parametrize("V", [1, 12])  # thin values (weighted sum as values^T @ weights^T) and wide
+def test_swept_blocks_equal_direct_softmax(monkeypatch, dtype, track, V):
+    # Blocks of 2 keys: after the first chunk every row block sweeps 25 blocks on one shift
+    # and is rebased once; mean, N_eff and entropy equal the direct softmax's.
+    calls = _spy_blockwise(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    keys = torch.randn(2, 150, 4, generator=g, dtype=torch.float64)
+    values = torch.randn(2, 150, V, generator=g, dtype=torch.float64)
+    for ab in (0.05, 0.6, 0.95):
+        coef = torch.tensor(ab, dtype=dtype)
+        scale, bias = coef.sqrt() / (1 - coef), -coef / (2 * (1 - coef))
+        state = SoftmaxMean(augment_queries(x.to(dtype), scale.expand(5), bias.expand(5)), V, max_logits=20,
+                            track=track)
+        calls.clear()
+        for s in range(0, 150, 50):
+            state.update(augment_keys(keys[:, s : s + 50].transpose(1, 2).to(dtype)),
+                         augment_values(values[:, s : s + 50].to(dtype)))
+        assert len(calls) == 1  # the first chunk only (no reference yet): the other two were swept
+        d2 = ((x[:, :, None, :] - ab**0.5 * keys[:, None, :, :]) ** 2).sum(-1)
+        w = torch.softmax(-d2 / (2 * (1 - ab)), dim=-1)  # [2, 5, 150]
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+        torch.testing.assert_close(state.mean().double(), w @ values, **tol)
+        if track is not None:
+            n_eff, entropy = state.posterior_stats()
+            torch.testing.assert_close(n_eff.double(), 1 / (w * w).sum(-1), **tol)
+            torch.testing.assert_close(entropy.double(), -(w * w.log()).sum(-1), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("track", [None, 0])
+def test_a_sweep_with_a_capped_logit_is_redone_block_by_block(monkeypatch, dtype, track):
+    # The second chunk's last block holds the query's match, ~1000 nats above the reference
+    # the sweep shifts by: the sweep's normaliser reaches e^cap, so it is redone exactly.
+    calls = _spy_blockwise(monkeypatch)
+    x = torch.zeros(1, 3, 2, dtype=torch.float64)
+    far = torch.tensor([[30.0, 0.0], [0.0, 30.0], [30.0, 30.0], [-30.0, 0.0]], dtype=torch.float64)
+    keys = torch.cat([far, far, torch.tensor([[0.0, 0.0], [0.1, 0.0]], dtype=torch.float64)])[None]  # [1, 10, 2]
+    values = torch.arange(10, dtype=torch.float64).reshape(1, 10, 1)
+    ab = 1 - 1 / 1000
+    coef = torch.tensor(ab, dtype=dtype)
+    scale, bias = coef.sqrt() / (1 - coef), -coef / (2 * (1 - coef))
+    state = SoftmaxMean(augment_queries(x.to(dtype), scale.expand(3), bias.expand(3)), 1, max_logits=6, track=track)
+    for s, e in ((0, 4), (4, 10)):  # blocks of 2 keys: the second chunk is swept in 3 blocks
+        state.update(augment_keys(keys[:, s:e].transpose(1, 2).to(dtype)), augment_values(values[:, s:e].to(dtype)))
+    assert len(calls) == 2  # the first chunk, then the second chunk's redo
+    d2 = ((x[:, :, None, :] - ab**0.5 * keys[:, None, :, :]) ** 2).sum(-1)
+    w = torch.softmax(-d2 / (2 * (1 - ab)), dim=-1)
+    assert torch.isfinite(state.mean()).all()
+    torch.testing.assert_close(state.mean().double(), w @ values, rtol=1e-5, atol=1e-5)
+    if track is not None:
+        n_eff, _ = state.posterior_stats()
+        torch.testing.assert_close(n_eff.double(), 1 / (w * w).sum(-1), rtol=1e-5, atol=1e-5)
+
+
 def test_partial_states_of_disjoint_shards_merge_exactly():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 3, 4, generator=g, dtype=torch.float64)
