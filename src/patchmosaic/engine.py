@@ -385,6 +385,14 @@ def _box_gap2(alo: torch.Tensor, ahi: torch.Tensor, blo: torch.Tensor, bhi: torc
     return out
 
 
+def _weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``weights [G, R, M] @ values [G, M, V]``; thin values (``V <= THIN_VALUES``) on CPU as
+    ``(values^T @ weights^T)^T`` (see ``THIN_VALUES``)."""
+    if values.shape[-1] > THIN_VALUES or weights.device.type != "cpu":
+        return torch.bmm(weights, values)
+    return torch.bmm(values.transpose(1, 2).contiguous(), weights.transpose(1, 2)).transpose(1, 2)
+
+
 class SoftmaxMean:
     """Online softmax-weighted mean of values, streamed over chunks of keys.
 
@@ -550,7 +558,7 @@ class SoftmaxMean:
         ref = self.ref[:, sl]
         if bool((ref == shift).all()):
             weights = torch.clamp(logits, min=self.floor, max=self.cap, out=work).exp_()
-            contrib = torch.bmm(weights, values)  # [G, rows, V + 1]
+            contrib = _weighted_sum(weights, values)  # [G, rows, V + 1]
             if not bool((contrib[..., -1] >= 0.999 * math.exp(self.cap)).any()):
                 self.acc[:, sl] += contrib
                 self._rebase(sl)
@@ -611,7 +619,7 @@ class SoftmaxMean:
         rows = sl.stop - sl.start
         # few value columns: the weighted sum as [V + 1, keys] @ [keys, rows] runs ~5x faster than
         # [rows, keys] @ [keys, V + 1] (a thin product reading the weight block by rows)
-        thin = V1 <= THIN_VALUES
+        thin = V1 <= THIN_VALUES and values.device.type == "cpu"
         if thin:
             values_t = values.transpose(1, 2).contiguous()  # [G, V + 1, M]
             acc_t = self.acc.new_zeros((G, V1, rows))
@@ -805,7 +813,7 @@ class SoftmaxMean:
         logits = self._logits(sl, keys_t)  # [G, rows, M], logits - ref
         top = self._chunk_top(logits, ids, counts, self.top_score[:, sl, -1]) if self.track else None
         weights = self._exp(logits.clamp_(min=self.floor, max=self.cap))  # [G, rows, M]
-        contrib = torch.bmm(weights, values)  # [G, rows, V + 1]
+        contrib = _weighted_sum(weights, values)  # [G, rows, V + 1]
         if bool((contrib[..., -1] >= 0.999 * math.exp(self.cap)).any()):  # a logit was capped
             self._exact_update(sl, keys_t, values, ids, counts)
             return
