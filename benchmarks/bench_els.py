@@ -14,6 +14,7 @@ agree on the benchmark inputs, and all timings are interleaved in one run.
     python benchmarks/bench_els.py --threads 1     # on a CPU shared with other jobs
     python benchmarks/bench_els.py --n-train 2000 --repeats 1
     python benchmarks/bench_els.py --memory        # peak RSS per call, fresh processes
+    python benchmarks/bench_els.py --threads 1 --profile zeros,0.9,15   # where one of our calls spends its time
 """
 
 from __future__ import annotations
@@ -84,6 +85,24 @@ def peak_rss_mb(method: str, padding: str, t: float, k: int, n_train: int) -> fl
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
+def profile(point: str, n_train: int) -> None:
+    """Print the operators one patchmosaic call at ``PADDING,T,K`` spends its time in (share of the call)."""
+    padding, t, k = point.split(",")
+    train, x_t, ab = make_inputs(n_train, float(t))
+    machine = machine_for(train, padding)
+    machine.denoise(x_t, ab, patch_size=int(k))  # warm-up
+    with torch.profiler.profile() as prof:
+        start = time.perf_counter()
+        machine.denoise(x_t, ab, patch_size=int(k))
+        seconds = time.perf_counter() - start
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"{padding} t={t} k={k}: one call {seconds:.3f} s; operators by self time:")
+    for e in events[:10]:
+        print(f"  {e.key:32s} {e.self_cpu_time_total / 1e6:7.3f} s  {100 * e.self_cpu_time_total / total:5.1f}%  "
+              f"({e.count} calls)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-train", type=int, default=512, help="training images (default 512)")
@@ -93,10 +112,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); "
                         "1 avoids threads spin-waiting for a descheduled partner on a shared CPU")
+    parser.add_argument("--profile", metavar="PADDING,T,K", help="instead of timing: profile one patchmosaic call "
+                        "at this point (torch.profiler, after a warm-up call) and print its top operators")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n_train}, float32, 1 query")
+    if args.profile:
+        profile(args.profile, args.n_train)
+        return
     results = []
     for padding in args.paddings.split(","):
         ratios = []

@@ -296,7 +296,7 @@ EXP_FLOOR_TRACKED = {torch.float32: -40.0, torch.float64: -100.0}
 # reference; a state stops bounding when its first bounded chunk would skip under
 # PRUNE_MIN_FRACTION of its (row, candidate) pairs (high noise: nothing to skip),
 # tested first pair by pair on PRUNE_SAMPLE of its keys (before sorting anything).
-# Unbounded chunks of a pruning state are folded in blocks of >= PRUNE_DENSE_ROWS rows.
+# Unbounded chunks are folded in blocks of >= PRUNE_DENSE_ROWS rows (or all of them).
 PRUNE_MARGIN = 1.0
 PRUNE_ROWS = 64
 PRUNE_KEYS = 64
@@ -385,10 +385,14 @@ def _box_gap2(alo: torch.Tensor, ahi: torch.Tensor, blo: torch.Tensor, bhi: torc
     return out
 
 
+def _thin(values: torch.Tensor) -> bool:
+    """Whether ``weights @ values`` is better formed as ``(values^T @ weights^T)^T`` (``THIN_VALUES``)."""
+    return values.shape[-1] <= THIN_VALUES and values.device.type == "cpu"
+
+
 def _weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``weights [G, R, M] @ values [G, M, V]``; thin values (``V <= THIN_VALUES``) on CPU as
-    ``(values^T @ weights^T)^T`` (see ``THIN_VALUES``)."""
-    if values.shape[-1] > THIN_VALUES or weights.device.type != "cpu":
+    """``weights [G, R, M] @ values [G, M, V]``, thin values transposed (:func:`_thin`)."""
+    if not _thin(values):
         return torch.bmm(weights, values)
     return torch.bmm(values.transpose(1, 2).contiguous(), weights.transpose(1, 2)).transpose(1, 2)
 
@@ -435,7 +439,9 @@ class SoftmaxMean:
         queries: ``[G, Bq, D + 2]`` augmented queries (:func:`augment_queries`);
             the state owns them and writes the shift into their last column.
         values: Value dimension V (without the normaliser column).
-        max_logits: Elements of one logit block (rows are blocked to fit).
+        max_logits: Elements of one logit block at most (rows are blocked to fit);
+            on CPU, states without top candidates use blocks of ``CPU_BLOCK_BYTES``
+            where those are smaller.
         track: ``None`` (mean only), ``0`` (also N_eff and entropy) or ``m > 0``
             (also the top-m candidates; :meth:`update` then needs ``ids``).
         prune: Rank ``r`` of the distance bound that skips candidates proven
@@ -582,11 +588,12 @@ class SoftmaxMean:
     def _update_dense(
         self, keys_t: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None, counts: torch.Tensor | None
     ) -> None:
-        """Every candidate of the chunk, in blocks of query rows of at most ``max_logits`` logits.
+        """Every candidate of the chunk, row block by row block (:meth:`_sweep`), in logit blocks of
+        at most :meth:`_block` elements.
 
-        A pruning state's chunks are large (keys alone fill the machine's budget); where a
-        block would hold under ``PRUNE_DENSE_ROWS`` rows the keys are split instead, so the
-        products keep enough rows to run at full speed.
+        Where a block of every key would hold under ``PRUNE_DENSE_ROWS`` rows (large chunks, e.g. a
+        pruning state's, whose keys alone fill the machine's budget, or cache-sized blocks), the keys
+        are split instead, so the products keep enough rows to run at full speed.
         """
         G, Bq, _ = self.queries.shape
         M = keys_t.shape[-1]
@@ -617,9 +624,7 @@ class SoftmaxMean:
         self.queries[:, sl, -1] = -self.ref[:, sl]
         G, V1 = values.shape[0], values.shape[-1]
         rows = sl.stop - sl.start
-        # few value columns: the weighted sum as [V + 1, keys] @ [keys, rows] runs ~5x faster than
-        # [rows, keys] @ [keys, V + 1] (a thin product reading the weight block by rows)
-        thin = V1 <= THIN_VALUES and values.device.type == "cpu"
+        thin = _thin(values)  # the weighted sums accumulate as [V + 1, rows]
         if thin:
             values_t = values.transpose(1, 2).contiguous()  # [G, V + 1, M]
             acc_t = self.acc.new_zeros((G, V1, rows))
