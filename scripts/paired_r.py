@@ -6,7 +6,8 @@ Each run may have its own network and schedule (an ablation: a network trained
 longer, wider, ...); the seeds are what pairs them. For every run prints the
 median Pearson r of ELS with its network [bootstrap 95% CI] and, against the
 first file, the median of the per-seed difference r_run - r_base [bootstrap
-95% CI] and on how many of the shared seeds the run's r is higher. Seeds that a
+95% CI] and on how many of the shared seeds the run's r is higher, and the
+run's lowest r and share of seeds with r >= 0.95 (the Table-1 target). Seeds that a
 file lacks are left out of its pairing (the count says how many were paired).
 A markdown table goes to stdout (``--out`` writes it to a file as well).
 """
@@ -42,8 +43,8 @@ def build_table(paths: list[Path], labels: list[str]) -> str:
     runs = [per_seed_r(p) for p in paths]
     base = runs[0]
     header = ("| run | seeds | ELS median r [95% CI] | paired difference to the first, median [95% CI] | "
-              "seeds with higher r |")
-    lines = [header, "|---|---|---|---|---|"]
+              "seeds with higher r | lowest r / seeds with r >= 0.95 |")
+    lines = [header, "|---|---|---|---|---|---|"]
     for label, run in zip(labels, runs):
         own = bootstrap_median(list(run.values()))
         shared = sorted(set(run) & set(base))
@@ -52,7 +53,9 @@ def build_table(paths: list[Path], labels: list[str]) -> str:
         diff = np.array([run[s] - base[s] for s in shared])
         paired = "–" if run is base else format_interval(bootstrap_median(diff), fmt="+.3f")
         wins = "–" if run is base else f"{int((diff > 0).sum())}/{len(shared)}"
-        lines.append(f"| {label} | {len(run)} | {format_interval(own)} | {paired} | {wins} |")
+        r = np.array(list(run.values()))
+        tail = f"{r.min():.3f} / {100 * (r >= 0.95).mean():.0f}%"
+        lines.append(f"| {label} | {len(run)} | {format_interval(own)} | {paired} | {wins} | {tail} |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,10 +37,11 @@ def test_paired_differences_wins_and_medians(tmp_path, capsys):
     assert (tmp_path / "t.md").read_text() == out
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[2:]}
     own = paired_r.bootstrap_median(list(base.values()))
-    assert rows["4000"][1:] == ["9", f"0.940 [{own['ci_low']:.3f}, {own['ci_high']:.3f}]", "–", "–"]
+    assert rows["4000"][1:] == ["9", f"0.940 [{own['ci_low']:.3f}, {own['ci_high']:.3f}]", "–", "–", "0.900 / 44%"]
     want = paired_r.bootstrap_median(np.array([better[s] - base[s] for s in seeds]))
     assert rows["8000"][3] == f"+0.020 [{want['ci_low']:+.3f}, {want['ci_high']:+.3f}]" and rows["8000"][4] == "8/9"
     assert rows["other"][1] == "4" and rows["other"][3].startswith("-0.050 ") and rows["other"][4] == "0/3"
+    assert rows["other"][5] == "0.500 / 0%" and rows["8000"][5] == "0.920 / 56%"  # 5 of 9 at >= 0.95
 
 
 def test_bad_inputs_are_named(tmp_path):
