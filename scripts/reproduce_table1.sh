@@ -4,7 +4,7 @@
 # once, and evaluate network vs ELS vs IS under both protocols from the same ELS samples:
 #   paper:  network 150 DDIM steps, machines one step per schedule entry (20)   -> evaluate-150
 #   20/20:  network on the machines' 20-step grid                                -> evaluate-20
-#   ablation: network 50 and 500 steps (ABLATION_STEPS)                         -> evaluate-50, evaluate-500
+#   ablation: network 50 and 500 steps (ABLATION_STEPS; "none": skipped)        -> evaluate-50, evaluate-500
 # then calibrate the other denoisers' locality knobs against the network (CALIBRATE_FAMILY: LS's k(sigma),
 # data-locality's threshold(sigma); pspc's window too if listed)                -> calibrate-X-NAME/schedule.json
 # and compare every denoiser with the network in the paper's protocol (COMPARE_DENOISERS; ELS reused from
@@ -56,6 +56,7 @@ CAL_SEEDS=${CAL_SEEDS:-0-9}
 CANDIDATES=${CANDIDATES:-3-21}
 TRAIN_STEPS=${TRAIN_STEPS:-4000}
 ABLATION_STEPS=${ABLATION_STEPS:-"50 500"}   # the network's own DDIM steps, beside 150 and 20 (same ELS samples)
+[[ $ABLATION_STEPS == none ]] && ABLATION_STEPS=""   # "none": 150 and 20 only (empty means the default)
 CAL_ABLATIONS=${CAL_ABLATIONS:-}   # "TAG:FLAGS ...": calibration variants (see above)
 TRAIN_ABLATIONS=${TRAIN_ABLATIONS:-}   # "TAG:FLAGS ...": training variants (see above)
 ABLATION_SCHEDULE=${ABLATION_SCHEDULE:-}   # the training variants' k(sigma) instead of calibrating them ("model": the model's)

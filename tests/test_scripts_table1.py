@@ -212,7 +212,7 @@ def fake_cli_env(tmp_path, **extra):
     fake.chmod(0o755)
     log, out = tmp_path / "calls.log", tmp_path / "out"
     env = {"PATH": "/usr/bin:/bin", "LOG": str(log), "PM": str(fake), "PY": str(fake), "OUT": str(out),
-           "MODELS": "mnist-resnet-zeros", "EVAL_SEEDS": "1000-1001", "ABLATION_STEPS": " ", **extra}
+           "MODELS": "mnist-resnet-zeros", "EVAL_SEEDS": "1000-1001", "ABLATION_STEPS": "none", **extra}
     return env, log, out
 
 
