@@ -310,12 +310,14 @@ PRUNE_DENSE_ROWS = 256
 # Blocking on CPU: the passes after a logit block's product (clamp, exp, the weighted sum, the
 # statistics) are bound by memory traffic; a block of CPU_BLOCK_BYTES (and the weights beside it when
 # statistics are tracked) stays in one core's L2 cache, so those passes read it from there. On this
-# 2-core machine (2 MB L2 per core) 1 MB blocks ran the demo's steps 1.1-1.4x faster than 16 MB ones
-# (README, "Cache-sized logit blocks"). States that track top candidates keep ``max_logits`` blocks
+# 2-core machine (2 MB L2 per core) they took 1.06 ns per logit on 1 MB blocks against 1.69 on 16 MB
+# ones (benchmarks/bench_blocks.py), and the demo's steps ran 1.1-1.5x faster (README, "Cache-sized
+# logit blocks"). States that track top candidates keep ``max_logits`` blocks
 # (their per-block top search costs per call), as do GPU states.
 CPU_BLOCK_BYTES = 1 << 20
 # Weighted sums of at most THIN_VALUES value columns (patch machines: C + 1) are formed as
-# [V + 1, keys] @ [keys, rows]: ~5x faster on CPU than [rows, keys] @ [keys, V + 1] (measured above).
+# [V + 1, keys] @ [keys, rows] on CPU: the passes after a 1 MB block's product then took 0.89 ns per
+# logit instead of 1.06 (benchmarks/bench_blocks.py).
 THIN_VALUES = 8
 
 # Top-m search in long rows: one max per segment of this many candidates, then
