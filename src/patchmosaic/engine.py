@@ -567,7 +567,7 @@ class SoftmaxMean:
         if bool((ref == shift).all()):
             weights = torch.clamp(logits, min=self.floor, max=self.cap, out=work).exp_()
             contrib = _weighted_sum(weights, values)  # [G, rows, V + 1]
-            if not bool((contrib[..., -1] >= 0.999 * math.exp(self.cap)).any()):
+            if not self._capped(contrib[..., -1]):
                 self.acc[:, sl] += contrib
                 self._rebase(sl)
                 return
@@ -648,7 +648,7 @@ class SoftmaxMean:
                 xl += logits.mul_(weights).sum(-1)
         if thin:
             acc = acc_t.transpose(1, 2)
-        if bool((acc[..., -1] >= 0.999 * math.exp(self.cap)).any()):  # a logit may have been capped
+        if self._capped(acc[..., -1]):  # a logit may have been capped anywhere in the sweep
             self._blockwise(sl, keys_t, values, ids, counts, cols)
             return
         self.acc[:, sl] += acc
@@ -656,6 +656,11 @@ class SoftmaxMean:
             self.sq[:, sl] += sq
             self.xl[:, sl] += xl
         self._rebase(sl)
+
+    def _capped(self, normaliser: torch.Tensor) -> bool:
+        """Whether any row's normaliser (weights shifted by its reference) reaches ``e^cap``: a logit of
+        the block may have been capped, so the block must be redone with its own maximum."""
+        return bool((normaliser >= 0.999 * math.exp(self.cap)).any())
 
     def _block(self) -> int:
         """Elements of one logit block: ``max_logits``, cache-sized on CPU unless top candidates are tracked."""
@@ -821,7 +826,7 @@ class SoftmaxMean:
         top = self._chunk_top(logits, ids, counts, self.top_score[:, sl, -1]) if self.track else None
         weights = self._exp(logits.clamp_(min=self.floor, max=self.cap))  # [G, rows, M]
         contrib = _weighted_sum(weights, values)  # [G, rows, V + 1]
-        if bool((contrib[..., -1] >= 0.999 * math.exp(self.cap)).any()):  # a logit was capped
+        if self._capped(contrib[..., -1]):  # a logit was capped
             self._exact_update(sl, keys_t, values, ids, counts)
             return
         self.acc[:, sl] += contrib
