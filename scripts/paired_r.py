@@ -46,14 +46,14 @@ def build_table(paths: list[Path], labels: list[str]) -> str:
               "seeds with higher r | lowest r / seeds with r >= 0.95 |")
     lines = [header, "|---|---|---|---|---|---|"]
     for label, run in zip(labels, runs):
-        own = bootstrap_median(list(run.values()))
+        r = np.array(list(run.values()))
+        own = bootstrap_median(r)
         shared = sorted(set(run) & set(base))
         if not shared:
             raise SystemExit(f"paired_r.py: {label} shares no seed with {labels[0]}")
         diff = np.array([run[s] - base[s] for s in shared])
         paired = "–" if run is base else format_interval(bootstrap_median(diff), fmt="+.3f")
         wins = "–" if run is base else f"{int((diff > 0).sum())}/{len(shared)}"
-        r = np.array(list(run.values()))
         tail = f"{r.min():.3f} / {100 * (r >= 0.95).mean():.0f}%"
         lines.append(f"| {label} | {len(run)} | {format_interval(own)} | {paired} | {wins} | {tail} |")
     return "\n".join(lines) + "\n"
