@@ -57,6 +57,29 @@ def test_a_much_better_later_chunk_is_redone_exactly(dtype, jump):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("track", [None, 2])
+def test_an_absent_candidate_far_above_the_present_ones_weighs_nothing(dtype, track):
+    """A candidate of count 0 whose logit lies thousands of nats above every present one: e^(+large)
+    times its count 0 must not turn the row into NaN (found by benchmarks/gpu_check_fused.py)."""
+    x = torch.zeros(1, 1, 2, dtype=torch.float64)
+    keys = torch.tensor([[[0.0, 0.0], [30.0, 0.0], [0.0, 30.0], [30.0, 1.0]]], dtype=torch.float64)
+    values = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]], dtype=torch.float64)
+    counts = torch.tensor([[0.0, 1.0, 2.0, 1.0]], dtype=torch.float64)  # the best match is absent
+    ab = 1 - 1 / 5000
+    coef = torch.tensor(ab, dtype=torch.float64)
+    scale, bias = coef.sqrt() / (1 - coef), -coef / (2 * (1 - coef))
+    logits = -((x[:, :, None] - coef.sqrt() * keys[:, None]) ** 2).sum(-1) / (2 * (1 - coef)) + counts.log()[:, None]
+    want = torch.softmax(logits, -1) @ values  # [1, 1, 1], over the present candidates
+    state = SoftmaxMean(augment_queries(x.to(dtype), scale.expand(1).to(dtype), bias.expand(1).to(dtype)), 1,
+                        track=track)
+    vals = augment_values(values) * counts[..., None]
+    state.update(augment_keys(keys.transpose(1, 2)).to(dtype), vals.to(dtype), counts=counts.to(dtype),
+                 ids=torch.arange(4)[None] if track else None)
+    assert torch.isfinite(state.mean()).all() and torch.isfinite(state.ref).all()
+    torch.testing.assert_close(state.mean().double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("chunk", [1, 2, 5])
 def test_tracked_state_moves_its_reference_up_for_much_better_later_chunks(dtype, chunk):
     # Row 0 meets its match last (its logits jump by ~500 nats, far above the cap, several times),

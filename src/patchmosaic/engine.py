@@ -840,9 +840,10 @@ class SoftmaxMean:
         """Update rows ``sl`` with the chunk's own maximum (four passes over the logits)."""
         self.queries[:, sl, -1] = 0.0
         logits = self._logits(sl, keys_t)  # [G, rows, M]
-        present = logits if counts is None else logits.masked_fill(counts[:, None, :] == 0, float("-inf"))
+        if counts is not None:  # absent candidates: weight 0 (e^(+large) * 0 would be NaN), out of the maximum
+            logits.masked_fill_(counts[:, None, :] == 0, float("-inf"))
         ref = self.ref[:, sl]
-        new_ref = torch.maximum(ref, present.amax(dim=-1))  # [G, rows]
+        new_ref = torch.maximum(ref, logits.amax(dim=-1))  # [G, rows]
         new_ref = torch.where(torch.isinf(new_ref), torch.zeros_like(new_ref), new_ref)  # rows with no candidate yet
         logits.sub_(new_ref[..., None])
         if self.track:  # scored after the shift, so log c stays exact; thr on the new reference
