@@ -86,6 +86,8 @@ SHAPES = [  # (G, Bq, M, D, V)
     (2, 37, 75, 21, 3),  # ragged query, key and feature tiles, RGB values
     (3, 17, 33, 49, 1),  # k = 7 patches, three groups
     (1, 9, 20, 5, 70),  # two value tiles
+    (1, 20, 40, 9, 4),  # the most values summed with multiply-adds (SUM_VALUES)
+    (1, 20, 40, 9, 5),  # the fewest values through tl.dot
 ]
 
 
@@ -200,6 +202,8 @@ def test_errors_are_clear():
         fused_softmax_mean(queries.double(), scale, bias, keys, norms, values)
     with pytest.raises(ValueError, match="unknown backend"):
         fused_softmax_mean(queries, scale, bias, keys, norms, values, backend="cuda")
+    with pytest.raises(ValueError, match="unknown precision 'tf32'"):
+        fused_softmax_mean(queries, scale, bias, keys, norms, values, precision="tf32")
     assert not triton_usable(torch.device("cpu"), torch.float64)
     if TRITON_AVAILABLE:
         with pytest.raises(ValueError, match="float32 CUDA"):
@@ -208,6 +212,8 @@ def test_errors_are_clear():
             fused_softmax_mean(queries, scale, bias, keys, norms, values, backend="triton", block_q=24)
         with pytest.raises(ValueError, match="splits must be"):
             fused_softmax_mean(queries, scale, bias, keys, norms, values, backend="triton", splits=0)
+        with pytest.raises(ValueError, match="num_warps must be a power of two"):
+            fused_softmax_mean(queries, scale, bias, keys, norms, values, backend="triton", num_warps=3)
     else:
         with pytest.raises(RuntimeError, match="needs the triton package"):
             fused_softmax_mean(queries, scale, bias, keys, norms, values, backend="triton")
@@ -231,7 +237,52 @@ def test_els_through_the_kernel_equals_the_float64_machine(interpret, kernel, pa
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
+def test_split_precision_and_launch_options_reach_the_kernel(interpret):
+    """``precision="tf32x3"`` and explicit warps/stages launch the same kernel (the interpreter computes
+    every ``tl.dot`` in float32, so only the GPU check measures tf32x3's error)."""
+    inputs = make_inputs(2, 37, 70, 9, 2)
+    want = brute_force(*inputs[:6])
+    for options in ({"precision": "tf32x3"}, {"precision": "ieee", "num_warps": 8, "num_stages": 3}):
+        check(fused_softmax_mean(*inputs[:6], backend="triton", **TILES, **options), want, 2e-5, 2e-5)
+
+
 # ------------------------------------------------- wired into the machines
+
+
+@needs_triton
+def test_machine_passes_its_kernel_precision(interpret, monkeypatch):
+    from patchmosaic import kernels
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        return fused_softmax_mean(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "fused_softmax_mean", spy)
+    train = torch.rand(3, 1, 6, 6) * 2 - 1
+    x = torch.randn(1, 1, 6, 6)
+    got = ScoreMachine(train, kind="els", kernel="triton", kernel_precision="tf32x3")(x, 1.0, patch_size=3)
+    torch.testing.assert_close(got, ScoreMachine(train, kind="els", kernel="torch")(x, 1.0, patch_size=3),
+                               atol=2e-5, rtol=0)
+    assert seen and set(seen) == {"tf32x3"}
+
+
+def test_aligned_candidate_rows_hold_the_same_keys():
+    """The fused path copies each candidate's row to a 16-aligned start; keys, norms and values are unchanged."""
+    from patchmosaic.engine import patch_sq_norms, patch_windows
+
+    g = torch.Generator().manual_seed(2)
+    chunk = torch.rand(3, 2, 7, 6, generator=g) * 2 - 1
+    machine = ScoreMachine(chunk, kind="els", padding="zeros")
+    geometry = machine._geometry(5)
+    t_win, norms = patch_windows(chunk, 2, "zeros"), patch_sq_norms(chunk, 2, "zeros")[:, None]
+    for rows, cols in geometry.groups():
+        plain = machine._group_candidates(rows, cols, chunk, t_win, norms)
+        aligned = machine._group_candidates(rows, cols, chunk, t_win, norms, align=16)
+        assert aligned[0].stride(2) % 16 == 0 and aligned[0].stride(1) == 1
+        assert torch.equal(plain[0], aligned[0]) and torch.equal(plain[1], aligned[1])
 
 
 @needs_triton
@@ -257,6 +308,12 @@ def test_kernel_choice_is_checked():
     train = torch.rand(3, 1, 5, 5) * 2 - 1
     with pytest.raises(ValueError, match="unknown kernel 'cuda'"):
         ScoreMachine(train, kind="els", kernel="cuda")
+    with pytest.raises(ValueError, match="unknown kernel_precision 'tf32'"):
+        ScoreMachine(train, kind="els", kernel_precision="tf32")
+    from patchmosaic.denoisers.score_machines import KERNEL_PRECISIONS
+    from patchmosaic.kernels import PRECISIONS
+
+    assert KERNEL_PRECISIONS == PRECISIONS  # the machines check names without importing triton
     x = torch.randn(1, 1, 5, 5)
     auto = ScoreMachine(train, kind="els", kernel="auto")  # CPU queries: the engine, bit for bit
     assert torch.equal(auto(x, 1.0, patch_size=3), ScoreMachine(train, kind="els", kernel="torch")(x, 1.0, patch_size=3))

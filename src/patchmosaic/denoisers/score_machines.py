@@ -75,6 +75,10 @@ __all__ = [
 
 KINDS = ("ideal", "es", "ls", "els")
 KERNELS = ("auto", "torch", "triton")
+# Row width (elements) the fused path rounds each candidate's copied patch up to, so that
+# rows start 16-byte aligned (Triton specialises strides divisible by 16 and vectorises loads).
+FUSED_ROW_ALIGN = 16
+KERNEL_PRECISIONS = ("ieee", "tf32x3")  # patchmosaic.kernels.PRECISIONS (that module imports triton)
 PATCH_KINDS = ("ls", "els")
 
 # Default bound on the elements of one chunk's logit block (and patch tensor):
@@ -185,6 +189,11 @@ class ScoreMachine:
             ``"torch"`` through :class:`~patchmosaic.engine.SoftmaxMean`, and
             ``"auto"`` picks the fused kernel for float32 CUDA queries when
             Triton is installed (the ``gpu`` extra). Provenance always uses the engine.
+        kernel_precision: Products of the fused kernel: ``"tf32x3"`` (split-precision TF32
+            tensor-core products, the default) or ``"ieee"`` (IEEE float32 multiply-adds); both
+            errors are measured against float64 in ``benchmarks/gpu_check_fused.py``, where on one
+            H200 both stay within the float32 engine's and tf32x3 is 2.5x faster.
+            See :mod:`patchmosaic.kernels.fused_softmax`.
     """
 
     kind: ClassVar[str]
@@ -212,11 +221,15 @@ class ScoreMachine:
         device: torch.device | str | None = None,
         prune_rank: int = PRUNE_RANK,
         kernel: str = "auto",
+        kernel_precision: str = "tf32x3",
     ) -> None:
         check_machine_options(self.kind, padding, wrap_training_patches)
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+        if kernel_precision not in KERNEL_PRECISIONS:
+            raise ValueError(f"unknown kernel_precision {kernel_precision!r}; expected one of {KERNEL_PRECISIONS}")
         self.kernel = kernel
+        self.kernel_precision = kernel_precision
         if prune_rank < 0:
             raise ValueError(f"prune_rank must be 0 (off) or positive, got {prune_rank}")
         self.prune_rank = int(prune_rank)
@@ -839,14 +852,15 @@ class _PatchMachine(ScoreMachine):
             q, rep = self._group_queries(x_win, rows, cols)  # [G, Bq, D]
             s, b = scale.repeat_interleave(rep), bias.repeat_interleave(rep)  # [Bq]
             plan.append((rows, cols, q, s, b, SoftmaxMean(augment_queries(q[:, :, :0], s, b), C)))
-            per_image = max(per_image, q.shape[0] * rows.Q.shape[1] * cols.Q.shape[1] * (D + C + 2))
+            width = -(-(D + 2) // FUSED_ROW_ALIGN) * FUSED_ROW_ALIGN  # a candidate's aligned key row
+            per_image = max(per_image, q.shape[0] * rows.Q.shape[1] * cols.Q.shape[1] * (width + C + 1))
         for _, chunk in self._chunks(train, per_image, x_t):
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
             norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
             for rows, cols, q, s, b, state in plan:
-                keys_t, values = self._group_candidates(rows, cols, chunk, t_win, norms)  # [G, D + 2, M], [G, M, C + 1]
+                keys_t, values = self._group_candidates(rows, cols, chunk, t_win, norms, align=FUSED_ROW_ALIGN)
                 state.merge(*fused_softmax_mean(q, s, b, keys_t[:, :D].transpose(1, 2), keys_t[:, D],
-                                                values[..., :C], backend="triton"))
+                                                values[..., :C], backend="triton", precision=self.kernel_precision))
         self._reduce([state for *_, state in plan])
         return self._scatter_means(x_t, [(rows, cols, state) for rows, cols, *_, state in plan])
 
@@ -871,11 +885,13 @@ class _PatchMachine(ScoreMachine):
 
     @staticmethod
     def _group_candidates(
-        rows: AxisBlocks, cols: AxisBlocks, chunk: torch.Tensor, t_win: torch.Tensor, norms: torch.Tensor
+        rows: AxisBlocks, cols: AxisBlocks, chunk: torch.Tensor, t_win: torch.Tensor, norms: torch.Tensor,
+        align: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented keys ``[G, D + 2, M]`` and values ``[G, M, C + 1]`` of one group's candidates.
 
-        Candidates are ordered (image, q_row, q_col) within each block g = (row block, column block).
+        Candidates are ordered (image, q_row, q_col) within each block g = (row block, column block);
+        each candidate's row ``[key, |key|^2, 1]`` starts at a multiple of ``align`` elements.
         """
         n, C = chunk.shape[:2]
         k = t_win.shape[-1]
@@ -884,7 +900,8 @@ class _PatchMachine(ScoreMachine):
         nbc, nqc = cols.Q.shape
         G, M = nbr * nbc, n * nqr * nqc
         keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
-        rows_t = chunk.new_empty(G, M, D + 2)  # [key, |key|^2, 1] per candidate, each patch copied contiguously
+        width = -(-(D + 2) // align) * align
+        rows_t = chunk.new_empty(G, M, width)[..., : D + 2]  # [key, |key|^2, 1] per candidate, each patch copied contiguously
         rows_t[:, :, D + 1] = 1.0
         rows_t[:, :, :D].view(nbr, nbc, n, nqr, nqc, C, k, k).copy_(keys.permute(2, 4, 0, 3, 5, 1, 6, 7))
         sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]

@@ -7,9 +7,11 @@ itself.
 """
 
 from patchmosaic.kernels.fused_softmax import (
+    PRECISIONS,
+    TILES,
     TRITON_AVAILABLE,
     fused_softmax_mean,
     triton_usable,
 )
 
-__all__ = ["TRITON_AVAILABLE", "fused_softmax_mean", "triton_usable"]
+__all__ = ["PRECISIONS", "TILES", "TRITON_AVAILABLE", "fused_softmax_mean", "triton_usable"]

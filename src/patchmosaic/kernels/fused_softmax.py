@@ -19,9 +19,18 @@ fill the GPU, the keys are also split into ``splits`` contiguous ranges, one
 program each (as in flash-decoding), and the per-range states are merged
 afterwards, exactly as :meth:`SoftmaxMean.merge` does.
 
-Both matrix products (``<x, k>`` and ``p @ v``) use ``tl.dot`` with
-``input_precision="ieee"``: TF32 keeps 10 mantissa bits, and at
-``abar = 0.999`` (``scale = 1000``) its 1e-3 relative error in ``<x, k>``
+The products ``<x, k>`` (and ``p @ v`` when a candidate has more than
+``SUM_VALUES`` values; fewer, e.g. a grey or colour centre pixel, are summed with
+float32 multiply-adds instead of a ``tl.dot`` padded to 16 columns) use ``tl.dot`` with
+``input_precision="tf32x3"`` (``precision=``, the default): each float32
+operand is split into a TF32 high part and a TF32 remainder and the three
+larger cross products run on tensor cores, about float32's accuracy (the
+dropped low x low term is ~2^-22 relative) at tensor-core speed; or with
+``"ieee"`` (IEEE float32 multiply-adds on CUDA cores). Both errors are measured
+against float64 in ``benchmarks/gpu_check_fused.py``: on one H200 both stay
+within the float32 CPU engine's (README, "Fused GPU kernel"), and tf32x3 is
+2.5x faster than ieee over a 20-step sample. TF32 alone (10 mantissa bits) is refused:
+at ``abar = 0.999`` (``scale = 1000``) its 1e-3 relative error in ``<x, k>``
 moves logits by far more than 1.
 
 The result is a partial state of :class:`patchmosaic.engine.SoftmaxMean` for
@@ -54,17 +63,37 @@ except ImportError:  # optional extra "gpu"
 
 from patchmosaic.engine import SoftmaxMean, augment_values, exact_float32_matmul
 
-__all__ = ["TRITON_AVAILABLE", "BACKENDS", "fused_softmax_mean", "triton_usable"]
+__all__ = ["BACKENDS", "PRECISIONS", "TILES", "TRITON_AVAILABLE", "fused_softmax_mean", "triton_usable"]
 
 TRITON_AVAILABLE = triton is not None
 # Whether the imported triton.language was built for the CPU interpreter (fixed at its import).
 TRITON_INTERPRETED = TRITON_AVAILABLE and type(tl.sum).__name__ == "InterpretedFunction"
 BACKENDS = ("auto", "triton", "torch")
 
-# Tile sizes: query rows x key columns per step, and the feature (D) step of the
-# <x, k> product. tl.dot needs every dimension >= 16.
-BLOCK_Q, BLOCK_M, BLOCK_D = 64, 64, 32
+# Products of the kernel: IEEE float32, or split-precision TF32 on tensor cores (module docstring).
+PRECISIONS = ("ieee", "tf32x3")
+
+
+class Tiles(NamedTuple):
+    """Launch configuration: query rows x key columns per step, the feature (D) step of the
+    ``<x, k>`` product (``tl.dot`` needs every dimension >= 16), warps per program and
+    software-pipelining stages."""
+
+    block_q: int
+    block_m: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+# Default tiles per precision (used where a call does not name them): the fastest candidates of
+# benchmarks/gpu_check_fused.py on one H200 (2026-11-30, docs/gpu/2026-11-30-h200-run2.log; the
+# next-best were within 0.5%).
+TILES = {"ieee": Tiles(128, 128, 32, 8, 3), "tf32x3": Tiles(128, 128, 64, 8, 2)}
 MIN_BLOCK = 16
+# Up to this many values per candidate (C channels of a centre pixel) the weighted sum is formed
+# with CUDA-core multiply-adds; beyond, with tl.dot (whose operands are padded to 16 columns).
+SUM_VALUES = 4
 
 
 def _interpret_requested() -> bool:
@@ -93,9 +122,12 @@ def fused_softmax_mean(
     *,
     counts: torch.Tensor | None = None,
     backend: str = "auto",
-    block_q: int = BLOCK_Q,
-    block_m: int = BLOCK_M,
-    block_d: int = BLOCK_D,
+    precision: str = "tf32x3",
+    block_q: int | None = None,
+    block_m: int | None = None,
+    block_d: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax-weighted mean of one chunk of keys for ``G`` groups of queries, in one pass.
@@ -113,9 +145,14 @@ def fused_softmax_mean(
         counts: Optional ``[G, M]`` multiplicities ``c_m >= 0`` (0: absent candidate).
         backend: ``"triton"`` (raise if it cannot run), ``"torch"`` (:class:`SoftmaxMean`)
             or ``"auto"`` (Triton when :func:`triton_usable`, else torch).
-        block_q: Query rows per tile (Triton; a power of two >= 16).
-        block_m: Keys per tile (Triton; a power of two >= 16).
-        block_d: Feature step of ``<x, k>`` (Triton; a power of two >= 16).
+        precision: Triton's products: ``"tf32x3"`` (split-precision tensor-core products, the
+            default) or ``"ieee"`` (float32 multiply-adds); module docstring. The torch backend
+            computes in the inputs' dtype.
+        block_q: Query rows per tile (Triton; a power of two >= 16; default ``TILES[precision]``).
+        block_m: Keys per tile (Triton; a power of two >= 16; default ``TILES[precision]``).
+        block_d: Feature step of ``<x, k>`` (Triton; a power of two >= 16; default ``TILES[precision]``).
+        num_warps: Warps per program (Triton; default ``TILES[precision]``).
+        num_stages: Pipelining stages of the key loop (Triton; default ``TILES[precision]``).
         splits: Key ranges processed by separate programs and merged (Triton);
             default: enough to give every streaming multiprocessor ~4 programs.
 
@@ -126,6 +163,8 @@ def fused_softmax_mean(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS} (TF32 alone is too coarse)")
     chunk = _check_inputs(_Chunk(queries, scale, bias, keys, key_sq_norms, values, counts))
     use_triton = backend == "triton" or (backend == "auto" and triton_usable(queries.device, queries.dtype))
     if not use_triton:
@@ -140,12 +179,16 @@ def fused_softmax_mean(
             f"the Triton kernel runs float32 CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
             f"got {queries.dtype} on {queries.device}{hint}"
         )
-    for name, b in (("block_q", block_q), ("block_m", block_m), ("block_d", block_d)):
+    given = Tiles(block_q, block_m, block_d, num_warps, num_stages)
+    tiles = Tiles(*(d if v is None else v for v, d in zip(given, TILES[precision])))
+    for name, b in zip(Tiles._fields[:3], tiles[:3]):
         if b < MIN_BLOCK or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {b}")
+    if tiles.num_warps < 1 or tiles.num_warps & (tiles.num_warps - 1) or tiles.num_stages < 1:
+        raise ValueError(f"num_warps must be a power of two and num_stages >= 1, got {tiles.num_warps}, {tiles.num_stages}")
     if splits is not None and splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    return _triton_partial(chunk, block_q, block_m, block_d, splits)
+    return _triton_partial(chunk, precision, tiles, splits)
 
 
 class _Chunk(NamedTuple):
@@ -213,10 +256,11 @@ def _torch_partial(chunk: _Chunk) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _triton_partial(
-    chunk: _Chunk, block_q: int, block_m: int, block_d: int, splits: int | None
+    chunk: _Chunk, precision: str, tiles: Tiles, splits: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel: one program per (query tile, group x key range, value tile)."""
     queries, scale, bias, keys, key_sq_norms, values, counts = chunk
+    block_q, block_m, block_d = tiles.block_q, tiles.block_m, tiles.block_d
     G, Bq, D = queries.shape
     M, V = keys.shape[1], values.shape[2]
     for name, t in (("queries", queries), ("keys", keys), ("values", values)):
@@ -231,7 +275,9 @@ def _triton_partial(
     splits = max(1, triton.cdiv(M, per_split))
     ref = queries.new_empty(splits, G, Bq)
     acc = queries.new_empty(splits, G, Bq, V + 1)
-    block_v = max(MIN_BLOCK, min(64, triton.next_power_of_2(max(V, 1))))
+    sum_v = V <= SUM_VALUES  # few values (grey or colour pixels): weighted sums on CUDA cores, not tl.dot
+    block_v = triton.next_power_of_2(max(V, 1)) if sum_v else max(MIN_BLOCK, min(64, triton.next_power_of_2(V)))
+    block_d = max(MIN_BLOCK, min(block_d, triton.next_power_of_2(D)))  # small patches: no padded feature steps
     c = counts if counts is not None else key_sq_norms  # placeholder pointer when absent (never read)
     grid = (q_tiles, G * splits, triton.cdiv(V, block_v) if V else 1)
     _kernel()[grid](
@@ -239,8 +285,9 @@ def _triton_partial(
         Bq, M, D, V, splits, per_split,
         *queries.stride(), *scale.stride(), *bias.stride(), *keys.stride(), *key_sq_norms.stride(),
         *values.stride(), *c.stride(), *ref.stride(), *acc.stride(),
-        HAS_COUNTS=counts is not None,
+        HAS_COUNTS=counts is not None, PRECISION=precision, SUM_V=sum_v,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_V=block_v,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if splits == 1:
         return ref[0], acc[0]
@@ -283,7 +330,7 @@ def fused_softmax_mean_kernel(
     Bq, M, D, V, SPLITS, PER_SPLIT,
     sq_g, sq_b, sq_d, ss_g, ss_b, sb_g, sb_b, sk_g, sk_m, sk_d, sn_g, sn_m,
     sv_g, sv_m, sv_v, sc_g, sc_m, sr_s, sr_g, sr_b, sa_s, sa_g, sa_b, sa_v,
-    HAS_COUNTS: tl.constexpr,
+    HAS_COUNTS: tl.constexpr, PRECISION: tl.constexpr, SUM_V: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
@@ -317,7 +364,7 @@ def fused_softmax_mean_kernel(
                 k_ptr + g * sk_g + kidx[None, :] * sk_m + d[:, None] * sk_d,
                 mask=key_ok[None, :] & d_ok[:, None], other=0.0,
             )  # [BD, BM]
-            dots = tl.dot(x, kt, dots, input_precision="ieee")
+            dots = tl.dot(x, kt, dots, input_precision=PRECISION)
         norms = tl.load(n_ptr + g * sn_g + kidx * sn_m, mask=key_ok, other=0.0)  # [BM]
         logits = scale[:, None] * dots + bias[:, None] * norms[None, :]  # [BQ, BM]
         if HAS_COUNTS:
@@ -333,7 +380,10 @@ def fused_softmax_mean_kernel(
             v_ptr + g * sv_g + kidx[:, None] * sv_m + cols[None, :] * sv_v,
             mask=key_ok[:, None] & col_ok[None, :], other=0.0,
         )  # [BM, BV]
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        if SUM_V:  # [BQ, BM, BV] products summed over the keys: exact float32 FMAs
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+        else:
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     seen = l_i > 0
     norm = tl.where(seen, l_i, 1.0)
