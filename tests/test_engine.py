@@ -179,6 +179,17 @@ def test_a_sweep_with_a_capped_logit_is_redone_block_by_block(monkeypatch, dtype
         torch.testing.assert_close(n_eff.double(), 1 / (w * w).sum(-1), rtol=1e-5, atol=1e-5)
 
 
+def test_merging_rows_empty_on_both_sides_keeps_them_empty():
+    """A row no shard has a candidate for stays (ref = -inf, acc = 0) through merge(), instead of
+    exp(-inf - -inf) = NaN; rows with candidates merge as usual."""
+    state = SoftmaxMean(augment_queries(torch.zeros(1, 2, 0), torch.ones(2), torch.ones(2)), 1)
+    inf = float("inf")
+    state.merge(torch.tensor([[-inf, 0.5]]), torch.tensor([[[0.0, 0.0], [2.0, 1.0]]]))
+    state.merge(torch.tensor([[-inf, 0.5]]), torch.tensor([[[0.0, 0.0], [4.0, 1.0]]]))
+    assert torch.isneginf(state.ref[0, 0]) and torch.equal(state.acc[0, 0], torch.zeros(2))
+    torch.testing.assert_close(state.mean()[0, 1], torch.tensor([3.0]))
+
+
 def test_partial_states_of_disjoint_shards_merge_exactly():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 3, 4, generator=g, dtype=torch.float64)

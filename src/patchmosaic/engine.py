@@ -966,7 +966,8 @@ class SoftmaxMean:
         if self.track is not None:
             raise ValueError("merge() combines untracked states; tracked states merge with all_reduce()")
         new_ref = torch.maximum(self.ref, ref)
-        self.acc = self.acc * torch.exp(self.ref - new_ref)[..., None] + acc * torch.exp(ref - new_ref)[..., None]
+        shift = torch.where(torch.isneginf(new_ref), 0.0, new_ref)  # rows empty on both sides stay empty, not NaN
+        self.acc = self.acc * torch.exp(self.ref - shift)[..., None] + acc * torch.exp(ref - shift)[..., None]
         self.ref = new_ref
 
     def all_reduce(self, group: object = None) -> None:
