@@ -6,6 +6,7 @@ docs/gpu/2026-11-30-h200-run2.log).
 
     python benchmarks/gpu_check_fused.py --out DIR       # checks, tiles, timings; DIR/gpu_check_fused.json
     python benchmarks/gpu_check_fused.py --skip-timing   # correctness only
+    python benchmarks/gpu_check_fused.py --stages tiles,sample   # some stages (kernel,tiles,els,sample,profile)
 
 1. Kernel vs CPU engine, for each precision (``ieee`` float32 products and
    ``tf32x3`` split-precision tensor-core products): :func:`fused_softmax_mean`
@@ -20,9 +21,9 @@ docs/gpu/2026-11-30-h200-run2.log).
    problems (interior queries of 8 samples against 131,072 training patches at
    k = 15, 11, 5 and 3), and the key layout (rows of ``D + 2`` floats as the
    engine copies them, or rounded up to 16 for aligned loads) with the default
-   tiles. The fastest configuration over the four sizes becomes the
-   precision's tiles for the rest of the run (``TILES`` in the module holds the
-   defaults this run chose).
+   tiles, and ``hoist_queries`` off and on at k = 3, 5 and 7. The fastest
+   configuration over the four sizes becomes the precision's tiles for the rest
+   of the run (``TILES`` in the module holds the defaults a run chose).
 3. ELS through the kernel (``ScoreMachine(..., kernel="triton")``) against
    ``ScoreMachine`` on the CPU in float64, zeros and circular, k = 3, 9, 15,
    on 300 bundled MNIST digits, for each precision.
@@ -70,6 +71,7 @@ CANDIDATES = {
 }
 
 
+STAGES = ("kernel", "tiles", "els", "sample", "profile")
 # (groups, queries, keys, features, values) of the kernel check's random problems.
 KERNEL_SHAPES = [(1, 5, 8, 3, 1), (2, 300, 1000, 9, 1), (3, 129, 4096, 81, 3), (1, 64, 20000, 225, 1), (1, 9, 320, 50, 70)]
 
@@ -179,7 +181,16 @@ def time_tiles(results: dict) -> None:
             fn = functools.partial(fused_softmax_mean, *prob, backend="triton", precision=precision)
             layout["aligned 16" if aligned else "rows of D + 2"] = triton.testing.do_bench(fn, warmup=5, rep=40)
         print(f"layout {precision}: k=15 " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in layout.items()), flush=True)
-        out[precision] = {"best": list(best), "layout_ms_k15": layout,
+        hoist = {}
+        for D in (9, 25, 49):  # query tiles loaded once (hoist_queries) or once per key tile
+            prob = tile_problem(D)
+            for hoisted in (False, True):
+                fn = functools.partial(fused_softmax_mean, *prob, backend="triton", precision=precision,
+                                       hoist_queries=hoisted)
+                hoist[f"k={round(D**0.5)} {'hoisted' if hoisted else 'stepped'}"] = triton.testing.do_bench(
+                    fn, warmup=5, rep=40)
+        print(f"hoist {precision}: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in hoist.items()), flush=True)
+        out[precision] = {"best": list(best), "layout_ms_k15": layout, "hoist_ms": hoist,
                           "candidates": [{"tiles": list(t), "ms": {str(D): v for D, v in tm.items()}} for _, t, tm in rows],
                           "tflops_best": {str(D): flops[D] / times[D] / 1e9 for D in sizes}}
     results["tiles"] = out
@@ -281,7 +292,13 @@ def main() -> None:
     parser.add_argument("--skip-timing", action="store_true", help="run the correctness checks only")
     parser.add_argument("--no-engine", action="store_true", help="time the fused path only (not the engine)")
     parser.add_argument("--out", type=Path, help="folder for gpu_check_fused.json (the measured numbers)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages to run, in this order: {','.join(STAGES)} (default: all)")
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.stages.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown stages {unknown}; expected some of {list(STAGES)}")
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this check needs a GPU (on CPU, tests/test_fused_kernel.py runs the interpreter)")
     import triton
@@ -295,28 +312,27 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gpu_check_fused.json").write_text(json.dumps(results, indent=1, default=str))
 
-    stages = [check_kernel]
-    if not args.skip_timing:
-        stages.append(time_tiles)
-    stages.append(check_els)
-    if not args.skip_timing:
-        stages.append(lambda r: time_sample(r, engine_too=not args.no_engine))
-        stages.append(profile_calls)
+    runners = {"kernel": check_kernel, "tiles": time_tiles, "els": check_els,
+               "sample": lambda r: time_sample(r, engine_too=not args.no_engine), "profile": profile_calls}
+    timing = {"tiles", "sample", "profile"}
+    stages = [(name, runners[name]) for name in STAGES
+              if name in chosen and not (args.skip_timing and name in timing)]
     failed = []
-    for stage in stages:  # one shot on a lent GPU: a stage that breaks is reported and the others still run
+    for name, stage in stages:  # one shot on a lent GPU: a stage that breaks is reported and the others still run
         start = time.perf_counter()
         try:
             stage(results)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
-            failed.append(getattr(stage, "__name__", "time_sample"))
-        print(f"-- stage done in {time.perf_counter() - start:.1f} s", flush=True)
+            failed.append(name)
+        print(f"-- stage {name} done in {time.perf_counter() - start:.1f} s", flush=True)
         results["tiles_used"] = {p: list(TILES[p]) for p in PRECISIONS}
         save()
     assert fused_softmax.TILES is TILES
     if failed:
         sys.exit(f"stages that broke: {failed}")
-    if not all(v["ok"] for v in results["kernel"].values()) or not all(v["ok"] for v in results["els"].values()):
+    checks = [v["ok"] for stage in ("kernel", "els") for v in results.get(stage, {}).values()]
+    if not all(checks):
         sys.exit("a precision of the fused kernel differs from the float64 reference beyond its tolerance")
 
 

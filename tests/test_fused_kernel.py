@@ -247,6 +247,17 @@ def test_split_precision_and_launch_options_reach_the_kernel(interpret):
         check(fused_softmax_mean(*inputs[:6], backend="triton", **TILES, **options), want, 2e-5, 2e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("D", [9, 16, 21])
+def test_hoisted_query_tiles_give_the_same_state(interpret, D):
+    """hoist_queries loads each query tile once when the patch fits one feature step (D <= 16 here);
+    a wider patch (21) keeps the stepped loop. Both equal the brute force, with and without counts."""
+    for counts in (False, True):
+        inputs = make_inputs(2, 37, 70, D, 1, counts=counts)
+        got = fused_softmax_mean(*inputs[:6], counts=inputs[6], backend="triton", hoist_queries=True, **TILES)
+        check(got, brute_force(*inputs), 1e-5, 1e-5)
+
+
 # ------------------------------------------------- wired into the machines
 
 

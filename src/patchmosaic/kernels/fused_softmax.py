@@ -129,6 +129,7 @@ def fused_softmax_mean(
     num_warps: int | None = None,
     num_stages: int | None = None,
     splits: int | None = None,
+    hoist_queries: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax-weighted mean of one chunk of keys for ``G`` groups of queries, in one pass.
 
@@ -155,6 +156,10 @@ def fused_softmax_mean(
         num_stages: Pipelining stages of the key loop (Triton; default ``TILES[precision]``).
         splits: Key ranges processed by separate programs and merged (Triton);
             default: enough to give every streaming multiprocessor ~4 programs.
+        hoist_queries: Triton, patches of at most ``block_d`` features (grey patches up to
+            k = 7 at the tf32x3 tiles): load each query tile once, before the key loop, instead of once per key tile
+            (the key loop then holds its loads directly, for Triton's software pipelining).
+            Off by default until measured on a GPU (``benchmarks/gpu_check_fused.py`` times both).
 
     Returns:
         ``ref [G, Bq]`` (log-sum-exp of the row's logits) and ``acc [G, Bq, V + 1]``
@@ -188,7 +193,7 @@ def fused_softmax_mean(
         raise ValueError(f"num_warps must be a power of two and num_stages >= 1, got {tiles.num_warps}, {tiles.num_stages}")
     if splits is not None and splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    return _triton_partial(chunk, precision, tiles, splits)
+    return _triton_partial(chunk, precision, tiles, splits, hoist_queries)
 
 
 class _Chunk(NamedTuple):
@@ -256,7 +261,7 @@ def _torch_partial(chunk: _Chunk) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _triton_partial(
-    chunk: _Chunk, precision: str, tiles: Tiles, splits: int | None
+    chunk: _Chunk, precision: str, tiles: Tiles, splits: int | None, hoist_queries: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel: one program per (query tile, group x key range, value tile)."""
     queries, scale, bias, keys, key_sq_norms, values, counts = chunk
@@ -285,7 +290,7 @@ def _triton_partial(
         Bq, M, D, V, splits, per_split,
         *queries.stride(), *scale.stride(), *bias.stride(), *keys.stride(), *key_sq_norms.stride(),
         *values.stride(), *c.stride(), *ref.stride(), *acc.stride(),
-        HAS_COUNTS=counts is not None, PRECISION=precision, SUM_V=sum_v,
+        HAS_COUNTS=counts is not None, PRECISION=precision, SUM_V=sum_v, HOIST_Q=hoist_queries and D <= block_d,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_V=block_v,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -330,7 +335,7 @@ def fused_softmax_mean_kernel(
     Bq, M, D, V, SPLITS, PER_SPLIT,
     sq_g, sq_b, sq_d, ss_g, ss_b, sb_g, sb_b, sk_g, sk_m, sk_d, sn_g, sn_m,
     sv_g, sv_m, sv_v, sc_g, sc_m, sr_s, sr_g, sr_b, sa_s, sa_g, sa_b, sa_v,
-    HAS_COUNTS: tl.constexpr, PRECISION: tl.constexpr, SUM_V: tl.constexpr,
+    HAS_COUNTS: tl.constexpr, PRECISION: tl.constexpr, SUM_V: tl.constexpr, HOIST_Q: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
@@ -349,22 +354,34 @@ def fused_softmax_mean_kernel(
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)  # running max
     l_i = tl.zeros([BLOCK_Q], tl.float32)  # sum exp(logit - m_i)
     acc = tl.zeros([BLOCK_Q, BLOCK_V], tl.float32)  # sum exp(logit - m_i) v
+    if HOIST_Q:  # the whole feature range is one step: the query tile is loaded once, before the key loop
+        xq = tl.load(
+            q_ptr + g * sq_g + rows[:, None] * sq_b + offs_d[None, :] * sq_d,
+            mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0,
+        )  # [BQ, BD]
     for start_m in range(lo, hi, BLOCK_M):
         kidx = start_m + tl.arange(0, BLOCK_M)  # [BM]
         key_ok = kidx < hi
-        dots = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)  # <x_b, k_m>
-        for start_d in range(0, D, BLOCK_D):
-            d = start_d + offs_d  # [BD]
-            d_ok = d < D
-            x = tl.load(
-                q_ptr + g * sq_g + rows[:, None] * sq_b + d[None, :] * sq_d,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-            )  # [BQ, BD]
+        if HOIST_Q:
             kt = tl.load(
-                k_ptr + g * sk_g + kidx[None, :] * sk_m + d[:, None] * sk_d,
-                mask=key_ok[None, :] & d_ok[:, None], other=0.0,
+                k_ptr + g * sk_g + kidx[None, :] * sk_m + offs_d[:, None] * sk_d,
+                mask=key_ok[None, :] & (offs_d < D)[:, None], other=0.0,
             )  # [BD, BM]
-            dots = tl.dot(x, kt, dots, input_precision=PRECISION)
+            dots = tl.dot(xq, kt, input_precision=PRECISION)  # [BQ, BM] <x_b, k_m>
+        else:
+            dots = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)  # <x_b, k_m>
+            for start_d in range(0, D, BLOCK_D):
+                d = start_d + offs_d  # [BD]
+                d_ok = d < D
+                x = tl.load(
+                    q_ptr + g * sq_g + rows[:, None] * sq_b + d[None, :] * sq_d,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+                )  # [BQ, BD]
+                kt = tl.load(
+                    k_ptr + g * sk_g + kidx[None, :] * sk_m + d[:, None] * sk_d,
+                    mask=key_ok[None, :] & d_ok[:, None], other=0.0,
+                )  # [BD, BM]
+                dots = tl.dot(x, kt, dots, input_precision=PRECISION)
         norms = tl.load(n_ptr + g * sn_g + kidx * sn_m, mask=key_ok, other=0.0)  # [BM]
         logits = scale[:, None] * dots + bias[:, None] * norms[None, :]  # [BQ, BM]
         if HAS_COUNTS:
