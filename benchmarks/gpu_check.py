@@ -1,4 +1,5 @@
-"""CUDA path check: same results as the CPU engine, and 20-step sample timings.
+"""CUDA path check of the engine (``kernel="torch"``; the fused Triton kernel has its own,
+``gpu_check_fused.py``): same results as the CPU engine, and 20-step sample timings.
 
 Run by ``benchmarks/gpu_check.sh`` on a machine with a CUDA GPU (< 5 minutes):
 
@@ -41,7 +42,7 @@ def check_against_cpu() -> None:
     ):
         label = torch.tensor([0, 1, 2, 0]) if cond else None
         cpu = ScoreMachine(train.to(dtype), kind=kind, padding=padding, labels=labels)
-        gpu = ScoreMachine(train.to(dtype).cuda(), kind=kind, padding=padding, labels=labels)
+        gpu = ScoreMachine(train.to(dtype).cuda(), kind=kind, padding=padding, labels=labels, kernel="torch")
         torch.set_float32_matmul_precision(precision)
         try:
             want = cpu.denoise(x.to(dtype), ab.to(dtype), patch_size=k, label=label)
@@ -90,7 +91,7 @@ def time_samples() -> None:
     shifts = [(0, 0), (1, 0), (0, 1), (-1, 0), (0, -1), (1, 1)]
     sixty = torch.cat([torch.roll(base, s, dims=(2, 3)) for s in shifts])  # [60000, 1, 32, 32]
     for name, train in (("N=10000", base), ("N=60000 (synthetic)", sixty)):
-        machine = ScoreMachine(train.cuda(), kind="els", padding="zeros", chunk_elements=1 << 26)
+        machine = ScoreMachine(train.cuda(), kind="els", padding="zeros", chunk_elements=1 << 26, kernel="torch")
         for seeds in (1, 8):
             noise = noise_for_seeds(range(seeds), (1, 32, 32)).cuda()
             torch.cuda.synchronize()
