@@ -1,5 +1,6 @@
 """The ``patchmosaic sample`` command, on a tiny .npz training set written here."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -115,6 +116,35 @@ def test_batch_size_invariance_with_several_chunks(tiny, tmp_path):
     a, b = (load_samples(tmp_path / d)["images"] for d in "ab")
     # chunking does not depend on the batch; BLAS blocking of different shapes may still round differently
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (extra 'gpu')")
+def test_kernel_flags_choose_the_fused_kernel_or_the_engine(tiny, tmp_path, monkeypatch):
+    """--kernel triton (Triton's CPU interpreter here: tests/conftest.py sets TRITON_INTERPRET=1) and
+    --kernel torch give the same samples; flags the kernel cannot serve are clean errors."""
+    from patchmosaic import kernels
+
+    precisions = []
+    fused_call = kernels.fused_softmax_mean
+
+    def spy(*a, **kw):
+        precisions.append(kw["precision"])
+        return fused_call(*a, **kw)
+
+    monkeypatch.setattr(kernels, "fused_softmax_mean", spy)
+    args = ["--dataset", tiny, *FAST, "--seeds", "0-1", "--chunk-elements", 2000]
+    ok(*args, "--out", tmp_path / "fused", "--kernel", "triton", "--kernel-precision", "ieee")
+    assert precisions and set(precisions) == {"ieee"}
+    fused_calls = len(precisions)
+    ok(*args, "--out", tmp_path / "engine", "--kernel", "torch")
+    assert len(precisions) == fused_calls  # the engine run made no kernel call
+    fused, engine = (load_samples(tmp_path / d)["images"] for d in ("fused", "engine"))
+    np.testing.assert_allclose(fused, engine, rtol=0, atol=1e-5)
+    assert_clean_error(run(*args, "--out", tmp_path / "x", "--kernel", "triton", "--dtype", "float64"),
+                       "float32 on CUDA", "--dtype float64")
+    assert_clean_error(run(*args, "--out", tmp_path / "y", "--kernel", "triton", "--provenance"), "--provenance")
+    assert_clean_error(run(*args, "--out", tmp_path / "z", "--kernel", "triton", "--machine", "ideal",
+                           "--patch-sizes", "none"), "LS and ELS")
 
 
 @pytest.mark.parametrize(
