@@ -217,23 +217,13 @@ DENOISER_NAMES = (*KINDS, *(name for name in DENOISERS if name not in KINDS))
     show_default=True,
     help="Memory bound: elements of one streamed logit block (2**22 float32 = 16 MiB).",
 )
-@click.option(
-    "--kernel",
-    type=click.Choice(KERNELS),
-    default="auto",
-    show_default=True,
-    help="LS/ELS without --provenance: 'triton' streams through the fused one-pass GPU kernel (float32 "
+@click.option("--kernel", type=click.Choice(KERNELS), default="auto", show_default=True, help=(
+    "LS/ELS without --provenance: 'triton' streams through the fused one-pass GPU kernel (float32 "
     "CUDA; pip install 'patchmosaic[gpu]'), 'torch' through the engine, 'auto' takes the kernel for "
-    "float32 on CUDA when Triton is installed (README, 'Fused GPU kernel': 1.82x the engine on one H200).",
-)
-@click.option(
-    "--kernel-precision",
-    type=click.Choice(KERNEL_PRECISIONS),
-    default="tf32x3",
-    show_default=True,
-    help="Products of the fused kernel: tf32x3 (split-precision tensor-core products) or ieee (float32 "
-    "multiply-adds); both within the float32 engine's error against float64 (README).",
-)
+    "float32 on CUDA when Triton is installed (README, 'Fused GPU kernel': 1.82x the engine on one H200)."))
+@click.option("--kernel-precision", type=click.Choice(KERNEL_PRECISIONS), default="tf32x3", show_default=True, help=(
+    "Products of the fused kernel: tf32x3 (split-precision tensor-core products) or ieee (float32 "
+    "multiply-adds); both within the float32 engine's error against float64 (README)."))
 @click.option(
     "--distributed",
     is_flag=True,
