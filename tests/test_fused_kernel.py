@@ -86,8 +86,8 @@ SHAPES = [  # (G, Bq, M, D, V)
     (2, 37, 75, 21, 3),  # ragged query, key and feature tiles, RGB values
     (3, 17, 33, 49, 1),  # k = 7 patches, three groups
     (1, 9, 20, 5, 70),  # two value tiles
-    (1, 20, 40, 9, 4),  # the most values summed with multiply-adds (SUM_VALUES)
-    (1, 20, 40, 9, 5),  # the fewest values through tl.dot
+    (1, 20, 40, 9, 4),  # RGBA-sized values through tl.dot
+    (1, 20, 40, 9, 5),  # five values through tl.dot
 ]
 
 

@@ -20,7 +20,7 @@ program each (as in flash-decoding), and the per-range states are merged
 afterwards, exactly as :meth:`SoftmaxMean.merge` does.
 
 The products ``<x, k>`` (and ``p @ v`` when a candidate has more than
-``SUM_VALUES`` values; fewer, e.g. a grey or colour centre pixel, are summed with
+``SUM_VALUES`` values; fewer, i.e. a grey centre pixel, are summed with
 float32 multiply-adds instead of a ``tl.dot`` padded to 16 columns) use ``tl.dot`` with
 ``input_precision="tf32x3"`` (``precision=``, the default): each float32
 operand is split into a TF32 high part and a TF32 remainder and the three
@@ -93,7 +93,9 @@ TILES = {"ieee": Tiles(128, 128, 32, 8, 3), "tf32x3": Tiles(128, 128, 64, 8, 2)}
 MIN_BLOCK = 16
 # Up to this many values per candidate (C channels of a centre pixel) the weighted sum is formed
 # with CUDA-core multiply-adds; beyond, with tl.dot (whose operands are padded to 16 columns).
-SUM_VALUES = 4
+# Grey pixels only: that is the case the H200 run timed (docs/gpu/); for colour the [BQ, BM, C]
+# products would hold C times the registers, untimed.
+SUM_VALUES = 1
 
 
 def _interpret_requested() -> bool:
@@ -280,7 +282,7 @@ def _triton_partial(
     splits = max(1, triton.cdiv(M, per_split))
     ref = queries.new_empty(splits, G, Bq)
     acc = queries.new_empty(splits, G, Bq, V + 1)
-    sum_v = V <= SUM_VALUES  # few values (grey or colour pixels): weighted sums on CUDA cores, not tl.dot
+    sum_v = V <= SUM_VALUES  # few values (grey pixels): weighted sums on CUDA cores, not tl.dot
     block_v = triton.next_power_of_2(max(V, 1)) if sum_v else max(MIN_BLOCK, min(64, triton.next_power_of_2(V)))
     block_d = max(MIN_BLOCK, min(block_d, triton.next_power_of_2(D)))  # small patches: no padded feature steps
     c = counts if counts is not None else key_sq_norms  # placeholder pointer when absent (never read)
