@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import pytest
 import torch
 
@@ -237,3 +240,73 @@ def test_engine_pins_full_precision_float32_matmuls():
     finally:
         torch.set_float32_matmul_precision(previous)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# Random cases per run (the environment variable raises it for a longer hunt).
+CASES = int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200"))
+
+
+@pytest.mark.parametrize("case", range(CASES))
+def test_random_streams_equal_the_float64_softmax_and_stay_finite(monkeypatch, case):
+    """Random states against the definition: groups, rows, keys, multiplicities with absent candidates,
+    noise levels up to abar = 0.9999 with keys scaled up to 30x (logit jumps of thousands of nats),
+    statistics and top candidates, pruning, tiny logit blocks, ragged chunks and two merged shards.
+    float64 must equal the direct softmax; float32 must at least stay finite (the NaN cases of
+    e^(+large) * 0 and exp(-inf - -inf) that a GPU check's reference found fail here)."""
+    g = torch.Generator().manual_seed(case)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    G, Bq, M, D, V = pick([1, 2]), pick([1, 3, 9]), pick([1, 7, 60, 700]), pick([1, 3, 6]), pick([1, 3])
+    ab, spread = pick([0.01, 0.5, 0.99, 0.9999]), pick([1.0, 30.0])
+    track = pick([None, 0, 2])
+    with_counts = M > 1 and pick([False, True])
+    prune = pick([0, 4]) if not with_counts and track is None else 0
+    monkeypatch.setattr("patchmosaic.engine.CPU_BLOCK_BYTES", pick([64, 4096, 1 << 20]))
+    keys = torch.rand(G, M, D, generator=g, dtype=torch.float64) * 2 - 1
+    keys[:, : M // 2] *= spread  # far keys: their logits lie thousands of nats away at low noise
+    x = ab**0.5 * keys[:, torch.randint(M, (Bq,), generator=g)] + (1 - ab) ** 0.5 * torch.randn(G, Bq, D, generator=g,
+                                                                                                  dtype=torch.float64)
+    values = torch.randn(G, M, V, generator=g, dtype=torch.float64)
+    counts = torch.randint(0, 3, (G, M), generator=g).double() if with_counts else None
+    if counts is not None:
+        counts[:, -1] = 1.0  # every row has a present candidate
+    logits = -((x[:, :, None] - ab**0.5 * keys[:, None]) ** 2).sum(-1) / (2 * (1 - ab))  # [G, Bq, M]
+    if counts is not None:
+        logits = logits + counts.log()[:, None]
+    want = torch.softmax(logits, -1) @ values  # [G, Bq, V]
+    cuts = sorted({0, M, *torch.randint(1, M + 1, (pick([0, 2, 5]),), generator=g).tolist()})
+    for dtype in (torch.float64, torch.float32):
+        coef = torch.tensor(ab, dtype=torch.float64)
+        scale, bias = coef.sqrt() / (1 - coef), -coef / (2 * (1 - coef))
+        state = SoftmaxMean(augment_queries(x, scale.expand(Bq), bias.expand(Bq)).to(dtype), V,
+                            max_logits=pick([8, 50, 1 << 22]), track=track, prune=prune)
+        for lo, hi in itertools.pairwise(cuts):
+            vals = augment_values(values[:, lo:hi])
+            if counts is not None:
+                vals = vals * counts[:, lo:hi, None]
+            state.update(augment_keys(keys[:, lo:hi].transpose(1, 2)).to(dtype), vals.to(dtype),
+                         ids=torch.arange(lo, hi).expand(G, -1) if track else None,
+                         counts=None if counts is None else counts[:, lo:hi].to(dtype))
+        got = state.mean()
+        assert torch.isfinite(got).all() and torch.isfinite(state.ref).all(), (dtype, got)
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+        if track is None:  # the same keys as two shards (the first may hold only absent candidates), merged
+            shards = []
+            for part in (slice(0, M // 2), slice(M // 2, M)):
+                shard = SoftmaxMean(augment_queries(x, scale.expand(Bq), bias.expand(Bq)).to(dtype), V)
+                vals = augment_values(values[:, part])
+                if counts is not None:
+                    vals = vals * counts[:, part, None]
+                shard.update(augment_keys(keys[:, part].transpose(1, 2)).to(dtype), vals.to(dtype),
+                             counts=None if counts is None else counts[:, part].to(dtype))
+                shards.append(shard)
+            total = SoftmaxMean(augment_queries(x[..., :0], scale.expand(Bq), bias.expand(Bq)).to(dtype), V)
+            for shard in shards:  # from an empty state, as the fused path merges its partial states
+                total.merge(shard.ref, shard.acc)
+            merged = total.mean()
+            assert torch.isfinite(merged).all(), (dtype, merged)
+            if dtype == torch.float64:
+                torch.testing.assert_close(merged, want, rtol=1e-8, atol=1e-8)
