@@ -331,3 +331,37 @@ def test_kernel_choice_is_checked():
     if TRITON_AVAILABLE:
         with pytest.raises(ValueError, match="float32 CUDA tensors"):
             ScoreMachine(train.double(), kind="els", kernel="triton")(x.double(), 1.0, patch_size=3)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(24))
+def test_random_kernel_calls_are_finite_and_within_their_logit_error(interpret, case):
+    """Random shapes, tiles, key splits, hoisting, multiplicities with absent candidates (a row may
+    have none in a split) and noise up to abar = 0.9999 with keys scaled 30x: the state is finite
+    (rows without candidates: -inf and zeros) and its mean within the logit error bound of the
+    float64 brute force."""
+    g = torch.Generator().manual_seed(100 + case)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    G, Bq, M, D, V = pick([1, 2]), pick([1, 5, 40]), pick([1, 9, 70]), pick([1, 9, 20]), pick([1, 2, 5])
+    ab, spread = pick([0.01, 0.5, 0.99, 0.9999]), pick([1.0, 30.0])
+    queries, scale, bias, keys, norms, values, counts = make_inputs(G, Bq, M, D, V, abar=(ab, ab), seed=case,
+                                                                    counts=pick([False, True]))
+    keys = keys * spread
+    norms = keys.square().sum(-1)
+    if counts is not None:  # group 0 without candidates in its first half, or in all of it
+        counts[0, : pick([M // 2, M])] = 0
+    tiles = {"block_q": pick([16, 32]), "block_m": pick([16, 32]), "block_d": pick([16, 32]),
+             "splits": pick([1, 3]), "hoist_queries": pick([False, True])}
+    ref, acc = fused_softmax_mean(queries, scale, bias, keys, norms, values, counts=counts, backend="triton", **tiles)
+    want_ref, want_acc = brute_force(queries, scale, bias, keys, norms, values, counts)
+    empty = torch.isneginf(want_ref)  # rows whose candidates are all absent
+    assert torch.equal(torch.isneginf(ref), empty) and not torch.isnan(ref).any() and torch.isfinite(acc).all()
+    assert bool((acc[empty] == 0).all())
+    # a logit error e moves the weights by at most a factor e^(2e): the mean by (e^(2e) - 1) max |v|
+    err = logit_error_bound(queries, scale, bias, keys, norms)  # [G, Bq]
+    tol = (torch.exp(2 * err) - 1) * values.double().abs().max() + 1e-5
+    diff = (acc.double() - want_acc).abs().amax(-1)  # [G, Bq]
+    assert bool((diff[~empty] <= tol[~empty]).all()), (diff.max(), tol.min(), tiles, ab, spread)
