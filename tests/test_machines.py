@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -152,3 +153,52 @@ def test_constant_patch_compaction_matches_brute_force(padding, wrap, k, C, chun
     for b, ab in enumerate((0.3, 0.97)):
         want = ref_machine(x[b].numpy(), train.numpy(), ab, "els", padding, k, wrap)
         np.testing.assert_allclose(got[b].numpy(), want, rtol=1e-10, atol=1e-10)
+
+
+# Random cases per run: a tenth of PATCHMOSAIC_FUZZ_CASES (default 200; raise it for a longer hunt).
+RANDOM_CASES = int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200")) // 10
+
+
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_random_machines_match_float64_brute_force(monkeypatch, case):
+    """Random LS/ELS machines against the brute force: image sizes, channels, patch sizes, paddings,
+    wrapping, class conditioning, per-sample noise from abar 0.01 to 0.999, training images with
+    constant regions and duplicates (constant-patch compaction), chunk sizes, pruning, tiny logit
+    blocks; ELS also through
+    ``denoise_sizes`` (the nested one-pass path of calibration) at every size it takes."""
+    g = torch.Generator().manual_seed(1000 + case)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    kind, padding = pick([("ls", "zeros"), ("ls", "circular"), ("els", "zeros"), ("els", "circular")])
+    wrap = pick([True, False]) if (kind, padding) == ("els", "circular") else True
+    N, C, H, W = pick([1, 2]), pick([1, 2]), pick([7, 8]), pick([7, 8])
+    train = torch.rand(N, C, H, W, generator=g, dtype=torch.float64) * 2 - 1
+    train[:, :, : pick([0, 2, H])] = pick([0.0, -1.0])  # constant rows (whole images, when H)
+    if N > 1 and pick([False, True]):
+        train[-1] = train[0]  # a duplicate image
+    B = 2
+    alpha_bar = torch.tensor([pick([0.01, 0.3]), pick([0.9, 0.999])], dtype=torch.float64)
+    x0 = train[torch.randint(N, (B,), generator=g)]
+    x_t = alpha_bar.sqrt()[:, None, None, None] * x0 + (1 - alpha_bar).sqrt()[:, None, None, None] * torch.randn(
+        B, C, H, W, generator=g, dtype=torch.float64)
+    monkeypatch.setattr("patchmosaic.engine.CPU_BLOCK_BYTES", pick([64, 1 << 20]))
+    labels = torch.arange(N) % 2 if pick([False, True]) else None  # class conditioning
+    label = None if labels is None else labels[torch.randint(N, (B,), generator=g)]
+    machine = ScoreMachine(train, kind=kind, padding=padding, wrap_training_patches=wrap, labels=labels,
+                           chunk_elements=pick([1, 300, 1 << 22]), prune_rank=pick([0, 16]))
+    sizes = [1, 3, 5] if padding == "circular" and not wrap else [1, 3, 5, 7]  # without wrapping, k < H - 1
+    subsets = [train if label is None else train[labels == label[b]] for b in range(B)]
+    want = {k: np.stack([ref_machine(x_t[b].numpy(), subsets[b].numpy(), float(alpha_bar[b]), kind, padding, k, wrap)
+                         for b in range(B)]) for k in sizes}
+    for k in sizes:
+        got = machine.denoise(x_t, alpha_bar, patch_size=k, label=label)
+        np.testing.assert_allclose(got.numpy(), want[k], rtol=1e-9, atol=1e-9, err_msg=f"k={k}")
+    if kind == "els":
+        # every size from 3 through the nested stream (NESTED_FROM is 7 by default: one size only here)
+        monkeypatch.setattr("patchmosaic.denoisers.score_machines.NESTED_FROM", 3)
+        sigma = ((1 - alpha_bar) / alpha_bar).sqrt()  # the protocol's x = x_t / sqrt(abar)
+        nested = machine.denoise_sizes(x_t / alpha_bar.sqrt()[:, None, None, None], sigma, sizes, label=label)
+        for k in sizes:
+            np.testing.assert_allclose(nested[k].numpy(), want[k], rtol=1e-9, atol=1e-9, err_msg=f"nested k={k}")

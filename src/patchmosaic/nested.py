@@ -214,6 +214,8 @@ def nested_dense_means(
         m_pos = [n * p for p in n_pos]  # candidates of each size in this chunk (a prefix)
         m_tile = min(M, max(256, tile // 64))
         r_tile = max(1, tile // m_tile)
+        if work.numel() < r_tile * m_tile:  # a tile budget under one row of m_tile candidates
+            work = x.new_empty(r_tile * m_tile)
         for a in range(0, n_rows[0], r_tile):
             b = min(n_rows[0], a + r_tile)
             for m0 in range(0, M, m_tile):
