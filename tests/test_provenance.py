@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,31 @@ def test_engine_counts_and_absent_candidates():
     assert torch.equal(top_id, best.indices) and torch.equal(top_count, counts[0][best.indices])
     with pytest.raises(ValueError, match="needs ids"):
         state.update(augment_keys(keys.transpose(1, 2)), values)
+
+
+# Random cases per run: a tenth of PATCHMOSAIC_FUZZ_CASES (default 200; raise it for a longer hunt).
+RANDOM_CASES = int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200")) // 10
+
+
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_random_provenance_matches_float64_brute_force(monkeypatch, case):
+    """Random LS/ELS provenance (top candidates with constant-patch groups, N_eff, entropy) against the
+    brute force: paddings, wrapping, patch sizes, per-sample noise, background data with blobs,
+    chunk sizes, pruning and tiny logit blocks."""
+    g = torch.Generator().manual_seed(2000 + case)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    kind, padding = pick([("ls", "zeros"), ("ls", "circular"), ("els", "zeros"), ("els", "circular")])
+    wrap = pick([True, False]) if (kind, padding) == ("els", "circular") else True
+    k = pick([1, 3, 5])
+    train, _, x = _background_data(N=pick([2, 4]), C=pick([1, 2]), seed=case)
+    monkeypatch.setattr("patchmosaic.engine.CPU_BLOCK_BYTES", pick([64, 1 << 20]))
+    m = ScoreMachine(train, kind=kind, padding=padding, wrap_training_patches=wrap,
+                     chunk_elements=pick([1, 300, 1 << 22]), prune_rank=pick([0, 16]))
+    ab = torch.tensor([pick([0.05, 0.4]), pick([0.9, 0.99])], dtype=torch.float64)
+    top = pick([1, 3])
+    x0, prov = m.denoise_provenance(x, ab, patch_size=k, top=top)
+    _check_against_reference(prov, m.denoise(x, ab, patch_size=k), x0, train, x, ab.tolist(), kind, padding, k, wrap,
+                             top)
