@@ -11,6 +11,8 @@ keeping TF32 out is checked on a GPU only (``benchmarks/gpu_check_fused.py``).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -334,7 +336,7 @@ def test_kernel_choice_is_checked():
 
 
 @needs_triton
-@pytest.mark.parametrize("case", range(24))
+@pytest.mark.parametrize("case", range(int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200")) // 8))
 def test_random_kernel_calls_are_finite_and_within_their_logit_error(interpret, case):
     """Random shapes, tiles, key splits, hoisting, multiplicities with absent candidates (a row may
     have none in a split) and noise up to abar = 0.9999 with keys scaled 30x: the state is finite
@@ -365,3 +367,30 @@ def test_random_kernel_calls_are_finite_and_within_their_logit_error(interpret, 
     tol = (torch.exp(2 * err) - 1) * values.double().abs().max() + 1e-5
     diff = (acc.double() - want_acc).abs().amax(-1)  # [G, Bq]
     assert bool((diff[~empty] <= tol[~empty]).all()), (diff.max(), tol.min(), tiles, ab, spread)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200")) // 20))
+def test_random_machines_through_the_kernel_equal_the_float64_engine(interpret, case):
+    """ScoreMachine(kernel="triton") on random small LS/ELS problems (paddings, wrapping, sizes, labels,
+    chunks, per-sample noise, both precisions) equals the float64 machine."""
+    g = torch.Generator().manual_seed(3000 + case)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    kind, padding = pick([("ls", "zeros"), ("ls", "circular"), ("els", "zeros"), ("els", "circular")])
+    wrap = pick([True, False]) if (kind, padding) == ("els", "circular") else True
+    N, C, H, W, k = pick([2, 4]), pick([1, 3]), pick([6, 7]), pick([6, 7]), pick([1, 3, 5])
+    train = torch.rand(N, C, H, W, generator=g) * 2 - 1
+    train[:, :, :2] = -1.0  # constant rows
+    labels = torch.arange(N) % 2 if pick([False, True]) else None
+    label = None if labels is None else torch.tensor([0, 1])
+    x = torch.randn(2, C, H, W, generator=g)
+    sigma = torch.tensor([pick([0.1, 0.5]), pick([2.0, 20.0])])
+    want = ScoreMachine(train.double(), kind=kind, padding=padding, wrap_training_patches=wrap, labels=labels)(
+        x.double(), sigma.double(), patch_size=k, label=label)
+    fused = ScoreMachine(train, kind=kind, padding=padding, wrap_training_patches=wrap, labels=labels, kernel="triton",
+                         kernel_precision=pick(["ieee", "tf32x3"]), chunk_elements=pick([300, 1 << 22]))
+    got = fused(x, sigma, patch_size=k, label=label)
+    torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=0)
