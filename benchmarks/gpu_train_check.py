@@ -78,23 +78,24 @@ def check(arch: str, device: str, steps: int, time_steps: int, tmp: Path) -> dic
     cpu_run = tmp / f"{arch}-cpu"
     train(config_for(arch, steps, "cpu", os.cpu_count()), cpu_run, progress=False)
     cpu_losses, cpu_weights = losses(cpu_run), weights(cpu_run)
+    default_tf32, runs = torch.backends.cudnn.allow_tf32, {}
     for tf32 in (True, False):
         torch.backends.cudnn.allow_tf32 = tf32
-        run = tmp / f"{arch}-{device}-tf32{int(tf32)}"
+        run = runs[tf32] = tmp / f"{arch}-{device}-tf32{int(tf32)}"
         train(config_for(arch, steps, device, None), run, progress=False)
-        dev_weights = weights(run)
+        dev_losses, dev_weights = losses(run), weights(run)
         name = "cudnn TF32 on (torch's default)" if tf32 else "cudnn TF32 off"
         result = {
-            "max_rel_loss_diff": relative(losses(run), cpu_losses),
-            "loss_diff_first_10": relative(losses(run)[:10], cpu_losses[:10]),
+            "max_rel_loss_diff": relative(dev_losses, cpu_losses),
+            "loss_diff_first_10": relative(dev_losses[:10], cpu_losses[:10]),
             "max_rel_weight_diff": max(relative(dev_weights[k], cpu_weights[k]) for k in cpu_weights),
         }
         out[name] = result
         print(f"{arch:9s} {device} vs cpu, {steps} iterations, {name:31s}: losses differ by <= "
               f"{result['max_rel_loss_diff']:.1e} relative ({result['loss_diff_first_10']:.1e} over the first 10), "
               f"final weights by <= {result['max_rel_weight_diff']:.1e}", flush=True)
-    torch.backends.cudnn.allow_tf32 = True
-    run = tmp / f"{arch}-{device}-tf32{1}"  # extend the default-settings run to time it
+    torch.backends.cudnn.allow_tf32 = default_tf32
+    run = runs[default_tf32]  # extend the run with torch's setting to time it
     before = json.loads((run / SUMMARY_FILE).read_text())["train_seconds"]
     if device.startswith("cuda"):
         torch.cuda.synchronize()

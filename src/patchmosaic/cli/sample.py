@@ -42,7 +42,7 @@ from patchmosaic.denoisers import (
     check_machine_options,
 )
 from patchmosaic.denoisers.registry import DENOISERS, build_denoiser
-from patchmosaic.denoisers.score_machines import KERNEL_PRECISIONS, KERNELS
+from patchmosaic.denoisers.score_machines import KERNEL_PRECISIONS, KERNELS, PATCH_KINDS
 from patchmosaic.geometry import PADDINGS
 from patchmosaic.pretrained import LABEL_RULE, labels_for_seeds
 from patchmosaic.provenance import ProvenanceRecorder
@@ -469,7 +469,7 @@ def _check_kernel(req: SampleRequest, device: torch.device) -> None:
     (or CPU under ``TRITON_INTERPRET=1``), Triton installed."""
     if req.kernel != "triton":
         return
-    if req.kind not in ("ls", "els"):
+    if req.kind not in PATCH_KINDS:
         raise click.BadParameter(f"the fused kernel runs the LS and ELS machines, not --denoiser {req.kind}",
                                  param_hint="'--kernel'")
     if req.provenance_top is not None:

@@ -76,7 +76,7 @@ __all__ = [
 KINDS = ("ideal", "es", "ls", "els")
 KERNELS = ("auto", "torch", "triton")
 # Row width (elements) the fused path rounds each candidate's copied patch up to, so that
-# rows start 16-byte aligned (Triton specialises strides divisible by 16 and vectorises loads).
+# rows start 16-element aligned (Triton specialises strides divisible by 16 and vectorises loads).
 FUSED_ROW_ALIGN = 16
 KERNEL_PRECISIONS = ("ieee", "tf32x3")  # patchmosaic.kernels.PRECISIONS (that module imports triton)
 PATCH_KINDS = ("ls", "els")
@@ -852,8 +852,8 @@ class _PatchMachine(ScoreMachine):
             q, rep = self._group_queries(x_win, rows, cols)  # [G, Bq, D]
             s, b = scale.repeat_interleave(rep), bias.repeat_interleave(rep)  # [Bq]
             plan.append((rows, cols, q, s, b, SoftmaxMean(augment_queries(q[:, :, :0], s, b), C)))
-            width = -(-(D + 2) // FUSED_ROW_ALIGN) * FUSED_ROW_ALIGN  # a candidate's aligned key row
-            per_image = max(per_image, q.shape[0] * rows.Q.shape[1] * cols.Q.shape[1] * (width + C + 1))
+            width = self._row_width(D, FUSED_ROW_ALIGN) + C + 1  # a candidate's aligned key row and its values
+            per_image = max(per_image, q.shape[0] * rows.Q.shape[1] * cols.Q.shape[1] * width)
         for _, chunk in self._chunks(train, per_image, x_t):
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
             norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
@@ -884,6 +884,11 @@ class _PatchMachine(ScoreMachine):
         return out
 
     @staticmethod
+    def _row_width(D: int, align: int) -> int:
+        """Elements of one candidate's key row ``[key (D), |key|^2, 1]``, rounded up to ``align``."""
+        return -(-(D + 2) // align) * align
+
+    @staticmethod
     def _group_candidates(
         rows: AxisBlocks, cols: AxisBlocks, chunk: torch.Tensor, t_win: torch.Tensor, norms: torch.Tensor,
         align: int = 1,
@@ -900,8 +905,8 @@ class _PatchMachine(ScoreMachine):
         nbc, nqc = cols.Q.shape
         G, M = nbr * nbc, n * nqr * nqc
         keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
-        width = -(-(D + 2) // align) * align
-        rows_t = chunk.new_empty(G, M, width)[..., : D + 2]  # [key, |key|^2, 1] per candidate, each patch copied contiguously
+        # [key, |key|^2, 1] per candidate, each patch copied contiguously
+        rows_t = chunk.new_empty(G, M, _PatchMachine._row_width(D, align))[..., : D + 2]
         rows_t[:, :, D + 1] = 1.0
         rows_t[:, :, :D].view(nbr, nbc, n, nqr, nqc, C, k, k).copy_(keys.permute(2, 4, 0, 3, 5, 1, 6, 7))
         sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]

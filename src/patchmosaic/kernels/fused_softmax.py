@@ -159,9 +159,10 @@ def fused_softmax_mean(
         splits: Key ranges processed by separate programs and merged (Triton);
             default: enough to give every streaming multiprocessor ~4 programs.
         hoist_queries: Triton, patches of at most ``block_d`` features (grey patches up to
-            k = 7 at the tf32x3 tiles): load each query tile once, before the key loop, instead of once per key tile
-            (the key loop then holds its loads directly, for Triton's software pipelining).
-            Off by default until measured on a GPU (``benchmarks/gpu_check_fused.py`` times both).
+            k = 7 at the tf32x3 tiles): load each query tile once, before the key loop, instead
+            of once per key tile (the key loop then holds its loads directly, for Triton's
+            software pipelining). Off by default until measured on a GPU
+            (``benchmarks/gpu_check_fused.py`` times both).
 
     Returns:
         ``ref [G, Bq]`` (log-sum-exp of the row's logits) and ``acc [G, Bq, V + 1]``
@@ -192,7 +193,9 @@ def fused_softmax_mean(
         if b < MIN_BLOCK or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {b}")
     if tiles.num_warps < 1 or tiles.num_warps & (tiles.num_warps - 1) or tiles.num_stages < 1:
-        raise ValueError(f"num_warps must be a power of two and num_stages >= 1, got {tiles.num_warps}, {tiles.num_stages}")
+        raise ValueError(
+            f"num_warps must be a power of two and num_stages >= 1, got {tiles.num_warps}, {tiles.num_stages}"
+        )
     if splits is not None and splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     return _triton_partial(chunk, precision, tiles, splits, hoist_queries)
