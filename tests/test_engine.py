@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
+from fuzz import cases, picker
 from patchmosaic.engine import SoftmaxMean, augment_keys, augment_queries, augment_values
 
 
@@ -242,22 +242,14 @@ def test_engine_pins_full_precision_float32_matmuls():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-# Random cases per run (the environment variable raises it for a longer hunt).
-CASES = int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200"))
-
-
-@pytest.mark.parametrize("case", range(CASES))
+@pytest.mark.parametrize("case", cases())
 def test_random_streams_equal_the_float64_softmax_and_stay_finite(monkeypatch, case):
     """Random states against the definition: groups, rows, keys, multiplicities with absent candidates,
     noise levels up to abar = 0.9999 with keys scaled up to 30x (logit jumps of thousands of nats),
     statistics and top candidates, pruning, tiny logit blocks, ragged chunks and two merged shards.
     float64 must equal the direct softmax; float32 must at least stay finite (the NaN cases of
     e^(+large) * 0 and exp(-inf - -inf) that a GPU check's reference found fail here)."""
-    g = torch.Generator().manual_seed(case)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=g))]
-
+    g, pick = picker(case)
     G, Bq, M, D, V = pick([1, 2]), pick([1, 3, 9]), pick([1, 7, 60, 700]), pick([1, 3, 6]), pick([1, 3])
     ab, spread = pick([0.01, 0.5, 0.99, 0.9999]), pick([1.0, 30.0])
     track = pick([None, 0, 2])

@@ -11,11 +11,10 @@ keeping TF32 out is checked on a GPU only (``benchmarks/gpu_check_fused.py``).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from fuzz import cases, picker
 from patchmosaic import ScoreMachine
 from patchmosaic.engine import (
     SoftmaxMean,
@@ -336,17 +335,13 @@ def test_kernel_choice_is_checked():
 
 
 @needs_triton
-@pytest.mark.parametrize("case", range(int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200")) // 8))
+@pytest.mark.parametrize("case", cases(8))
 def test_random_kernel_calls_are_finite_and_within_their_logit_error(interpret, case):
     """Random shapes, tiles, key splits, hoisting, multiplicities with absent candidates (a row may
     have none in a split) and noise up to abar = 0.9999 with keys scaled 30x: the state is finite
     (rows without candidates: -inf and zeros) and its mean within the logit error bound of the
     float64 brute force."""
-    g = torch.Generator().manual_seed(100 + case)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=g))]
-
+    _, pick = picker(100 + case)
     G, Bq, M, D, V = pick([1, 2]), pick([1, 5, 40]), pick([1, 9, 70]), pick([1, 9, 20]), pick([1, 2, 5])
     ab, spread = pick([0.01, 0.5, 0.99, 0.9999]), pick([1.0, 30.0])
     queries, scale, bias, keys, norms, values, counts = make_inputs(G, Bq, M, D, V, abar=(ab, ab), seed=case,
@@ -370,15 +365,11 @@ def test_random_kernel_calls_are_finite_and_within_their_logit_error(interpret, 
 
 
 @needs_triton
-@pytest.mark.parametrize("case", range(int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200")) // 20))
+@pytest.mark.parametrize("case", cases(20))
 def test_random_machines_through_the_kernel_equal_the_float64_engine(interpret, case):
     """ScoreMachine(kernel="triton") on random small LS/ELS problems (paddings, wrapping, sizes, labels,
     chunks, per-sample noise, both precisions) equals the float64 machine."""
-    g = torch.Generator().manual_seed(3000 + case)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=g))]
-
+    g, pick = picker(3000 + case)
     kind, padding = pick([("ls", "zeros"), ("ls", "circular"), ("els", "zeros"), ("els", "circular")])
     wrap = pick([True, False]) if (kind, padding) == ("els", "circular") else True
     N, C, H, W, k = pick([2, 4]), pick([1, 3]), pick([6, 7]), pick([6, 7]), pick([1, 3, 5])

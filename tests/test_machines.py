@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from patchmosaic import ScoreMachine
 from patchmosaic.denoisers import EquivariantLocalScoreMachine
+from fuzz import cases, picker
 from reference import ref_machine
 
 CASES = [
@@ -155,22 +155,14 @@ def test_constant_patch_compaction_matches_brute_force(padding, wrap, k, C, chun
         np.testing.assert_allclose(got[b].numpy(), want, rtol=1e-10, atol=1e-10)
 
 
-# Random cases per run: a tenth of PATCHMOSAIC_FUZZ_CASES (default 200; raise it for a longer hunt).
-RANDOM_CASES = int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200")) // 10
-
-
-@pytest.mark.parametrize("case", range(RANDOM_CASES))
+@pytest.mark.parametrize("case", cases(10))
 def test_random_machines_match_float64_brute_force(monkeypatch, case):
     """Random LS/ELS machines against the brute force: image sizes, channels, patch sizes, paddings,
     wrapping, class conditioning, per-sample noise from abar 0.01 to 0.999, training images with
     constant regions and duplicates (constant-patch compaction), chunk sizes, pruning, tiny logit
-    blocks; ELS also through
-    ``denoise_sizes`` (the nested one-pass path of calibration) at every size it takes."""
-    g = torch.Generator().manual_seed(1000 + case)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=g))]
-
+    blocks; ELS also through ``denoise_sizes`` (the nested one-pass path of calibration) at every
+    size it takes."""
+    g, pick = picker(1000 + case)
     kind, padding = pick([("ls", "zeros"), ("ls", "circular"), ("els", "zeros"), ("els", "circular")])
     wrap = pick([True, False]) if (kind, padding) == ("els", "circular") else True
     N, C, H, W = pick([1, 2]), pick([1, 2]), pick([7, 8]), pick([7, 8])

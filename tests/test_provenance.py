@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 from patchmosaic import ScoreMachine
 from patchmosaic.engine import SoftmaxMean, augment_keys, augment_queries, augment_values
+from fuzz import cases, picker
 from reference import ref_provenance
 
 CASES = [
@@ -175,20 +174,12 @@ def test_engine_counts_and_absent_candidates():
         state.update(augment_keys(keys.transpose(1, 2)), values)
 
 
-# Random cases per run: a tenth of PATCHMOSAIC_FUZZ_CASES (default 200; raise it for a longer hunt).
-RANDOM_CASES = int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200")) // 10
-
-
-@pytest.mark.parametrize("case", range(RANDOM_CASES))
+@pytest.mark.parametrize("case", cases(10))
 def test_random_provenance_matches_float64_brute_force(monkeypatch, case):
     """Random LS/ELS provenance (top candidates with constant-patch groups, N_eff, entropy) against the
     brute force: paddings, wrapping, patch sizes, per-sample noise, background data with blobs,
     chunk sizes, pruning and tiny logit blocks."""
-    g = torch.Generator().manual_seed(2000 + case)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=g))]
-
+    _, pick = picker(2000 + case)
     kind, padding = pick([("ls", "zeros"), ("ls", "circular"), ("els", "zeros"), ("els", "circular")])
     wrap = pick([True, False]) if (kind, padding) == ("els", "circular") else True
     k = pick([1, 3, 5])

@@ -6,27 +6,20 @@ must equal the float64 reference. Cases are seeded by their index; PATCHMOSAIC_F
 scales their number (a tenth of it per denoiser).
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 import reference_family as ref
+from fuzz import cases, picker
 from patchmosaic.denoisers.data_locality import DataLocality
 from patchmosaic.denoisers.neighbours import TopK
 from patchmosaic.denoisers.patch_composite import PatchComposite
 from patchmosaic.denoisers.wiener import Wiener
 
-CASES = int(os.environ.get("PATCHMOSAIC_FUZZ_CASES", "200")) // 10
-
 
 def _problem(seed: int):
-    g = torch.Generator().manual_seed(seed)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=g))]
-
+    g, pick = picker(seed)
     N, C, H, W = pick([1, 3, 8]), pick([1, 2]), pick([3, 4]), pick([3, 5])
     train = torch.rand(N, C, H, W, generator=g, dtype=torch.float64) * 2 - 1
     if N > 1 and pick([False, True]):
@@ -45,7 +38,7 @@ def _check(out, want_fn, x, sigma, atol=1e-9):
         np.testing.assert_allclose(out[b].numpy(), want_fn(x[b].numpy(), float(sigma[b])), atol=atol, rtol=1e-9)
 
 
-@pytest.mark.parametrize("case", range(CASES))
+@pytest.mark.parametrize("case", cases(10))
 def test_random_wiener(case):
     pick, train, x, sigma = _problem(4000 + case)
     D = train[0].numel()
@@ -53,7 +46,7 @@ def test_random_wiener(case):
     _check(Wiener(train, rank=rank)(x, sigma), lambda xb, s: ref.wiener(xb, train.numpy(), s, rank), x, sigma)
 
 
-@pytest.mark.parametrize("case", range(CASES))
+@pytest.mark.parametrize("case", cases(10))
 def test_random_data_locality(case):
     pick, train, x, sigma = _problem(5000 + case)
     threshold, temperature = pick([0.05, 0.3, 1.0]), pick([0.5, 1.0])
@@ -61,7 +54,7 @@ def test_random_data_locality(case):
     _check(D(x, sigma), lambda xb, s: ref.data_locality(xb, train.numpy(), s, threshold, temperature), x, sigma)
 
 
-@pytest.mark.parametrize("case", range(CASES))
+@pytest.mark.parametrize("case", cases(10))
 def test_random_patch_composite(case):
     pick, train, x, sigma = _problem(6000 + case)
     P, flips = pick([1, 3]), pick([False, True])
@@ -69,7 +62,7 @@ def test_random_patch_composite(case):
     _check(D(x, sigma), lambda xb, s: ref.patch_composite(xb, train.numpy(), s, P, flips), x, sigma)
 
 
-@pytest.mark.parametrize("case", range(CASES))
+@pytest.mark.parametrize("case", cases(10))
 def test_random_topk(case):
     pick, train, x, sigma = _problem(7000 + case)
     k = min(pick([1, 2, 8]), train.shape[0])  # k > N is refused (a clear error)
