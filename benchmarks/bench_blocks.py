@@ -1,6 +1,6 @@
 """The CPU facts behind the engine's cache-sized logit blocks (``CPU_BLOCK_BYTES``, ``THIN_VALUES``).
 
-Three measurements, one thread, float32, each the best of ``--repeats`` loops:
+Four measurements, one thread, float32, each the best of ``--repeats`` loops:
 
 * ``products``: the logit product ``[rows, D + 2] @ [D + 2, keys]`` in GFLOP/s, for the
   demo's block shapes (k = 15 and k = 7: D + 2 = 227 and 51);
@@ -8,6 +8,7 @@ Three measurements, one thread, float32, each the best of ``--repeats`` loops:
   N_eff and entropy sums), in ns per logit, on a 16 MB block (2^22 logits, the old blocks)
   and on 1 MB blocks (2^18, ``CPU_BLOCK_BYTES``), with the weighted sum formed both ways:
   ``weights @ values`` and ``(values^T @ weights^T)^T``;
+* ``exponentials``: ``exp_`` against ``exp2_`` per logit (the sweeps take logits in bits and exp2);
 * ``bookkeeping``: what :meth:`SoftmaxMean._update_rows` costs per call beyond its passes
   (a 64 x 64 block, so the passes are negligible), with and without statistics.
 
@@ -79,6 +80,17 @@ def passes(repeats: int) -> None:
                   f"{tracked_passes(rows, keys, thin, repeats) * 1e9:5.2f} ns per logit")
 
 
+def exponentials(repeats: int) -> None:
+    """``exp_`` against ``exp2_`` in place on a 1 MB block of clamped shifted logits (the engine's sweeps
+    use exp2 on logits in bits, ``engine.LOG2_E``); the copy that refreshes the block is subtracted."""
+    logits = (torch.randn(256, 1024) * 20 - 30).clamp_(min=-80, max=60)
+    block = torch.empty_like(logits)
+    copy = best_of(lambda: block.copy_(logits), repeats, 20)
+    for name, op in (("exp ", torch.Tensor.exp_), ("exp2", torch.Tensor.exp2_)):
+        s = best_of(lambda op=op: op(block.copy_(logits)), repeats, 20) - copy
+        print(f"exponentials: {name} in place on a 1 MB block: {s / logits.numel() * 1e9:5.2f} ns per logit")
+
+
 def bookkeeping(repeats: int) -> None:
     for track in (None, 0):
         q, keys, vals = torch.randn(1, 64, 11), torch.randn(1, 11, 64), torch.randn(1, 64, 1)
@@ -98,6 +110,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread, float32")
     products(args.repeats)
     passes(args.repeats)
+    exponentials(args.repeats)
     bookkeeping(args.repeats)
 
 
