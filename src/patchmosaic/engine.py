@@ -98,6 +98,7 @@ __all__ = [
     "augment_keys",
     "augment_queries",
     "augment_values",
+    "block_views",
     "exact_float32_matmul",
     "flat_patches",
     "logit_coefficients",
@@ -105,6 +106,8 @@ __all__ = [
     "patch_sq_norms",
     "patch_windows",
     "select_blocks",
+    "window_max",
+    "window_sums",
     "ve_logit_coefficients",
 ]
 
@@ -213,36 +216,84 @@ def patch_windows(images: torch.Tensor, radius: int, padding: str) -> torch.Tens
     return pad_images(images, radius, padding).unfold(2, k, 1).unfold(3, k, 1)
 
 
+def window_sums(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Sums of every ``k`` consecutive entries along ``dim`` (valid windows: the length shrinks by k - 1).
+
+    Windows of length 2^j are summed from two of length 2^(j-1) and a window of k
+    from those of k's binary digits, so each output costs O(log k) additions
+    instead of k (the separable box filter of :func:`patch_sq_norms`).
+    """
+    out = t.narrow(dim, 0, t.shape[dim] - k + 1).clone() if k & 1 else None  # the 1-wide digit, at offset 0
+    offset, span, power = k & 1, 2, t
+    while span <= k:
+        power = power.narrow(dim, 0, power.shape[dim] - span // 2) + power.narrow(dim, span // 2, power.shape[dim] - span // 2)
+        if k & span:
+            piece = power.narrow(dim, offset, t.shape[dim] - k + 1)
+            out = piece.clone() if out is None else out.add_(piece)
+            offset += span
+        span *= 2
+    return out
+
+
+def window_max(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Maxima of every ``k`` consecutive entries along ``dim`` (valid windows), in O(log k) passes:
+    windows of 2^j from two of 2^(j-1), and one of k from two overlapping windows of the largest 2^j <= k."""
+    span = 1
+    while 2 * span <= k:
+        n = t.shape[dim] - span
+        t = torch.maximum(t.narrow(dim, 0, n), t.narrow(dim, span, n))
+        span *= 2
+    if span < k:
+        n = t.shape[dim] - (k - span)
+        t = torch.maximum(t.narrow(dim, 0, n), t.narrow(dim, k - span, n))
+    return t
+
+
 def patch_sq_norms(images: torch.Tensor, radius: int, padding: str) -> torch.Tensor:
-    """``|patch|^2`` of every k x k patch (a box filter of the squared image).
+    """``|patch|^2`` of every k x k patch (a separable box filter of the squared image, :func:`window_sums`).
 
     Returns:
         ``[n, H, W]``.
     """
     k = 2 * radius + 1
     sq = pad_images(images.square().sum(1, keepdim=True), radius, padding)  # [n, 1, H+2r, W+2r]
-    return F.avg_pool2d(sq, k, stride=1, divisor_override=1)[:, 0]  # [n, H, W]
+    return window_sums(window_sums(sq, k, 2), k, 3)[:, 0]  # [n, H, W]
 
 
 def flat_patches(images: torch.Tensor, radius: int, padding: str) -> torch.Tensor:
     """Which k x k patches are constant (every pixel and channel equal).
 
     Returns:
-        ``[n, H, W]`` bool; exact comparisons (max pool == min pool). The k x k
-        pools are separable (a k x 1 pool, then 1 x k): the same maxima at 2k
-        instead of k^2 comparisons per pixel (for k > 3).
+        ``[n, H, W]`` bool; exact comparisons (maximum == minimum over the patch,
+        separable windows of :func:`window_max`).
     """
     k = 2 * radius + 1
     padded = pad_images(images, radius, padding)  # [n, C, H+2r, W+2r]
+    hi = window_max(window_max(padded, k, 2), k, 3).amax(1)  # [n, H, W]
+    lo = window_max(window_max(-padded, k, 2), k, 3).amax(1)  # [n, H, W], minus the minimum
+    return hi == -lo
 
-    def pool(t: torch.Tensor) -> torch.Tensor:
-        if k <= 3:  # one 3 x 3 pool is as cheap as two passes
-            return F.max_pool2d(t, k, stride=1)  # [n, C, H, W]
-        return F.max_pool2d(F.max_pool2d(t, (k, 1), stride=1), (1, k), stride=1)  # [n, C, H, W]
 
-    hi = pool(padded).amax(1)  # [n, H, W]
-    lo = -pool(-padded).amax(1)  # [n, H, W], min over the patch and channels
-    return hi == lo
+def block_views(t: torch.Tensor, rows: AxisBlocks, cols: AxisBlocks, which: str) -> list[tuple[slice, slice, torch.Tensor]] | None:
+    """:func:`select_blocks` in pieces that are views (no gather): ``(row blocks, column blocks, view)``,
+    ``view`` being ``select_blocks(...)[:, :, row blocks, :, column blocks]``; None where a stack is no
+    union of runs (:meth:`AxisBlocks.runs`)."""
+    r_runs, c_runs = rows.runs(which), cols.runs(which)
+    if r_runs is None or c_runs is None:
+        return None
+
+    def run(x: torch.Tensor, dim: int, b0: int, b1: int, p0: int, n: int) -> torch.Tensor:
+        if n == 1:  # one position per block: the blocks are the slice
+            return x.narrow(dim, p0, b1 - b0).unsqueeze(dim + 1)
+        return x.narrow(dim, p0, n).unsqueeze(dim)  # one block of n positions
+
+    nr, nc = (rows.P if which == "P" else rows.Q).shape[1], (cols.P if which == "P" else cols.Q).shape[1]
+    pieces = []
+    for b0, b1, p0 in r_runs:
+        by_row = run(t, 2, b0, b1, p0, nr)  # [n, C, b1 - b0, nr, W, ...]
+        for c0, c1, q0 in c_runs:
+            pieces.append((slice(b0, b1), slice(c0, c1), run(by_row, 4, c0, c1, q0, nc)))
+    return pieces
 
 
 def select_blocks(t: torch.Tensor, rows: AxisBlocks, cols: AxisBlocks, which: str) -> torch.Tensor:

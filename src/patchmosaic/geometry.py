@@ -59,6 +59,26 @@ class AxisBlocks:
             return slice(int(pos[0, 0]), int(pos[0, 0]) + pos.shape[1])
         return pos
 
+    def runs(self, which: str) -> list[tuple[int, int, int]] | None:
+        """``P`` or ``Q`` as runs of blocks that are slices of the axis: ``(b0, b1, p0)`` for blocks
+        ``b0 <= b < b1`` whose positions are ``p0 + (b - b0) + j`` (one position per block) or
+        ``p0 + j`` (a single block of consecutive positions); None when the stack is no union of such runs.
+
+        E.g. the 2r edge blocks of zero padding are two runs, one per edge.
+        """
+        pos = (self.P if which == "P" else self.Q).tolist()
+        if len(pos[0]) > 1:  # each block a run of its own, if its positions are consecutive
+            if any(row != list(range(row[0], row[0] + len(row))) for row in pos):
+                return None
+            return [(b, b + 1, row[0]) for b, row in enumerate(pos)]
+        runs = []
+        for b, (p,) in enumerate(pos):
+            if runs and p == runs[-1][2] + b - runs[-1][0]:
+                runs[-1] = (runs[-1][0], b + 1, runs[-1][2])
+            else:
+                runs.append((b, b + 1, p))
+        return runs
+
 
 @dataclass(frozen=True)
 class Geometry:

@@ -42,6 +42,7 @@ from patchmosaic.engine import (
     augment_keys,
     augment_queries,
     augment_values,
+    block_views,
     exact_float32_matmul,
     flat_patches,
     logit_coefficients,
@@ -904,11 +905,15 @@ class _PatchMachine(ScoreMachine):
         nbr, nqr = rows.Q.shape
         nbc, nqc = cols.Q.shape
         G, M = nbr * nbc, n * nqr * nqc
-        keys = select_blocks(t_win, rows, cols, "Q")  # [n, C, nbr, nqr, nbc, nqc, k, k]
         # [key, |key|^2, 1] per candidate, each patch copied contiguously
         rows_t = chunk.new_empty(G, M, _PatchMachine._row_width(D, align))[..., : D + 2]
         rows_t[:, :, D + 1] = 1.0
-        rows_t[:, :, :D].view(nbr, nbc, n, nqr, nqc, C, k, k).copy_(keys.permute(2, 4, 0, 3, 5, 1, 6, 7))
+        dst = rows_t[:, :, :D].view(nbr, nbc, n, nqr, nqc, C, k, k)
+        pieces = block_views(t_win, rows, cols, "Q")  # slices of the windows: copied without a gather
+        if pieces is None:
+            pieces = [(slice(None), slice(None), select_blocks(t_win, rows, cols, "Q"))]
+        for rb, cb, keys in pieces:  # keys [n, C, nbr', nqr, nbc', nqc, k, k]
+            dst[rb, cb].copy_(keys.permute(2, 4, 0, 3, 5, 1, 6, 7))
         sel = select_blocks(norms, rows, cols, "Q")  # [n, 1, nbr, nqr, nbc, nqc]
         rows_t[:, :, D].view(nbr, nbc, n, nqr, nqc).copy_(sel[:, 0].permute(1, 3, 0, 2, 4))
         keys_t = rows_t.transpose(1, 2)  # [G, D + 2, M] view (the products read it transposed)
