@@ -226,7 +226,8 @@ def window_sums(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     out = t.narrow(dim, 0, t.shape[dim] - k + 1).clone() if k & 1 else None  # the 1-wide digit, at offset 0
     offset, span, power = k & 1, 2, t
     while span <= k:
-        power = power.narrow(dim, 0, power.shape[dim] - span // 2) + power.narrow(dim, span // 2, power.shape[dim] - span // 2)
+        n = power.shape[dim] - span // 2
+        power = power.narrow(dim, 0, n) + power.narrow(dim, span // 2, n)
         if k & span:
             piece = power.narrow(dim, offset, t.shape[dim] - k + 1)
             out = piece.clone() if out is None else out.add_(piece)
@@ -274,7 +275,9 @@ def flat_patches(images: torch.Tensor, radius: int, padding: str) -> torch.Tenso
     return hi == -lo
 
 
-def block_views(t: torch.Tensor, rows: AxisBlocks, cols: AxisBlocks, which: str) -> list[tuple[slice, slice, torch.Tensor]] | None:
+def block_views(
+    t: torch.Tensor, rows: AxisBlocks, cols: AxisBlocks, which: str
+) -> list[tuple[slice, slice, torch.Tensor]] | None:
     """:func:`select_blocks` in pieces that are views (no gather): ``(row blocks, column blocks, view)``,
     ``view`` being ``select_blocks(...)[:, :, row blocks, :, column blocks]``; None where a stack is no
     union of runs (:meth:`AxisBlocks.runs`)."""
