@@ -22,6 +22,9 @@ def _els(**kw):
     (dict(kind="els", labels=[0, 1]), r"labels must have shape \[N\] = \[4\]"),
     (dict(kind="els", labels=[0.5, 1, 0, 1]), "labels must be integers"),
     (dict(kind="els", chunk_elements=0), "chunk_elements must be positive"),
+    (dict(kind="els", workers=0), "workers must be a positive integer"),
+    (dict(kind="els", workers=True), "workers must be a positive integer"),
+    (dict(kind="els", workers=2, distributed=True), "cannot be combined with distributed"),
 ])
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
