@@ -241,6 +241,23 @@ def test_calibrate_command_writes_a_schedule_that_sample_accepts(tiny_model, tmp
     assert result.exit_code != 0 and "--overwrite" in result.output
 
 
+def test_calibrate_workers_choose_the_same_schedule(tiny_model, tmp_path):
+    """--workers 2 splits the seeds between two threads: the same schedule as one stream; not for pspc."""
+    ckpt, _ = tiny_model
+    schedules = []
+    for n in (1, 2):
+        out = tmp_path / f"cal-{n}"
+        result = invoke("calibrate", "--model", ckpt, "--candidates", "3,5,7", "--seeds", "0-3", "--steps", "3",
+                        "--workers", n, "--out", out)
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        schedules.append(json.loads((out / "schedule.json").read_text())["patch_sizes"])
+    assert schedules[0] == schedules[1]
+    bad = invoke("calibrate", "--model", ckpt, "--denoiser", "pspc", "--candidates", "3,5", "--steps", "1",
+                 "--workers", 2, "--out", tmp_path / "cal-pspc")
+    assert bad.exit_code != 0 and "--workers" in bad.output and "pspc" in bad.output
+    assert not (tmp_path / "cal-pspc").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

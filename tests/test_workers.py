@@ -86,3 +86,21 @@ def test_sample_workers_flag(tmp_path):
     result = CliRunner().invoke(main, ["sample", "--dataset", str(data), "--size", "native", "--denoiser", "wiener",
                                        "--steps", "2", "--workers", "2", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "--workers" in result.output and "wiener" in result.output
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_workers_split_denoise_sizes(padding, conditional):
+    """Calibration's every-size call (nested stream and single-size path) split between workers."""
+    gen = torch.Generator().manual_seed(3)
+    train = torch.rand(10, 1, 11, 11, generator=gen, dtype=torch.float64) * 2 - 1
+    labels = torch.arange(10) % 2
+    x = torch.randn(5, 1, 11, 11, generator=gen, dtype=torch.float64)
+    label = torch.tensor([0, 1, 1, 0, 1]) if conditional else None
+    one = ScoreMachine(train, kind="els", padding=padding, labels=labels, chunk_elements=5000)
+    split = ScoreMachine(train, kind="els", padding=padding, labels=labels, chunk_elements=5000, workers=2)
+    ref = one.denoise_sizes(x, 0.7, [3, 7, 9, 11], label=label)
+    got = split.denoise_sizes(x, 0.7, [3, 7, 9, 11], label=label)
+    assert list(got) == list(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-12)

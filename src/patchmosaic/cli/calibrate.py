@@ -26,8 +26,10 @@ from patchmosaic.cli.common import (
     compute_options,
     parse_seeds_flag,
     resolve_device,
+    resolve_workers,
     set_threads,
     training_set_options,
+    workers_option,
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
 from patchmosaic.data import ImageDataset
@@ -82,6 +84,7 @@ VALUE_DEFAULTS = {"data-locality": "0.001,0.002,0.005,0.01,0.02,0.05,0.1,0.2",
 @click.option("--separate-calls", is_flag=True, default=False,
               help="ELS: one full machine call per candidate (timed, so the cost ratio against the chosen size is "
               "reported) instead of all candidates in one call that shares nested windows' products.")
+@workers_option
 @training_set_options
 @compute_options
 def calibrate_command(
@@ -99,6 +102,7 @@ def calibrate_command(
     n_train: int | None,
     threads: int | None,
     device: str,
+    workers: int | None,
 ) -> None:
     """Calibrate a locality schedule against a trained network: k(sigma) of ls/els, PSPC's window, a threshold or std.
 
@@ -134,12 +138,16 @@ def calibrate_command(
         out = check_out_flag(out, overwrite, CALIBRATE_FILES)
         model = LoadedModel(model_spec)
         model.use_training_set(dataset, n_train)
+        if workers is not None and workers > 1 and machine not in PATCH_MACHINES:
+            raise click.BadParameter(f"splits a score machine's batches; it does not apply to --denoiser {machine}",
+                                     param_hint="'--workers'")
         if machine == "pspc":
             score_machine, data, ts = _pspc_for(model, chunk_elements, dev, cands)
         elif machine in VALUE_DENOISERS:
             score_machine, data, ts = _value_denoiser_for(model, machine, dev, cands)
         else:
-            score_machine, data, ts = machine_for(model, machine, chunk_elements, dev)
+            score_machine, data, ts = machine_for(model, machine, chunk_elements, dev,
+                                                  workers=resolve_workers(workers, dev))
         try:
             cands = check_candidates(score_machine, cands)
         except ValueError as err:

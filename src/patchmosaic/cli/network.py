@@ -159,13 +159,13 @@ class LoadedModel:
 
 
 def machine_for(
-    model: LoadedModel, kind: str, chunk_elements: int, device: torch.device | None = None
+    model: LoadedModel, kind: str, chunk_elements: int, device: torch.device | None = None, workers: int = 1
 ) -> tuple[ScoreMachine, ImageDataset, TrainingSet]:
     """A score machine on the network's exact training subset, with the network's padding (both on ``device``)."""
     data, ts = model.training_data(device)
     machine = ScoreMachine(
         data.images, kind=kind, padding=ts.padding, labels=data.labels if model.num_classes else None,
-        chunk_elements=chunk_elements, device=device,
+        chunk_elements=chunk_elements, device=device, workers=workers,
     )
     return machine, data, ts
 

@@ -30,8 +30,10 @@ from patchmosaic.cli.common import (
     recordable,
     report_kept_samples,
     resolve_device,
+    resolve_workers,
     set_threads,
     undo_new_out_on_failure,
+    workers_option,
 )
 from patchmosaic.cli.network import resolve_like, run_network_sample
 from patchmosaic.data import BUNDLED, ImageDataset, load_dataset
@@ -224,10 +226,7 @@ DENOISER_NAMES = (*KINDS, *(name for name in DENOISERS if name not in KINDS))
 @click.option("--kernel-precision", type=click.Choice(KERNEL_PRECISIONS), default="tf32x3", show_default=True, help=(
     "Products of the fused kernel: tf32x3 (split-precision tensor-core products) or ieee (float32 "
     "multiply-adds); both within the float32 engine's error against float64 (README)."))
-@click.option("--workers", type=click.IntRange(min=1), default=None, help=(
-    "Score machines on the CPU: split each step's batch of seeds over this many threads, each with one "
-    "torch thread (README, 'Workers': the demo 1.45x faster than with two torch threads on a 2-core CPU).  "
-    "[default: the torch thread count on the CPU (--threads or torch's choice), 1 on CUDA or with --distributed]"))
+@workers_option
 @click.option(
     "--distributed",
     is_flag=True,
@@ -449,7 +448,8 @@ def _build_denoiser(req: SampleRequest, data: Any, schedule: PatchSchedule | Non
             data.images.to(torch_dtype),  # [N, C, H, W]
             kind=req.kind, padding=req.padding, labels=data.labels, wrap_training_patches=req.wrap,
             chunk_elements=req.chunk_elements, distributed=req.distributed, device=device,
-            kernel=req.kernel, kernel_precision=req.kernel_precision, workers=_workers(req, device),
+            kernel=req.kernel, kernel_precision=req.kernel_precision,
+            workers=resolve_workers(req.workers, device, distributed=req.distributed),
         )
         try:
             return machine.bind(patch_sizes=schedule)
@@ -470,19 +470,6 @@ def _build_denoiser(req: SampleRequest, data: Any, schedule: PatchSchedule | Non
         return build_denoiser(req.kind, data.images.to(device=device, dtype=torch_dtype), labels=data.labels, **params)
     except ValueError as err:  # a parameter out of range or missing: the flags are wrong
         raise click.BadParameter(str(err), param_hint="'--denoiser'") from err
-
-
-def _workers(req: SampleRequest, device: torch.device) -> int:
-    """``--workers``, or its default: torch's thread count on the CPU, 1 on CUDA or with ``--distributed``."""
-    if req.workers is None:
-        return torch.get_num_threads() if device.type == "cpu" and not req.distributed else 1
-    if req.workers > 1 and device.type != "cpu":
-        raise click.BadParameter(f"splits batches between CPU threads; --device {device} runs one stream",
-                                 param_hint="'--workers'")
-    if req.workers > 1 and req.distributed:
-        raise click.BadParameter("cannot be combined with --distributed (each worker would all-reduce on its own)",
-                                 param_hint="'--workers'")
-    return req.workers
 
 
 def _check_kernel(req: SampleRequest, device: torch.device) -> None:

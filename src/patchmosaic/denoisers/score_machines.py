@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ __all__ = [
 
 KINDS = ("ideal", "es", "ls", "els")
 KERNELS = ("auto", "torch", "triton")
+T = TypeVar("T")  # what a worker returns
 # Row width (elements) the fused path rounds each candidate's copied patch up to, so that
 # rows start 16-element aligned (Triton specialises strides divisible by 16 and vectorises loads).
 FUSED_ROW_ALIGN = 16
@@ -197,14 +198,15 @@ class ScoreMachine:
             errors are measured against float64 in ``benchmarks/gpu_check_fused.py``, where on one
             H200 both stay within the float32 engine's and tf32x3 is 2.5x faster.
             See :mod:`patchmosaic.kernels.fused_softmax`.
-        workers: CPU queries: split each call's batch into up to this many contiguous parts, each
-            streamed by its own thread with one torch thread (torch's thread count is set to 1 for
-            the call and restored after). On a 2-core CPU two workers sampled the demo's batch of 8
-            seeds 1.45-1.53x faster than torch's two intra-op threads (README, "Workers"): the
-            engine's cache-sized blocks are too small to split well inside each operation. Results equal
-            the single-worker call up to float rounding (a sample's rounding depends on which
-            samples share its batch either way). Not with ``distributed`` (each worker would
-            all-reduce on its own) or on CUDA (one device; the parts would queue).
+        workers: CPU queries: split each call's batch (:meth:`denoise_sizes`' too) into up to
+            this many contiguous parts, each streamed by its own thread with one torch thread
+            (torch's thread count is set to 1 for the call and restored after). On a 2-core CPU two
+            workers sampled the demo's batch of 8 seeds 1.45-1.53x faster than torch's two
+            intra-op threads (README, "Workers"): the engine's cache-sized blocks are too small to
+            split well inside each operation. Results equal the single-worker call up to float
+            rounding (a sample's rounding depends on which samples share its batch either way).
+            Not with ``distributed`` (each worker would all-reduce on its own); CUDA queries and
+            the fused kernel run one stream.
     """
 
     kind: ClassVar[str]
@@ -519,27 +521,33 @@ class ScoreMachine:
         track: int | None,
     ) -> tuple[torch.Tensor, Provenance | None]:
         with exact_float32_matmul():
-            B = x_t.shape[0]
-            n = min(self.workers, B)
-            if n == 1 or x_t.device.type != "cpu" or (geometry is not None and self._fused(x_t)):
-                return self._denoise(x_t, coeffs, train, train_ids, geometry, track)
-            bounds = [(i * B // n, (i + 1) * B // n) for i in range(n)]  # contiguous parts of the batch
-            scale, bias = coeffs
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(n, thread_name_prefix="patchmosaic-worker") as pool:
-                    results = list(pool.map(
-                        lambda ab: self._denoise(x_t[ab[0] : ab[1]], (scale[ab[0] : ab[1]], bias[ab[0] : ab[1]]),
-                                                 train, train_ids, geometry, track),
-                        bounds))
-            finally:
-                torch.set_num_threads(threads)
-            out = torch.cat([x0 for x0, _ in results])
-            if track is None:
-                return out, None
-            parts = [(torch.arange(a, b), prov) for (a, b), (_, prov) in zip(bounds, results)]
-            return out, Provenance.scatter(parts, B)
+            parts = self._in_workers(x_t, coeffs, lambda x, c: self._denoise(x, c, train, train_ids, geometry, track))
+        out = torch.cat([x0 for _, (x0, _) in parts])
+        if track is None:
+            return out, None
+        return out, Provenance.scatter([(torch.arange(a, b), prov) for (a, b), (_, prov) in parts], x_t.shape[0])
+
+    def _in_workers(
+        self, x: torch.Tensor, coeffs: tuple[torch.Tensor, torch.Tensor], fn: Callable[..., T]
+    ) -> list[tuple[tuple[int, int], T]]:
+        """``fn(x[a:b], coeffs[a:b])`` for contiguous parts ``[a, b)`` of the batch, one per worker thread
+        with one torch thread (restored after), or the whole batch inline (one worker, one sample, CUDA,
+        or the fused kernel): ``[((a, b), result)]`` in batch order."""
+        B = x.shape[0]
+        n = min(self.workers, B)
+        if n == 1 or x.device.type != "cpu" or self.kernel == "triton":
+            return [((0, B), fn(x, coeffs))]
+        bounds = [(i * B // n, (i + 1) * B // n) for i in range(n)]
+        scale, bias = coeffs
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(n, thread_name_prefix="patchmosaic-worker") as pool:
+                results = list(pool.map(lambda ab: fn(x[ab[0] : ab[1]], (scale[ab[0] : ab[1]], bias[ab[0] : ab[1]])),
+                                        bounds))
+        finally:
+            torch.set_num_threads(threads)
+        return list(zip(bounds, results))
 
     def _denoise(
         self,
@@ -754,10 +762,13 @@ class _PatchMachine(ScoreMachine):
         scale, bias = coeffs
         with exact_float32_matmul():
             for rows, train, ids in self._subsets(labels):
+                xs, cs = (x, coeffs) if rows is None else (x[rows], (scale[rows], bias[rows]))
+                parts = self._in_workers(xs, cs, lambda x, c: self._denoise_sizes(x, c, train, ids, nested))
+                sizes = torch.cat([o for _, o in parts], dim=1)  # [K, b, C, H, W]
                 if rows is None:  # unconditioned: one subset, the whole batch
-                    out = self._denoise_sizes(x, coeffs, train, ids, nested)
+                    out = sizes
                 else:
-                    out[:, rows] = self._denoise_sizes(x[rows], (scale[rows], bias[rows]), train, ids, nested)
+                    out[:, rows] = sizes
         result.update({k: out[i] for i, k in enumerate(shared)})
         return dict(sorted(result.items()))
 
