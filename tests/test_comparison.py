@@ -200,3 +200,25 @@ def test_compare_usage_errors(tmp_path, args, fragment):
     assert result.exit_code == 2, result.output
     assert fragment in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_workers_split_the_machines_batches(tmp_path, monkeypatch):
+    """--workers 2: the machines' samples are the library's one-stream samples; the config records it."""
+    seen = []
+    split = ScoreMachine._in_workers
+
+    def spy(self, x, *a, **kw):
+        seen.append(self.workers)
+        return split(self, x, *a, **kw)
+
+    monkeypatch.setattr(ScoreMachine, "_in_workers", spy)
+    ckpt, data = tiny_checkpoint(tmp_path)
+    out = tmp_path / "cmp"
+    ok("compare", "--model", ckpt, "--denoisers", "els", "--patch-sizes", "3,5", "--seeds", "0-3",
+       "--network-steps", 2, "--out", out, "--bootstrap-resamples", 50, "--workers", 2)
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["config"]["workers"] == 2 and seen and set(seen) == {2}
+    images = load_dataset(str(data), size=None).images
+    els = sample_seeds(ScoreMachine(images, kind="els", padding="zeros").bind(patch_sizes=[3, 5]), list(range(4)),
+                       (1, H, W), sigmas=sigmas_cosine(2))
+    np.testing.assert_allclose(load_samples(out / "samples_els.npz")["images"], els.numpy(), atol=1e-5)

@@ -25,7 +25,9 @@ from patchmosaic.cli.common import (
     parse_schedule_flag,
     parse_seeds_flag,
     resolve_device,
+    resolve_workers,
     set_threads,
+    workers_option,
 )
 from patchmosaic.cli.network import LoadedModel
 from patchmosaic.comparison import (
@@ -96,7 +98,7 @@ def _machine(name: str, images: torch.Tensor, labels: torch.Tensor | None, p: di
     except ValueError as err:
         raise click.BadParameter(f"{name}: {err} (the network's padding is {padding})", param_hint="'--denoisers'") from err
     machine = ScoreMachine(images, kind=name, padding=padding, labels=labels, chunk_elements=p["chunk_elements"],
-                           device=device)
+                           device=device, workers=resolve_workers(p["workers"], device))
     record: dict[str, Any] = {"padding": padding}
     if name not in ("ls", "els"):
         return machine, record
@@ -173,6 +175,7 @@ def _family_denoiser(name: str, images: torch.Tensor, labels: torch.Tensor | Non
               help="Also evaluate the network at every denoiser's state (one extra network call per step).")
 @comparison_options
 @family_options
+@workers_option
 @compute_options
 def compare_command(**params: Any) -> None:
     """Compare a trained network with any list of denoisers, seed by seed: a leaderboard.
@@ -194,6 +197,7 @@ def compare_command(**params: Any) -> None:
     try:
         set_threads(p["threads"])
         dev = resolve_device(p["device"])
+        resolve_workers(p["workers"], dev)  # a bad --workers fails before any work
         seeds = parse_seeds_flag(p["seeds"])
         names = _parse_names(p["denoiser_spec"])
         out = check_out_flag(p["out"], p["overwrite"], COMPARE_FILES, samples=("network", *names))
@@ -295,6 +299,7 @@ def compare_command(**params: Any) -> None:
                 "reuse": reused_from,
                 "batch_size": p["batch_size"],
                 "threads": torch.get_num_threads(),
+                "workers": resolve_workers(p["workers"], dev),
                 "device": str(dev),
                 "metrics": {
                     "pearson_r": "Pearson correlation of the flattened final images (the paper's code labels it 'r^2')",
