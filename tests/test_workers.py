@@ -104,3 +104,16 @@ def test_workers_split_denoise_sizes(padding, conditional):
     assert list(got) == list(ref)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-12)
+
+
+def test_an_error_in_a_worker_reaches_the_caller_and_threads_are_restored(monkeypatch):
+    train, _, x = _data(2)
+    threads = torch.get_num_threads()
+
+    def broken(self, x_t, *a, **kw):
+        raise RuntimeError(f"worker failed on {x_t.shape[0]} samples")
+
+    monkeypatch.setattr(_PatchMachine, "_denoise", broken)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        ScoreMachine(train, kind="els", workers=2).denoise(x, 0.5, patch_size=3)
+    assert torch.get_num_threads() == threads

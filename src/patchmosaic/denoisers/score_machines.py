@@ -31,7 +31,6 @@ from __future__ import annotations
 import importlib.util
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -539,14 +538,28 @@ class ScoreMachine:
             return [((0, B), fn(x, coeffs))]
         bounds = [(i * B // n, (i + 1) * B // n) for i in range(n)]
         scale, bias = coeffs
+        results: list[T | None] = [None] * n
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            a, b = bounds[i]
+            try:
+                results[i] = fn(x[a:b], (scale[a:b], bias[a:b]))
+            except BaseException as err:  # re-raised in the calling thread
+                errors.append(err)
+
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(n, thread_name_prefix="patchmosaic-worker") as pool:
-                results = list(pool.map(lambda ab: fn(x[ab[0] : ab[1]], (scale[ab[0] : ab[1]], bias[ab[0] : ab[1]])),
-                                        bounds))
+        try:  # one thread per part (a pool may run two short parts one after the other on one thread)
+            workers = [threading.Thread(target=work, args=(i,), name=f"patchmosaic-worker-{i}") for i in range(n)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
         finally:
             torch.set_num_threads(threads)
+        if errors:
+            raise errors[0]
         return list(zip(bounds, results))
 
     def _denoise(
