@@ -704,7 +704,7 @@ class SoftmaxMean:
         for c in range(0, M, cols):
             cs = slice(c, c + cols)
             logits = self._logits(sl, keys_t[..., cs], queries).clamp_(min=floor, max=cap)  # (logits - ref) log2 e
-            weights = self._exp2(logits)
+            weights = self._exp(logits, bits=True)
             if thin:
                 acc_t.baddbmm_(values_t[..., cs], weights.transpose(1, 2))
             else:
@@ -876,17 +876,11 @@ class SoftmaxMean:
         out = self._workspace[: G * rows * M].view(G, rows, M)
         return torch.bmm(self.queries[:, sl] if queries is None else queries, keys_t, out=out)
 
-    def _exp(self, logits: torch.Tensor) -> torch.Tensor:
-        """``exp(logits)``: in place, or into a second buffer when statistics need the logits."""
-        if self.track is None:
-            return logits.exp_()
-        return torch.exp(logits, out=self._weights[: logits.numel()].view(logits.shape))
-
-    def _exp2(self, logits: torch.Tensor) -> torch.Tensor:
-        """:meth:`_exp` of logits in bits: ``2^logits``."""
-        if self.track is None:
-            return logits.exp2_()
-        return torch.exp2(logits, out=self._weights[: logits.numel()].view(logits.shape))
+    def _exp(self, logits: torch.Tensor, bits: bool = False) -> torch.Tensor:
+        """``exp(logits)`` (``2^logits`` for logits in ``bits``): in place, or into a second buffer when
+        statistics need the logits."""
+        out = logits if self.track is None else self._weights[: logits.numel()].view(logits.shape)
+        return (torch.exp2 if bits else torch.exp)(logits, out=out)
 
     def _update_rows(
         self, sl: slice, keys_t: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None, counts: torch.Tensor | None

@@ -25,6 +25,7 @@ from patchmosaic.cli.common import (
     check_out_flag,
     compute_options,
     parse_seeds_flag,
+    refuse_workers,
     resolve_device,
     resolve_workers,
     set_threads,
@@ -138,9 +139,8 @@ def calibrate_command(
         out = check_out_flag(out, overwrite, CALIBRATE_FILES)
         model = LoadedModel(model_spec)
         model.use_training_set(dataset, n_train)
-        if workers is not None and workers > 1 and machine not in PATCH_MACHINES:
-            raise click.BadParameter(f"splits a score machine's batches; it does not apply to --denoiser {machine}",
-                                     param_hint="'--workers'")
+        if machine not in PATCH_MACHINES:
+            refuse_workers(workers, machine)
         if machine == "pspc":
             score_machine, data, ts = _pspc_for(model, chunk_elements, dev, cands)
         elif machine in VALUE_DENOISERS:

@@ -355,6 +355,13 @@ def resolve_workers(workers: int | None, device: torch.device, *, distributed: b
     return workers
 
 
+def refuse_workers(workers: int | None, denoiser: str) -> None:
+    """A usage error for ``--workers`` above 1 with a denoiser that is not a score machine."""
+    if workers is not None and workers > 1:
+        raise click.BadParameter(f"splits a score machine's batches; it does not apply to --denoiser {denoiser}",
+                                 param_hint="'--workers'")
+
+
 def compute_options(fn: Callable[..., None]) -> Callable[..., None]:
     """``--device`` and ``--threads``, the options of every command that computes."""
     fn = click.option("--threads", type=click.IntRange(min=1), default=None,

@@ -98,7 +98,7 @@ def _machine(name: str, images: torch.Tensor, labels: torch.Tensor | None, p: di
     except ValueError as err:
         raise click.BadParameter(f"{name}: {err} (the network's padding is {padding})", param_hint="'--denoisers'") from err
     machine = ScoreMachine(images, kind=name, padding=padding, labels=labels, chunk_elements=p["chunk_elements"],
-                           device=device, workers=resolve_workers(p["workers"], device))
+                           device=device, workers=p["workers"])
     record: dict[str, Any] = {"padding": padding}
     if name not in ("ls", "els"):
         return machine, record
@@ -197,7 +197,7 @@ def compare_command(**params: Any) -> None:
     try:
         set_threads(p["threads"])
         dev = resolve_device(p["device"])
-        resolve_workers(p["workers"], dev)  # a bad --workers fails before any work
+        p["workers"] = resolve_workers(p["workers"], dev)  # resolved once; a bad --workers fails before any work
         seeds = parse_seeds_flag(p["seeds"])
         names = _parse_names(p["denoiser_spec"])
         out = check_out_flag(p["out"], p["overwrite"], COMPARE_FILES, samples=("network", *names))
@@ -299,7 +299,7 @@ def compare_command(**params: Any) -> None:
                 "reuse": reused_from,
                 "batch_size": p["batch_size"],
                 "threads": torch.get_num_threads(),
-                "workers": resolve_workers(p["workers"], dev),
+                "workers": p["workers"],
                 "device": str(dev),
                 "metrics": {
                     "pearson_r": "Pearson correlation of the flattened final images (the paper's code labels it 'r^2')",

@@ -28,6 +28,7 @@ from patchmosaic.cli.common import (
     parse_schedule_flag,
     parse_seeds_flag,
     recordable,
+    refuse_workers,
     report_kept_samples,
     resolve_device,
     resolve_workers,
@@ -458,9 +459,7 @@ def _build_denoiser(req: SampleRequest, data: Any, schedule: PatchSchedule | Non
     if req.distributed:
         raise click.BadParameter(f"--distributed shards a score machine; it does not apply to --denoiser {req.kind}",
                                  param_hint="'--distributed'")
-    if req.workers is not None and req.workers > 1:
-        raise click.BadParameter(f"splits a score machine's batches; it does not apply to --denoiser {req.kind}",
-                                 param_hint="'--workers'")
+    refuse_workers(req.workers, req.kind)
     params = family_params(req.family, data.name, req.kind)
     if schedule is not None:
         if "patch_size" in params:

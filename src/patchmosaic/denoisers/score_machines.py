@@ -183,7 +183,7 @@ class ScoreMachine:
             below the engine's exponent floor (:mod:`patchmosaic.engine`, within
             its stated ``M e^floor`` bound; default ``PRUNE_RANK``); 0 computes
             every candidate, in the chunks sized for the logits.
-            ``prune_stats`` holds the last call's ``(skipped, pairs, bounded)`` (over its classes)
+            ``prune_stats`` holds the last call's ``(skipped, pairs, bounded)`` (over its classes and workers)
             (:class:`patchmosaic.engine.SoftmaxMean`).
         kernel: LS/ELS without provenance: ``"triton"`` streams every (group,
             chunk) through the fused one-pass kernel
@@ -551,11 +551,11 @@ class ScoreMachine:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:  # one thread per part (a pool may run two short parts one after the other on one thread)
-            workers = [threading.Thread(target=work, args=(i,), name=f"patchmosaic-worker-{i}") for i in range(n)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
+            pool = [threading.Thread(target=work, args=(i,), name=f"patchmosaic-worker-{i}") for i in range(n)]
+            for thread in pool:
+                thread.start()
+            for thread in pool:
+                thread.join()
         finally:
             torch.set_num_threads(threads)
         if errors:
