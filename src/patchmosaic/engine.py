@@ -382,7 +382,7 @@ TOP_SEGMENT = 32
 # exp took 1.12 on a 2-core AVX2 CPU (benchmarks/bench_blocks.py, 2026-12-01), so sweeps form their logits
 # in bits by scaling their queries (no extra pass), and fold() scales in the pass that copies. The floor and
 # cap are scaled with them (the same bound); the rounding of l log2 e adds at most |l| 2^-24 to a weight's
-# relative error (3.7e-6 at the floor, 6e-7 within 10 nats of the maximum), below the logits' own.
+# relative error (4.8e-6 at the floor of -80, 6e-7 within 10 nats), below the logits' own.
 LOG2_E = 1.0 / math.log(2.0)
 LN_2 = math.log(2.0)
 
