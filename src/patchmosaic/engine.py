@@ -31,11 +31,13 @@ floored candidate adds at most ``e^floor`` times the final normaliser; with
 ``M * e^-80`` relative (below 1e-24 for M = 1e10), far under float32 rounding.
 
 Bounded pruning (``SoftmaxMean(..., prune=r)``): a candidate whose shifted
-logit is proven below the floor is skipped instead of floored, which moves the
-result by no more than flooring does: each skipped candidate has weight
-``exp(logit - ref) < e^floor`` against a reference that never exceeds the
-final normaliser's log, so the normaliser and the weighted sum move by at most
-``M * e^floor`` relative, the same bound as above (``e^floor`` per candidate).
+logit is proven below the pruning floor (``PRUNE_FLOOR``: -40 in float32, the
+floor of tracked states; -100 in float64) is skipped: each skipped candidate
+has weight ``exp(logit - ref) < e^floor`` against a reference that never
+exceeds the final normaliser's log, so the normaliser and the weighted sum
+move by at most ``M * e^floor`` relative (``e^floor`` per candidate; in float32
+``M e^-40``, 4e-9 for M = 1e9 candidates, below float32 rounding). Here and
+below ``floor`` is the pruning floor.
 The proof is a lower bound on the distance. With ``beta < 0`` the logit is
 
     logit[b, m] = scale <x, X_m> + beta |X_m|^2 = -|beta| |X_m - u_b|^2 + |beta| |u_b|^2,
@@ -337,6 +339,14 @@ EXP_CAP_TRACKED = {torch.float32: 30.0, torch.float64: 300.0}
 # relative (4e-9 for M = 1e9 candidates), below float32 rounding (6e-8).
 EXP_FLOOR_TRACKED = {torch.float32: -40.0, torch.float64: -100.0}
 
+# Floor of the bounded pruning (module docstring, "Bounded pruning"): a candidate is skipped only where its
+# shifted logit is proven below this (minus PRUNE_MARGIN), so the skipped candidates move the normaliser and
+# the weighted sum by at most M e^floor relative: in float32 4.2e-18 M (4e-9 for M = 1e9 candidates), below
+# float32 rounding (6e-8), as for the tracked floor above. It is independent of the exponent floor, which
+# only clamps what is computed (-80 keeps exp off its slow path): pruning at -80 would prove 40 nats more
+# than float32 can resolve, and skip fewer candidates.
+PRUNE_FLOOR = {torch.float32: -40.0, torch.float64: -100.0}
+
 # Bounded pruning (SoftmaxMean(prune=r); module docstring): a (tile, block) pair is
 # skipped only when its bound lies PRUNE_MARGIN nats below the floor (covers the
 # logits' float rounding). Tiles hold PRUNE_ROWS query rows and blocks PRUNE_KEYS
@@ -407,6 +417,9 @@ def kd_order(points: torch.Tensor, cell: int, levels: int) -> torch.Tensor:
     if cells <= 1:
         return perm
     fan = max(2, math.ceil(cells ** (1.0 / levels) - 1e-9))
+    if fan >= cells:  # one round that splits into single cells: a sort along the widest coordinate
+        dim = int((points.amax(0) - points.amin(0)).argmax())
+        return torch.argsort(points[:, dim], stable=True)
     bounds = [0, cells]  # segment j holds cells [bounds[j], bounds[j + 1])
     cell_of = torch.arange(n, device=device) // cell  # [n]
     tiny = torch.finfo(points.dtype).tiny
@@ -447,6 +460,14 @@ def _box_gap2(alo: torch.Tensor, ahi: torch.Tensor, blo: torch.Tensor, bhi: torc
         gap = (blo[:, None, :, d] - ahi[:, :, None, d]).clamp_min_(0) + (alo[:, :, None, d] - bhi[:, None, :, d]).clamp_min_(0)
         out.addcmul_(gap, gap)  # at most one of the two terms is positive
     return out
+
+
+def _rows_in_order(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``rows[g, order[g]]`` for ``rows [G, M, w]`` and ``order [G, M]``: whole rows are copied
+    (``index_select``), where ``gather`` would read an index per element (4-10x slower measured)."""
+    G, M, w = rows.shape
+    flat = order if G == 1 else order + torch.arange(G, device=order.device)[:, None] * M
+    return rows.reshape(G * M, w).index_select(0, flat.reshape(-1)).view(G, M, w)
 
 
 def _thin(values: torch.Tensor) -> bool:
@@ -535,6 +556,7 @@ class SoftmaxMean:
         self.acc = torch.zeros((G, Bq, values + 1), dtype=dtype, device=device)
         self.floor = EXP_FLOOR[dtype] if track is None else EXP_FLOOR_TRACKED[dtype]
         self.cap = EXP_CAP[dtype] if track is None else EXP_CAP_TRACKED[dtype]
+        self.prune_floor = max(self.floor, PRUNE_FLOOR[dtype])  # the bound's floor (PRUNE_FLOOR)
         self.max_logits = max_logits
         self.track = track
         self._workspace = torch.empty(0, dtype=dtype, device=device)
@@ -782,7 +804,7 @@ class SoftmaxMean:
         rows = slice(None, None, max(1, G * Bq * keys.shape[-1] // self.max_logits))
         finite = torch.isfinite(self.ref[:, rows])  # rows without a reference count as needing every key
         self.queries[:, rows, -1] = torch.where(finite, -self.ref[:, rows], 0.0)
-        below = (torch.bmm(self.queries[:, rows], keys) < self.floor - PRUNE_MARGIN) & finite[..., None]
+        below = (torch.bmm(self.queries[:, rows], keys) < self.prune_floor - PRUNE_MARGIN) & finite[..., None]
         return float(below.float().mean())
 
     def _permute_rows(self, perm: torch.Tensor) -> None:
@@ -820,7 +842,7 @@ class SoftmaxMean:
         blo, bhi = _cell_boxes(kc, PRUNE_KEYS)  # [G, blocks, c]
         # T_b: squared distance beyond which row b's shifted logit is below floor - margin, raised by
         # the float rounding of the coordinates, |u_b|^2 and (ref + floor - margin) / |beta| (docstring)
-        below = torch.full_like(self.ref, self.floor)  # [G, Bq], in the caller's row order
+        below = torch.full_like(self.ref, self.prune_floor)  # [G, Bq], in the caller's row order
         if self.track:  # nor may a skipped candidate beat a row's current m-th best: top lists stay exact
             below = torch.minimum(below, self.top_score[..., -1])
         lim = (self.ref + below - PRUNE_MARGIN).gather(1, order)  # [G, Bq]
@@ -841,8 +863,8 @@ class SoftmaxMean:
             return False
         self.skipped += skipped
         self.bounded += G * Bq * M
-        keys_s = keys_t.gather(2, korder[:, None, :].expand_as(keys_t))  # [G, D + 2, M], k-d order
-        values_s = values.gather(1, korder[..., None].expand_as(values))  # [G, M, V + 1]
+        keys_s = _rows_in_order(rows_t, korder).transpose(1, 2)  # [G, D + 2, M], k-d order
+        values_s = _rows_in_order(values, korder)  # [G, M, V + 1]
         ids_s = None if ids is None else ids.gather(1, korder)  # [G, M]
         width = max(1, self._block() // (G * PRUNE_ROWS))  # keys per logit block of one tile
         self._reserve(G * PRUNE_ROWS * min(M, width))
