@@ -330,3 +330,28 @@ def test_evaluate_overwrite_refuses_samples_of_another_machine(tmp_path):
     assert refused.exit_code == 2 and "samples_els.npz" in refused.output and "Move or delete" in refused.output
     assert sorted(p.name for p in out.iterdir()) == ["comparison.png", "metrics.json", "samples_els.npz",
                                                      "samples_ideal.npz", "samples_network.npz", "scatter.png"]
+
+
+def test_evaluate_workers_split_both_machines(tmp_path, monkeypatch):
+    """--workers 2: ELS and IS split their batches between two threads, sample what one stream samples,
+    and the config records it."""
+    seen = []
+    split = ScoreMachine._in_workers
+
+    def spy(self, x, *a, **kw):
+        seen.append((self.kind, self.workers))
+        return split(self, x, *a, **kw)
+
+    monkeypatch.setattr(ScoreMachine, "_in_workers", spy)
+    ckpt, data = tiny_checkpoint(tmp_path)
+    out = tmp_path / "eval"
+    ok("evaluate", "--model", ckpt, "--patch-sizes", "3,5", "--seeds", "0-3", "--out", out,
+       "--bootstrap-resamples", 50, "--network-steps", 2, "--workers", 2)
+    assert json.loads((out / "metrics.json").read_text())["config"]["workers"] == 2
+    assert set(seen) == {("els", 2), ("ideal", 2)}
+    images = load_dataset(str(data), size=None).images
+    noise = noise_for_seeds([0, 1, 2, 3], (1, H, W))
+    for kind, sizes in (("els", [3, 5]), ("ideal", None)):
+        machine = ScoreMachine(images, kind=kind, padding="zeros")
+        want = sample(machine, noise, steps=2, patch_sizes=sizes)
+        np.testing.assert_allclose(load_samples(out / f"samples_{kind}.npz")["images"], want.numpy(), atol=1e-5)

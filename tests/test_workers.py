@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -83,6 +84,13 @@ def test_sample_workers_flag(tmp_path):
         assert result.exit_code == 0, result.output
     one, two = (load_samples(tmp_path / f"w{n}")["images"] for n in (1, 2))
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
+    compute = json.loads((tmp_path / "w2" / "config.json").read_text())["compute"]
+    assert compute == {"device": "cpu", "threads": torch.get_num_threads(), "workers": 2, "kernel": "torch",
+                       "kernel_precision": None}
+    # where a run computed is no part of its samples: a resume may use other workers
+    result = CliRunner().invoke(main, [*args[:-1], "0-5", "--workers", "1", "--out", str(tmp_path / "w2"), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "w2" / "config.json").read_text())["compute"]["workers"] == 1
     result = CliRunner().invoke(main, ["sample", "--dataset", str(data), "--size", "native", "--denoiser", "wiener",
                                        "--steps", "2", "--workers", "2", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "--workers" in result.output and "wiener" in result.output

@@ -81,7 +81,7 @@ EXPLAIN_FIGURES = {
 BATCH_DIR = "batches"  # finished batches of a sample run in progress (SampleRun)
 # Config keys a resumed sample run may change: none of them changes any seed's sample.
 RESUME_FREE_KEYS = ("seeds", "labels", "batch_size", "wall_time_s", "seconds_per_sample", "timestamp", "command",
-                    "status", "resumed", "distributed")
+                    "status", "resumed", "distributed", "compute")
 # Files computed from a run's samples; they go stale if the samples are replaced.
 DERIVED_FILES = (PROVENANCE_FILE, EXPLAIN_FILE, *EXPLAIN_FIGURES.values())
 
@@ -704,8 +704,6 @@ class SampleRun:
         _atomic(self.run_dir / SAMPLES_FILE, lambda tmp: save_samples(tmp, images, self.seeds, labels))
         _atomic(self.run_dir / GRID_FILE, lambda tmp: save_grid(images, tmp))
         if self.provenance_top is not None:
-            
-
             records = [r["provenance"] for r in rows]
             _atomic(self.run_dir / PROVENANCE_FILE,
                     lambda tmp: save_provenance(tmp, records, self.seeds, self.provenance_top))

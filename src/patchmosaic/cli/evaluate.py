@@ -21,7 +21,9 @@ from patchmosaic.cli.common import (
     parse_schedule_flag,
     parse_seeds_flag,
     resolve_device,
+    resolve_workers,
     set_threads,
+    workers_option,
 )
 from patchmosaic.cli.network import LoadedModel, machine_for
 from patchmosaic.denoisers import ScoreMachine
@@ -66,6 +68,7 @@ from patchmosaic.schedules import sigmas_cosine
               "--steps). --network-steps 20 with 20 machine steps gives both the same grid.")
 @comparison_options
 @compute_options
+@workers_option
 def evaluate_command(
     model_spec: str,
     machine: str,
@@ -85,6 +88,7 @@ def evaluate_command(
     chunk_elements: int,
     threads: int | None,
     device: str,
+    workers: int | None,
 ) -> None:
     """Compare a trained network with the ELS machine (and the ideal machine IS), seed by seed.
 
@@ -105,14 +109,16 @@ def evaluate_command(
     try:
         set_threads(threads)
         dev = resolve_device(device)
+        workers = resolve_workers(workers, dev)
         seed_list = parse_seeds_flag(seeds)
         out = check_out_flag(out, overwrite, EVALUATE_FILES, samples=("network", machine, "ideal"))
         model = LoadedModel(model_spec)
         model.use_training_set(dataset, n_train)
         schedule = parse_schedule_flag(model.schedule_spec(patch_sizes))
-        patch_machine, data, ts = machine_for(model, machine, chunk_elements, dev)
+        patch_machine, data, ts = machine_for(model, machine, chunk_elements, dev, workers=workers)
         baseline = ScoreMachine(data.images, kind="ideal", padding=ts.padding, device=dev,
-                                labels=data.labels if model.num_classes else None, chunk_elements=chunk_elements)
+                                labels=data.labels if model.num_classes else None, chunk_elements=chunk_elements,
+                                workers=workers)
         patch_machine.bind(patch_sizes=schedule)  # validates every size before any work
         steps = len(schedule) if steps is None else steps
         sigmas = sigmas_cosine(steps)
@@ -162,6 +168,7 @@ def evaluate_command(
                 "reuse": {name: str(d) for name, (_, d) in reused.items()},
                 "batch_size": batch_size,
                 "threads": torch.get_num_threads(),
+                "workers": workers,
                 "noise_rule": NOISE_RULE,
                 "metrics": {
                     "pearson_r": "Pearson correlation of the flattened final images (reported as 'r^2' by the paper's code)",

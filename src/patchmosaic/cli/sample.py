@@ -471,6 +471,19 @@ def _build_denoiser(req: SampleRequest, data: Any, schedule: PatchSchedule | Non
         raise click.BadParameter(str(err), param_hint="'--denoiser'") from err
 
 
+def _compute_record(req: SampleRequest, denoiser: Any, device: torch.device) -> dict[str, Any]:
+    """Where the run computed (for its timings; a resumed run may change it): device, torch threads and,
+    for score machines, workers and kernel (the one the machine's calls take)."""
+    record: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads()}
+    if req.is_machine:
+        machine = denoiser.machine
+        fused = (req.kind in PATCH_KINDS and req.provenance_top is None
+                 and machine.uses_fused_kernel(device, DTYPES[req.dtype]))
+        record.update(workers=machine.workers, kernel="triton" if fused else "torch",
+                      kernel_precision=req.kernel_precision if fused else None)
+    return record
+
+
 def _check_kernel(req: SampleRequest, device: torch.device) -> None:
     """``--kernel triton`` only where the fused kernel runs: LS/ELS without provenance, float32 on CUDA
     (or CPU under ``TRITON_INTERPRET=1``), Triton installed."""
@@ -553,6 +566,7 @@ def _run_sample(req: SampleRequest, device: torch.device) -> None:
         "label": req.label,
         "label_name": label_name,
         "chunk_elements": req.chunk_elements if req.is_machine else None,
+        "compute": _compute_record(req, denoiser, device),
         **({"labels": seed_labels, "label_rule": LABEL_RULE} if seed_labels is not None else {}),
         **extra_config,
     })

@@ -816,11 +816,17 @@ class _PatchMachine(ScoreMachine):
 
     def _fused(self, x: torch.Tensor) -> bool:
         """Whether this call streams through the fused Triton kernel (see ``kernel``)."""
+        return self.uses_fused_kernel(x.device, x.dtype)
+
+    def uses_fused_kernel(self, device: torch.device | str, dtype: torch.dtype) -> bool:
+        """Whether calls without provenance on ``device`` in ``dtype`` stream through the fused Triton kernel
+        (``kernel``: 'triton' always, 'torch' never, 'auto' for float32 on CUDA with Triton installed)."""
         if self.kernel == "torch":
             return False
         if self.kernel == "triton":
             return True
-        return x.device.type == "cuda" and x.dtype == torch.float32 and importlib.util.find_spec("triton") is not None
+        return (torch.device(device).type == "cuda" and dtype == torch.float32
+                and importlib.util.find_spec("triton") is not None)
 
     def _denoise(
         self,
