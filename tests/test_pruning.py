@@ -218,3 +218,36 @@ def test_top_lists_at_low_noise_are_the_dense_ones_up_to_ties():
     assert untied.float().mean() > 0.5
     assert torch.equal(pa.index[..., :7][untied], pb.index[..., :7][untied])
     assert torch.equal(pa.count[..., :7][untied], pb.count[..., :7][untied])
+
+
+@pytest.mark.parametrize("track", [None, 0])
+def test_float32_prunes_below_its_own_floor_not_the_exponent_floor(track, always_prune):
+    # logit = -|X|^2 for query 0: candidates 42..72 nats below the best lie above the exponent floor
+    # (-80) but below the pruning floor (-40), so they are skipped, and the mean stays within
+    # M e^-40 of the float64 softmax; a pruning floor at -80 would skip none of them
+    assert engine.PRUNE_FLOOR[torch.float32] == -40.0
+    keys = torch.linspace(0.0, 8.5, 64)  # |X|^2 up to 72.25
+    queries = augment_queries(torch.zeros(1, 4, 1), torch.full((4,), 2.0), torch.full((4,), -1.0))
+    state = SoftmaxMean(queries, 1, track=track, prune=1)
+    for chunk in (keys[:1], keys[1:]):  # the first key gives every row a reference
+        state.update(augment_keys(chunk.view(1, 1, -1)), augment_values(chunk.view(1, -1, 1)))
+    assert state.skipped > 0
+    skippable = int((keys.square() > 42.0).sum())
+    assert state.skipped <= 4 * skippable
+    w = torch.softmax(-keys.double().square(), 0)
+    torch.testing.assert_close(state.mean()[0, :, 0].double(), (w * keys.double()).sum().expand(4), rtol=1e-6, atol=0)
+
+
+def test_prune_stats_of_denoise_sizes_count_every_size():
+    # the call's statistics: every single-size call summed, and the nested stream's pairs added
+    train, _, g = _data(N=6, H=11, W=11)
+    machine = ScoreMachine(train, kind="els", chunk_elements=256)
+    x = train[[0, 3]] + 0.3 * torch.randn(2, 1, 11, 11, generator=g, dtype=torch.float64)
+    singles = []
+    for k in (3, 5):
+        machine(x, 0.3, patch_size=k)
+        singles.append(machine.prune_stats)
+    machine.denoise_sizes(x, 0.3, [3, 5])
+    assert machine.prune_stats == tuple(a + b for a, b in zip(*singles))
+    machine.denoise_sizes(x, 0.3, [3, 7, 9])  # 7 and 9 in one nested stream
+    assert machine.prune_stats[1] > singles[0][1]

@@ -180,11 +180,11 @@ class ScoreMachine:
             may be on any device; each streamed chunk moves to the query's device,
             so keep both on the same one (``--device`` in the CLI does).
         prune_rank: LS/ELS: rank of the bound that skips training patches proven
-            below the engine's exponent floor (:mod:`patchmosaic.engine`, within
+            below the engine's pruning floor (:mod:`patchmosaic.engine`, within
             its stated ``M e^floor`` bound; default ``PRUNE_RANK``); 0 computes
             every candidate, in the chunks sized for the logits.
-            ``prune_stats`` holds the last call's ``(skipped, pairs, bounded)`` (over its classes and workers)
-            (:class:`patchmosaic.engine.SoftmaxMean`).
+            ``prune_stats`` holds the last call's ``(skipped, pairs, bounded)`` (over its classes,
+            workers and, for :meth:`denoise_sizes`, sizes) (:class:`patchmosaic.engine.SoftmaxMean`).
         kernel: LS/ELS without provenance: ``"triton"`` streams every (group,
             chunk) through the fused one-pass kernel
             (:func:`patchmosaic.kernels.fused_softmax_mean`; float32 CUDA tensors,
@@ -766,7 +766,12 @@ class _PatchMachine(ScoreMachine):
         shared = [k for k in ks if k >= NESTED_FROM] if self.kind == "els" and self.world == 1 else []
         if len(shared) < 2:
             shared = []
-        result = {k: self._run(x, coeffs, k, label, track=None)[0] for k in ks if k not in shared}
+        result, stats = {}, (0, 0, 0)
+        for k in ks:
+            if k not in shared:
+                result[k] = self._run(x, coeffs, k, label, track=None)[0]
+                stats = tuple(a + b for a, b in zip(stats, self.prune_stats))
+        self.prune_stats = stats  # the call's: every size's, the nested stream's pairs added below
         if not shared:
             return result
         nested = [geometries[k] for k in shared]
@@ -807,11 +812,14 @@ class _PatchMachine(ScoreMachine):
         C, H, W = x.shape[1:]
         R = geometries[-1].radius
         per_image = H * W * (C * (2 * R + 1) ** 2 + 2 * len(geometries) + C + 1)  # a chunk's keys and values
-        nested_dense_means(
+        states = nested_dense_means(
             x, coeffs, (chunk for _, chunk in self._chunks(train, per_image, x)),
             [g[0] for g in dense], [g[1] for g in dense], [g.radius for g in geometries],
             geometries[0].padding, out, tile=min(NESTED_TILE, self.chunk_elements),
         )
+        with self._stats_lock:  # every pair of the nested stream is computed (nothing bounded)
+            skipped, pairs, bounded = self.prune_stats
+            self.prune_stats = (skipped, pairs + sum(s.pairs for s in states), bounded)
         return out
 
     def _fused(self, x: torch.Tensor) -> bool:
