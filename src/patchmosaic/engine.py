@@ -49,8 +49,8 @@ so ``logit - ref < floor - margin`` wherever
 
 Distances are bounded below in the coordinates ``c(z) = (V_r^T z, |V_o^T z|)``,
 where the orthogonal ``V = [V_r, V_o]`` holds the principal axes of the first
-bounded chunk's keys (``r`` of them kept; any orthogonal ``V`` gives a valid
-bound, these a tight one): ``|X - u|^2 = |V_r^T (X - u)|^2 + |V_o^T (X - u)|^2
+bounded chunk's keys (of ``PRUNE_AXES_KEYS`` of them spread over the chunk; ``r``
+axes kept; any orthogonal ``V`` gives a valid bound, these a tight one): ``|X - u|^2 = |V_r^T (X - u)|^2 + |V_o^T (X - u)|^2
 >= |V_r^T X - V_r^T u|^2 + (|V_o^T X| - |V_o^T u|)^2`` (triangle inequality),
 and for points in two axis-aligned boxes of these coordinates it is at least
 the squared distance between the boxes. The work is done per (tile, block):
@@ -70,7 +70,10 @@ state folds its first ``PRUNE_FIRST_KEYS`` keys in exactly (every row then has
 a reference) and stops bounding where its first bounded chunk would skip under
 ``PRUNE_MIN_FRACTION`` of its pairs, tested first pair by pair on
 ``PRUNE_SAMPLE`` keys (high noise: little lies below the floor, and the
-switch-off costs one small product). Either way the result stays within the
+switch-off costs one small product), then tile by key on the same keys (a
+block is skipped only where each of its keys is, so this bounds the fraction
+the blocks can skip; at moderate noise pairs lie below the floor that a tile's
+box cannot prove, and the switch-off then costs the rows' side only). Either way the result stays within the
 bound. With posterior statistics (``track = 0``) the floored terms of ``sq``
 and ``xl`` move by at most ``M e^(2 floor)`` and ``M |floor| e^floor``
 relative. With top candidates (``track = m > 0``) a skipped candidate must
@@ -359,7 +362,10 @@ PRUNE_FLOOR = {torch.float32: -40.0, torch.float64: -100.0}
 # state's first PRUNE_FIRST_KEYS keys are folded in exactly to give every row a
 # reference; a state stops bounding when its first bounded chunk would skip under
 # PRUNE_MIN_FRACTION of its (row, candidate) pairs (high noise: nothing to skip),
-# tested first pair by pair on PRUNE_SAMPLE of its keys (before sorting anything).
+# tested first pair by pair on PRUNE_SAMPLE of its keys (before sorting anything), then
+# (tile, key) by (tile, key) on the same keys (before the chunk's keys are mapped and sorted).
+# The principal axes come from PRUNE_AXES_KEYS keys spread over the first bounded chunk (a D x D
+# product over every key cost more than the rest of the bound's set-up).
 # Unbounded chunks are folded in blocks of >= PRUNE_DENSE_ROWS rows (or all of them).
 PRUNE_MARGIN = 1.0
 PRUNE_ROWS = 64
@@ -369,6 +375,7 @@ PRUNE_MIN_BLOCKS = 8
 PRUNE_FIRST_KEYS = 4096
 PRUNE_MIN_FRACTION = 0.25
 PRUNE_SAMPLE = 256
+PRUNE_AXES_KEYS = 8192
 PRUNE_DENSE_ROWS = 256
 
 # Blocking on CPU: the passes after a logit block's product (clamp, exp, the weighted sum, the
@@ -780,7 +787,7 @@ class SoftmaxMean:
         rows and the boxes of their tiles."""
         G, _, D2 = self.queries.shape
         D = D2 - 2
-        k64 = keys.to(torch.float64)
+        k64 = keys[..., :: max(1, keys.shape[-1] // PRUNE_AXES_KEYS)].to(torch.float64)  # spread over the chunk
         _, vecs = torch.linalg.eigh(torch.einsum("gdm,gem->de", k64, k64))  # ascending eigenvalues
         self._index = (vecs.flip(1).to(self.queries.dtype), min(self.prune, D))  # V [D, D]; r
         beta = self.queries[..., D]  # [G, Bq]
@@ -806,6 +813,24 @@ class SoftmaxMean:
         self.queries[:, rows, -1] = torch.where(finite, -self.ref[:, rows], 0.0)
         below = (torch.bmm(self.queries[:, rows], keys) < self.prune_floor - PRUNE_MARGIN) & finite[..., None]
         return float(below.float().mean())
+
+    def _tile_thresholds(self, key_sq: torch.Tensor) -> torch.Tensor:
+        """``[G, tiles]``: the largest ``T_b`` of each tile's rows, the squared distance beyond which a
+        row's shifted logit lies below ``floor - margin``, raised by the float rounding of the coordinates,
+        of ``|u_b|^2`` and of ``(ref + floor - margin) / |beta|`` (module docstring); ``key_sq`` is the
+        largest squared coordinate norm of the keys bounded."""
+        order, _, usq, inv_beta, ok, tlo, _ = self._index[2:]
+        G, tiles = tlo.shape[:2]
+        D = self.queries.shape[-1] - 2
+        below = torch.full_like(self.ref, self.prune_floor)  # [G, Bq], in the caller's row order
+        if self.track:  # nor may a skipped candidate beat a row's current m-th best: top lists stay exact
+            below = torch.minimum(below, self.top_score[..., -1])
+        lim = (self.ref + below - PRUNE_MARGIN).gather(1, order)  # [G, Bq], tile order
+        eps = torch.finfo(self.queries.dtype).eps
+        tol = 16 * (D + 1) ** 1.5 * eps * (usq + key_sq + lim.abs() * inv_beta)
+        thr = torch.where(ok, usq - lim * inv_beta + tol, float("inf"))  # +inf where ref = -inf
+        thr = torch.cat([thr, thr.new_full((G, tiles * PRUNE_ROWS - thr.shape[1]), float("-inf"))], 1)
+        return thr.view(G, tiles, PRUNE_ROWS).amax(-1)
 
     def _permute_rows(self, perm: torch.Tensor) -> None:
         """Reorder every per-row tensor of the state by ``perm [G, Bq]`` (row i <- row perm[:, i])."""
@@ -834,29 +859,27 @@ class SoftmaxMean:
             return False
         if self._index is None:
             self._build_index(keys_t[:, :D])
-        order, inverse, usq, inv_beta, ok, tlo, thi = self._index[2:]
+        tlo, thi = self._index[-2:]
+        tiles = tlo.shape[1]
+        tile_rows = [min(Bq, (t + 1) * PRUNE_ROWS) - t * PRUNE_ROWS for t in range(tiles)]
         rows_t = keys_t.transpose(1, 2)  # [G, M, D + 2] (a view of the machine's rows)
+        if self.bounded == 0:  # what the tiles' boxes prove key by key bounds what they prove block by block
+            sample = self._coords(rows_t[:, :: max(1, M // PRUNE_SAMPLE)][:, :PRUNE_SAMPLE, :D])  # [G, m, c]
+            thr = self._tile_thresholds(sample.square().sum(-1).amax())  # [G, tiles]
+            point = (_box_gap2(tlo, thi, sample, sample) > thr[..., None]).all(0)  # [tiles, m]
+            proven = sum(n * int(c) for n, c in zip(tile_rows, point.sum(1).tolist()))
+            if proven < PRUNE_MIN_FRACTION * Bq * sample.shape[1]:
+                self.prune = 0  # the boxes cannot prove what lies below the floor pair by pair
+                return False
         kc = self._coords(rows_t[..., :D])  # [G, M, c]
         korder = torch.stack([kd_order(kc[g], PRUNE_KEYS, PRUNE_LEVELS) for g in range(G)])  # [G, M]
         kc = kc.gather(1, korder[..., None].expand_as(kc))
         blo, bhi = _cell_boxes(kc, PRUNE_KEYS)  # [G, blocks, c]
-        # T_b: squared distance beyond which row b's shifted logit is below floor - margin, raised by
-        # the float rounding of the coordinates, |u_b|^2 and (ref + floor - margin) / |beta| (docstring)
-        below = torch.full_like(self.ref, self.prune_floor)  # [G, Bq], in the caller's row order
-        if self.track:  # nor may a skipped candidate beat a row's current m-th best: top lists stay exact
-            below = torch.minimum(below, self.top_score[..., -1])
-        lim = (self.ref + below - PRUNE_MARGIN).gather(1, order)  # [G, Bq]
-        eps = torch.finfo(self.queries.dtype).eps
-        tol = 16 * (D + 1) ** 1.5 * eps * (usq + kc.square().sum(-1).amax() + lim.abs() * inv_beta)
-        thr = torch.where(ok, usq - lim * inv_beta + tol, float("inf"))  # [G, Bq]; +inf where ref = -inf
-        tiles = tlo.shape[1]
-        thr = torch.cat([thr, thr.new_full((G, tiles * PRUNE_ROWS - Bq), float("-inf"))], 1)
-        skip = _box_gap2(tlo, thi, blo, bhi) > thr.view(G, tiles, PRUNE_ROWS).amax(-1)[..., None]  # [G, tiles, blocks]
+        skip = _box_gap2(tlo, thi, blo, bhi) > self._tile_thresholds(kc.square().sum(-1).amax())[..., None]
         need = ~skip.all(0)  # [tiles, blocks]: a tile computes a block when any group needs it
         size = torch.full((need.shape[1],), PRUNE_KEYS, device=need.device)
         size[-1] = M - (need.shape[1] - 1) * PRUNE_KEYS  # [blocks] keys per block
         kept = (need * size).sum(1).tolist()  # [tiles] keys each tile computes
-        tile_rows = [min(Bq, (t + 1) * PRUNE_ROWS) - t * PRUNE_ROWS for t in range(tiles)]
         skipped = G * sum(n * (M - k) for n, k in zip(tile_rows, kept))
         if self.bounded == 0 and skipped < PRUNE_MIN_FRACTION * G * Bq * M:
             self.prune = 0  # nothing to skip here (high noise): stop paying for the bound
@@ -875,6 +898,7 @@ class SoftmaxMean:
         runs: list[list[tuple[int, int]]] = [[] for _ in range(tiles)]
         for j in range(0, len(edge_tile), 2):
             runs[edge_tile[j]].append((edge_block[j] * PRUNE_KEYS, min(M, edge_block[j + 1] * PRUNE_KEYS)))
+        order, inverse = self._index[2:4]
         self._permute_rows(order)
         for t in range(tiles):
             if not runs[t]:
