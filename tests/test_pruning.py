@@ -251,3 +251,28 @@ def test_prune_stats_of_denoise_sizes_count_every_size():
     assert machine.prune_stats == tuple(a + b for a, b in zip(*singles))
     machine.denoise_sizes(x, 0.3, [3, 7, 9])  # 7 and 9 in one nested stream
     assert machine.prune_stats[1] > singles[0][1]
+
+
+def test_boxes_that_cannot_prove_switch_off_before_mapping_the_keys(monkeypatch):
+    # MNIST at sigma 0.72, k = 7: most pairs lie below the floor, but a tile's box proves too little;
+    # the tile-by-key test on the pair test's sample switches the bound off before the chunk's keys
+    # are mapped to coordinates, and the result is the dense one
+    data = load_dataset("mnist", n_train=402).images
+    train, held = data[:400], data[400:]
+    sigma = 0.72
+    ab = 1.0 / (1.0 + sigma**2)
+    x = (held + sigma * torch.randn(held.shape, generator=torch.Generator().manual_seed(0))) * ab**0.5
+    mapped = []
+    coords = SoftmaxMean._coords
+
+    def spy(self, z):
+        mapped.append(z.shape[-2])
+        return coords(self, z)
+
+    monkeypatch.setattr(SoftmaxMean, "_coords", spy)
+    machine = ScoreMachine(train, kind="els", padding="zeros")
+    got = machine.denoise(x, ab, patch_size=7)
+    assert machine.prune_stats[2] == 0  # nothing bounded
+    assert mapped and max(mapped) <= max(engine.PRUNE_SAMPLE, 2 * 32 * 32)  # the sample and the rows only
+    want = ScoreMachine(train, kind="els", padding="zeros", prune_rank=0).denoise(x, ab, patch_size=7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # other chunks: float32 rounding
