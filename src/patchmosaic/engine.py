@@ -50,7 +50,8 @@ so ``logit - ref < floor - margin`` wherever
 Distances are bounded below in the coordinates ``c(z) = (V_r^T z, |V_o^T z|)``,
 where the orthogonal ``V = [V_r, V_o]`` holds the principal axes of the first
 bounded chunk's keys (of ``PRUNE_AXES_KEYS`` of them spread over the chunk; ``r``
-axes kept; any orthogonal ``V`` gives a valid bound, these a tight one): ``|X - u|^2 = |V_r^T (X - u)|^2 + |V_o^T (X - u)|^2
+axes kept; any orthogonal ``V`` gives a valid bound, these a tight one):
+``|X - u|^2 = |V_r^T (X - u)|^2 + |V_o^T (X - u)|^2
 >= |V_r^T X - V_r^T u|^2 + (|V_o^T X| - |V_o^T u|)^2`` (triangle inequality),
 and for points in two axis-aligned boxes of these coordinates it is at least
 the squared distance between the boxes. The work is done per (tile, block):
@@ -73,8 +74,8 @@ a reference) and stops bounding where its first bounded chunk would skip under
 switch-off costs one small product), then tile by key on the same keys (a
 block is skipped only where each of its keys is, so this bounds the fraction
 the blocks can skip; at moderate noise pairs lie below the floor that a tile's
-box cannot prove, and the switch-off then costs the rows' side only). Either way the result stays within the
-bound. With posterior statistics (``track = 0``) the floored terms of ``sq``
+box cannot prove, and the switch-off then costs the rows' side only). Either
+way the result stays within the bound. With posterior statistics (``track = 0``) the floored terms of ``sq``
 and ``xl`` move by at most ``M e^(2 floor)`` and ``M |floor| e^floor``
 relative. With top candidates (``track = m > 0``) a skipped candidate must
 also lie ``PRUNE_MARGIN`` below the row's current m-th best score (a threshold
@@ -471,7 +472,7 @@ def _box_gap2(alo: torch.Tensor, ahi: torch.Tensor, blo: torch.Tensor, bhi: torc
 
 def _rows_in_order(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``rows[g, order[g]]`` for ``rows [G, M, w]`` and ``order [G, M]``: whole rows are copied
-    (``index_select``), where ``gather`` would read an index per element (4-10x slower measured)."""
+    (``index_select``), where ``gather`` would read an index per element."""
     G, M, w = rows.shape
     flat = order if G == 1 else order + torch.arange(G, device=order.device)[:, None] * M
     return rows.reshape(G * M, w).index_select(0, flat.reshape(-1)).view(G, M, w)
