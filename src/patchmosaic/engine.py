@@ -709,12 +709,13 @@ class SoftmaxMean:
         Untracked rows and rows with statistics only are swept on one shift (their
         reference before the chunk) and rebased once at the end, so that a block costs
         its passes and no per-block bookkeeping; a capped logit anywhere (the sweep's
-        normaliser reaches ``e^cap``) redoes the sweep block by block.
+        normaliser reaches ``e^cap``) redoes the sweep block by block. A sweep of one block
+        is still a sweep: its exponentials are ``exp2`` (the block-by-block path's are ``exp``).
         """
-        M = keys_t.shape[-1]
-        if M <= cols or self.track or counts is not None or bool(torch.isinf(self.ref[:, sl]).any()):
+        if self.track or counts is not None or bool(torch.isinf(self.ref[:, sl]).any()):
             self._blockwise(sl, keys_t, values, ids, counts, cols)
             return
+        M = keys_t.shape[-1]
         self.queries[:, sl, -1] = -self.ref[:, sl]
         G, V1 = values.shape[0], values.shape[-1]
         rows = sl.stop - sl.start
