@@ -995,22 +995,30 @@ class SoftmaxMean:
                 torch.arange(G, device=logits.device), torch.arange(R, device=logits.device), indexing="ij"))
             score, col = scores[g, r].topk(m, dim=-1)  # [G R, m]
             return g, r, score, ids[g[:, None], col], counts[g[:, None], col].to(score.dtype)
-        g, r = torch.nonzero(logits.amax(-1) > thr, as_tuple=True)  # [K] each
-        if g.numel() == 0:
-            return None
-        rows = logits[g, r]  # [K, M]
         nseg = M // TOP_SEGMENT
         if nseg < 4 * m:
-            score, col = rows.topk(m, dim=-1)  # [K, m]
-        else:  # the m largest lie in the m segments with the largest maxima (topk costs per element)
-            body = rows[:, : nseg * TOP_SEGMENT].unflatten(-1, (nseg, TOP_SEGMENT))  # [K, nseg, S]
-            seg = body.amax(-1).topk(m, dim=-1).indices  # [K, m]
-            cols = (seg[..., None] * TOP_SEGMENT + torch.arange(TOP_SEGMENT, device=rows.device)).flatten(1)
-            if nseg * TOP_SEGMENT < M:  # the ragged last segment is always searched
-                tail = torch.arange(nseg * TOP_SEGMENT, M, device=rows.device)
-                cols = torch.cat([cols, tail.expand(cols.shape[0], -1)], dim=1)  # [K, m S + tail]
-            score, pick = rows.gather(1, cols).topk(m, dim=-1)  # [K, m]
-            col = cols.gather(1, pick)
+            g, r = torch.nonzero(logits.amax(-1) > thr, as_tuple=True)  # [K] each
+            if g.numel() == 0:
+                return None
+            score, col = logits[g, r].topk(m, dim=-1)  # [K, m]
+            return g, r, score, ids[g[:, None], col], torch.ones_like(score)
+        # the m largest lie in the m segments with the largest maxima (topk costs per element); the
+        # segments' maxima of every row also give the rows' maxima, and only the chosen segments of the
+        # changing rows are read again (no copy of whole rows)
+        seg_max = logits[..., : nseg * TOP_SEGMENT].unflatten(-1, (nseg, TOP_SEGMENT)).amax(-1)  # [G, R, nseg]
+        row_max = seg_max.amax(-1)
+        if nseg * TOP_SEGMENT < M:  # the ragged last segment is always searched
+            row_max = torch.maximum(row_max, logits[..., nseg * TOP_SEGMENT :].amax(-1))
+        g, r = torch.nonzero(row_max > thr, as_tuple=True)  # [K] each
+        if g.numel() == 0:
+            return None
+        seg = seg_max[g, r].topk(m, dim=-1).indices  # [K, m]
+        cols = (seg[..., None] * TOP_SEGMENT + torch.arange(TOP_SEGMENT, device=logits.device)).flatten(1)
+        if nseg * TOP_SEGMENT < M:
+            tail = torch.arange(nseg * TOP_SEGMENT, M, device=logits.device)
+            cols = torch.cat([cols, tail.expand(cols.shape[0], -1)], dim=1)  # [K, m S + tail]
+        score, pick = logits[g[:, None], r[:, None], cols].topk(m, dim=-1)  # [K, m]
+        col = cols.gather(1, pick)
         return g, r, score, ids[g[:, None], col], torch.ones_like(score)
 
     def _accumulate(
