@@ -804,12 +804,10 @@ class SoftmaxMean:
         usq = u.square().sum(-1).gather(1, order)  # [G, Bq]
         self._index += (order, inverse, usq, inv_beta.gather(1, order), ok.gather(1, order), lo, hi)
 
-    def _provable_fraction(self, keys_t: torch.Tensor) -> float:
-        """Fraction of (row, key) pairs below ``floor - margin`` on a sample of ``PRUNE_SAMPLE`` keys
-        spread over the chunk (and of rows, to fit ``max_logits``): what even a per-pair bound could skip."""
+    def _provable_fraction(self, keys: torch.Tensor) -> float:
+        """Fraction of (row, key) pairs below ``floor - margin`` on the sample ``keys [G, D + 2, m]``
+        (and on rows spread over the state, to fit ``max_logits``): what even a per-pair bound could skip."""
         G, Bq, _ = self.queries.shape
-        M = keys_t.shape[-1]
-        keys = keys_t[..., :: max(1, M // PRUNE_SAMPLE)][..., :PRUNE_SAMPLE]  # [G, D + 2, m]
         rows = slice(None, None, max(1, G * Bq * keys.shape[-1] // self.max_logits))
         finite = torch.isfinite(self.ref[:, rows])  # rows without a reference count as needing every key
         self.queries[:, rows, -1] = torch.where(finite, -self.ref[:, rows], 0.0)
@@ -856,7 +854,9 @@ class SoftmaxMean:
         G, D2, M = keys_t.shape
         D = D2 - 2
         Bq = self.queries.shape[1]
-        if self.bounded == 0 and self._provable_fraction(keys_t) < PRUNE_MIN_FRACTION:
+        # both switch-off tests of a first bounded chunk look at the same PRUNE_SAMPLE keys spread over it
+        sample = keys_t[..., :: max(1, M // PRUNE_SAMPLE)][..., :PRUNE_SAMPLE] if self.bounded == 0 else None
+        if sample is not None and self._provable_fraction(sample) < PRUNE_MIN_FRACTION:
             self.prune = 0  # even pair by pair too little lies below the floor (high noise)
             return False
         if self._index is None:
@@ -865,12 +865,12 @@ class SoftmaxMean:
         tiles = tlo.shape[1]
         tile_rows = [min(Bq, (t + 1) * PRUNE_ROWS) - t * PRUNE_ROWS for t in range(tiles)]
         rows_t = keys_t.transpose(1, 2)  # [G, M, D + 2] (a view of the machine's rows)
-        if self.bounded == 0:  # what the tiles' boxes prove key by key bounds what they prove block by block
-            sample = self._coords(rows_t[:, :: max(1, M // PRUNE_SAMPLE)][:, :PRUNE_SAMPLE, :D])  # [G, m, c]
-            thr = self._tile_thresholds(sample.square().sum(-1).amax())  # [G, tiles]
-            point = (_box_gap2(tlo, thi, sample, sample) > thr[..., None]).all(0)  # [tiles, m]
+        if sample is not None:  # what the tiles' boxes prove key by key bounds what they prove block by block
+            sc = self._coords(sample[:, :D].transpose(1, 2))  # [G, m, c]
+            thr = self._tile_thresholds(sc.square().sum(-1).amax())  # [G, tiles]
+            point = (_box_gap2(tlo, thi, sc, sc) > thr[..., None]).all(0)  # [tiles, m]
             proven = sum(n * int(c) for n, c in zip(tile_rows, point.sum(1).tolist()))
-            if proven < PRUNE_MIN_FRACTION * Bq * sample.shape[1]:
+            if proven < PRUNE_MIN_FRACTION * Bq * sc.shape[1]:
                 self.prune = 0  # the boxes cannot prove what lies below the floor pair by pair
                 return False
         kc = self._coords(rows_t[..., :D])  # [G, M, c]

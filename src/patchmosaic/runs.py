@@ -622,8 +622,6 @@ class SampleRun:
             archive = load_samples(samples_path)
             rows = None
             if self.provenance_top is not None:
-
-
                 if not prov_path.is_file():
                     raise ResumeError(f"cannot resume {self.run_dir}: {samples_path} has no provenance ({prov_path})")
                 prov = load_provenance(prov_path)
@@ -671,8 +669,6 @@ class SampleRun:
         self.sampled += len(seeds)
         rows = None
         if provenance is not None:
-
-
             rows = split_provenance(provenance)
         for i, seed in enumerate(seeds):
             self.done[int(seed)] = {"image": arr[i], "label": None if labels is None else int(labels[i]),
@@ -683,8 +679,6 @@ class SampleRun:
         batch_dir.mkdir(exist_ok=True)
         stem = f"batch-s{int(seeds[0])}-n{len(seeds)}"
         if provenance is not None:  # provenance first: a batch counts as done once its samples file exists
-
-
             path = batch_dir / f"{stem}.provenance.npz"
             _atomic(path, lambda tmp: save_provenance(tmp, [provenance], seeds, self.provenance_top))
         path = batch_dir / f"{stem}.npz"

@@ -526,6 +526,12 @@ class ScoreMachine:
             return out, None
         return out, Provenance.scatter([(torch.arange(a, b), prov) for (a, b), (_, prov) in parts], x_t.shape[0])
 
+    def _add_prune_stats(self, skipped: int, pairs: int, bounded: int) -> None:
+        """Add to the call's ``prune_stats`` (workers add theirs concurrently)."""
+        with self._stats_lock:
+            a, b, c = self.prune_stats
+            self.prune_stats = (a + skipped, b + pairs, c + bounded)
+
     def _in_workers(
         self, x: torch.Tensor, coeffs: tuple[torch.Tensor, torch.Tensor], fn: Callable[..., T]
     ) -> list[tuple[tuple[int, int], T]]:
@@ -769,7 +775,7 @@ class _PatchMachine(ScoreMachine):
         result, stats = {}, (0, 0, 0)
         for k in ks:
             if k not in shared:
-                result[k] = self._run(x, coeffs, k, label, track=None)[0]
+                result[k] = self._run(x, coeffs, k, label, track=None)[0]  # each call resets prune_stats
                 stats = tuple(a + b for a, b in zip(stats, self.prune_stats))
         self.prune_stats = stats  # the call's: every size's, the nested stream's pairs added below
         if not shared:
@@ -817,9 +823,7 @@ class _PatchMachine(ScoreMachine):
             [g[0] for g in dense], [g[1] for g in dense], [g.radius for g in geometries],
             geometries[0].padding, out, tile=min(NESTED_TILE, self.chunk_elements),
         )
-        with self._stats_lock:  # every pair of the nested stream is computed (nothing bounded)
-            skipped, pairs, bounded = self.prune_stats
-            self.prune_stats = (skipped, pairs + sum(s.pairs for s in states), bounded)
+        self._add_prune_stats(0, sum(s.pairs for s in states), 0)  # the nested stream computes every pair
         return out
 
     def _fused(self, x: torch.Tensor) -> bool:
@@ -895,9 +899,7 @@ class _PatchMachine(ScoreMachine):
                 rows, cols, state = plan[i]
                 self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
         self._reduce([state for _, _, state in plan])
-        stats = (sum(getattr(s, f) for _, _, s in plan) for f in ("skipped", "pairs", "bounded"))
-        with self._stats_lock:
-            self.prune_stats = tuple(a + b for a, b in zip(self.prune_stats, stats))
+        self._add_prune_stats(*(sum(getattr(s, f) for _, _, s in plan) for f in ("skipped", "pairs", "bounded")))
         out = self._scatter_means(x_t, plan)
         if track is None:
             return out, None
