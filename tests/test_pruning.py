@@ -270,9 +270,9 @@ def test_boxes_that_cannot_prove_switch_off_before_mapping_the_keys(monkeypatch)
         return coords(self, z)
 
     monkeypatch.setattr(SoftmaxMean, "_coords", spy)
-    machine = ScoreMachine(train, kind="els", padding="zeros")
+    machine = ScoreMachine(train, kind="els", padding="zeros", kernel="torch")  # the engine's bound
     got = machine.denoise(x, ab, patch_size=7)
     assert machine.prune_stats[2] == 0  # nothing bounded
     assert mapped and max(mapped) <= max(engine.PRUNE_SAMPLE, 2 * 32 * 32)  # the sample and the rows only
-    want = ScoreMachine(train, kind="els", padding="zeros", prune_rank=0).denoise(x, ab, patch_size=7)
+    want = ScoreMachine(train, kind="els", padding="zeros", prune_rank=0, kernel="torch").denoise(x, ab, patch_size=7)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # other chunks: float32 rounding

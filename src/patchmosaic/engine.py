@@ -1084,13 +1084,30 @@ class SoftmaxMean:
             self.xl[:, sl] = self.xl[:, sl] / norm - d
             self.top_score[:, sl] -= d[..., None]
 
-    def merge(self, ref: torch.Tensor, acc: torch.Tensor) -> None:
-        """Combine with the state ``(ref, acc)`` of a disjoint set of keys (e.g. another shard)."""
-        if self.track is not None:
-            raise ValueError("merge() combines untracked states; tracked states merge with all_reduce()")
+    def merge(
+        self, ref: torch.Tensor, acc: torch.Tensor, sq: torch.Tensor | None = None, xl: torch.Tensor | None = None
+    ) -> None:
+        """Combine with the state ``(ref, acc)`` of a disjoint set of keys (e.g. another shard).
+
+        A state with posterior statistics (``track = 0``) also takes the other side's ``sq`` and ``xl``
+        (same units as its own: ``sum w^2`` and ``sum w (l - ref)`` on that side's ``ref``); states with top
+        candidates merge with :meth:`all_reduce`.
+        """
+        if self.track:
+            raise ValueError("merge() combines states without top candidates; those merge with all_reduce()")
+        if (self.track is None) != (sq is None or xl is None):
+            raise ValueError("merge(): posterior statistics (sq, xl) are needed exactly when the state tracks them")
         new_ref = torch.maximum(self.ref, ref)
         shift = torch.where(torch.isneginf(new_ref), 0.0, new_ref)  # rows empty on both sides stay empty, not NaN
-        self.acc = self.acc * torch.exp(self.ref - shift)[..., None] + acc * torch.exp(ref - shift)[..., None]
+        f_self, f_other = torch.exp(self.ref - shift), torch.exp(ref - shift)
+        if self.track is not None:
+            def moved(xl_side: torch.Tensor, ref_side: torch.Tensor, norm: torch.Tensor, f: torch.Tensor):
+                empty = torch.isneginf(ref_side)  # sum w (l - shift) = f (xl + (ref - shift) S); 0 when empty
+                return torch.where(empty, 0.0, f * (xl_side + torch.where(empty, 0.0, ref_side - shift) * norm))
+
+            self.xl = moved(self.xl, self.ref, self.acc[..., -1], f_self) + moved(xl, ref, acc[..., -1], f_other)
+            self.sq = self.sq * f_self * f_self + sq * f_other * f_other
+        self.acc = self.acc * f_self[..., None] + acc * f_other[..., None]
         self.ref = new_ref
 
     def all_reduce(self, group: object = None) -> None:

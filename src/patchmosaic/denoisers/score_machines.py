@@ -76,13 +76,20 @@ __all__ = [
 ]
 
 KINDS = ("ideal", "es", "ls", "els")
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "triton", "numba")
 T = TypeVar("T")  # what a worker returns
 # Row width (elements) the fused path rounds each candidate's copied patch up to, so that
 # rows start 16-element aligned (Triton specialises strides divisible by 16 and vectorises loads).
 FUSED_ROW_ALIGN = 16
 KERNEL_PRECISIONS = ("ieee", "tf32x3")  # patchmosaic.kernels.PRECISIONS (that module imports triton)
 PATCH_KINDS = ("ls", "els")
+
+# Smallest patch size whose dense ELS group "auto" streams through the compiled window-sum kernel on the
+# CPU (patchmosaic.kernels.window_sums): the kernel's cost per pair hardly depends on k, the product's
+# grows as k^2, and below k = 7 the engine's pruning wins at low noise. The demo's 20 calls, one thread,
+# with the kernel at every size (benchmarks/bench_demo_steps.py): 2.6-3.8x at k = 9-15, 1.9x at k = 7,
+# 0.9-1.2x at k = 5 and 0.43x at k = 3, sigma = 0.16 (README, "Window-sum kernel").
+WINDOW_KERNEL_MIN_K = 7
 
 # Default bound on the elements of one chunk's logit block (and patch tensor):
 # 2**22 float32 values = 16 MiB, so the streaming pass stays in that budget.
@@ -192,6 +199,11 @@ class ScoreMachine:
             ``"torch"`` through :class:`~patchmosaic.engine.SoftmaxMean`, and
             ``"auto"`` picks the fused kernel for float32 CUDA queries when
             Triton is installed (the ``gpu`` extra). Provenance always uses the engine.
+            ``"numba"`` (ELS, float32 CPU queries; an error otherwise) streams the dense group
+            through the compiled window-sum kernel (:mod:`patchmosaic.kernels.window_sums`:
+            logits from shared sliding window sums, not one product per pair) at every patch
+            size, with posterior statistics too; top candidates use the engine. ``"auto"`` does the
+            same on the CPU from ``WINDOW_KERNEL_MIN_K`` (7) up, where it is faster.
         kernel_precision: Products of the fused kernel: ``"tf32x3"`` (split-precision TF32
             tensor-core products, the default) or ``"ieee"`` (IEEE float32 multiply-adds); both
             errors are measured against float64 in ``benchmarks/gpu_check_fused.py``, where on one
@@ -840,6 +852,20 @@ class _PatchMachine(ScoreMachine):
         return (torch.device(device).type == "cuda" and dtype == torch.float32
                 and importlib.util.find_spec("triton") is not None)
 
+    def uses_window_kernel(self, device: torch.device | str, dtype: torch.dtype, patch_size: int,
+                           track: int | None = None) -> bool:
+        """Whether a call at ``patch_size`` on ``device`` in ``dtype`` streams its dense group through the
+        compiled window-sum kernel (``kernel``: 'numba' always, 'auto' on the CPU in float32 from
+        ``WINDOW_KERNEL_MIN_K`` up; ELS only, and never with top candidates, ``track > 0``)."""
+        if self.kind != "els" or self.kernel in ("torch", "triton") or track:
+            return False
+        cpu32 = torch.device(device).type == "cpu" and dtype == torch.float32
+        if self.kernel == "numba":
+            if not cpu32:
+                raise ValueError(f"kernel='numba' runs float32 queries on the CPU, got {dtype} on {device}")
+            return True
+        return cpu32 and patch_size >= WINDOW_KERNEL_MIN_K
+
     def _denoise(
         self,
         x_t: torch.Tensor,
@@ -873,13 +899,22 @@ class _PatchMachine(ScoreMachine):
             width = D + 2 if self.prune_rank else max(rep, D + 2)
             per_image = max(per_image, q.shape[0] * rows.Q.shape[1] * cols.Q.shape[1] * width)
         shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
-        compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
+        window = {}  # dense groups streamed by the compiled window-sum kernel
+        if shared and self.uses_window_kernel(x_t.device, x_t.dtype, k, track):
+            from patchmosaic.kernels.window_sums import DenseGroup  # compiles on first use (cached on disk)
+
+            window = {i: DenseGroup(x_t, coeffs, plan[i][0], plan[i][1], r, pad) for i in shared}
+        compact = {i: [] for i in (shared if track is None else range(len(plan))) if i not in window}
         for start, chunk in self._chunks(train, per_image, x_t):
             img = train_ids[start : start + chunk.shape[0]].to(x_t.device)  # [n] global image ids
+            for group in window.values():
+                group.update(chunk)
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
             norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
             flat = flat_patches(chunk, r, pad)[:, None] if compact else None  # [n, 1, H, W]
             for i, (rows, cols, state) in enumerate(plan):
+                if i in window:
+                    continue
                 if track is None:
                     if i in compact and self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, compact[i]):
                         continue
@@ -898,6 +933,10 @@ class _PatchMachine(ScoreMachine):
             if found:
                 rows, cols, state = plan[i]
                 self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
+        for i, group in window.items():
+            result = group.state()
+            plan[i][2].merge(result.ref, result.acc, *((result.sq, result.xl) if track is not None else ()))
+            plan[i][2].pairs += group.pairs
         self._reduce([state for _, _, state in plan])
         self._add_prune_stats(*(sum(getattr(s, f) for _, _, s in plan) for f in ("skipped", "pairs", "bounded")))
         out = self._scatter_means(x_t, plan)
