@@ -223,7 +223,10 @@ DENOISER_NAMES = (*KINDS, *(name for name in DENOISERS if name not in KINDS))
 @click.option("--kernel", type=click.Choice(KERNELS), default="auto", show_default=True, help=(
     "LS/ELS without --provenance: 'triton' streams through the fused one-pass GPU kernel (float32 "
     "CUDA; pip install 'patchmosaic[gpu]'), 'torch' through the engine, 'auto' takes the kernel for "
-    "float32 on CUDA when Triton is installed (README, 'Fused GPU kernel': 1.82x the engine on one H200)."))
+    "float32 on CUDA when Triton is installed (README, 'Fused GPU kernel': 1.82x the engine on one H200). "
+    "ELS on the CPU (float32): 'numba' streams the dense group through the compiled window-sum kernel at "
+    "every patch size, with --provenance statistics too (top candidates stay on the engine); 'auto' "
+    "does so from k = 7 up (README, 'Window-sum kernel')."))
 @click.option("--kernel-precision", type=click.Choice(KERNEL_PRECISIONS), default="tf32x3", show_default=True, help=(
     "Products of the fused kernel: tf32x3 (split-precision tensor-core products) or ieee (float32 "
     "multiply-adds); both within the float32 engine's error against float64 (README)."))
@@ -473,7 +476,9 @@ def _build_denoiser(req: SampleRequest, data: Any, schedule: PatchSchedule | Non
 
 def _compute_record(req: SampleRequest, denoiser: Any, device: torch.device) -> dict[str, Any]:
     """Where the run computed (for its timings; a resumed run may change it): device, torch threads and,
-    for score machines, workers and kernel (the one the machine's calls take)."""
+    for score machines, workers and kernel (the one the machine's calls take; for ELS on the CPU also the
+    patch sizes whose calls take the window-sum kernel, except a --provenance run's last call, which
+    records top candidates on the engine)."""
     record: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads()}
     if req.is_machine:
         machine = denoiser.machine
@@ -481,12 +486,28 @@ def _compute_record(req: SampleRequest, denoiser: Any, device: torch.device) -> 
                  and machine.uses_fused_kernel(device, DTYPES[req.dtype]))
         record.update(workers=machine.workers, kernel="triton" if fused else "torch",
                       kernel_precision=req.kernel_precision if fused else None)
+        schedule = getattr(denoiser, "patch_sizes", None)
+        if not fused and schedule is not None:
+            track = None if req.provenance_top is None else 0
+            window = [k for k in sorted(set(schedule.sizes))
+                      if machine.uses_window_kernel(device, DTYPES[req.dtype], k, track)]
+            if window:
+                record.update(kernel="numba", window_kernel_sizes=window)
     return record
 
 
 def _check_kernel(req: SampleRequest, device: torch.device) -> None:
     """``--kernel triton`` only where the fused kernel runs: LS/ELS without provenance, float32 on CUDA
-    (or CPU under ``TRITON_INTERPRET=1``), Triton installed."""
+    (or CPU under ``TRITON_INTERPRET=1``), Triton installed; ``--kernel numba`` only for ELS in float32
+    on the CPU."""
+    if req.kernel == "numba":
+        if req.kind != "els":
+            raise click.BadParameter(f"the window-sum kernel runs the ELS machine, not --denoiser {req.kind}",
+                                     param_hint="'--kernel'")
+        if device.type != "cpu" or req.dtype != "float32":
+            raise click.BadParameter(f"the window-sum kernel runs float32 on the CPU, got --dtype {req.dtype} on "
+                                     f"--device {device}", param_hint="'--kernel'")
+        return
     if req.kernel != "triton":
         return
     if req.kind not in PATCH_KINDS:
