@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fuzz import cases, picker
 from reference import ref_machine, ref_provenance
 
 import patchmosaic.kernels.window_sums as ws
@@ -152,3 +153,31 @@ def test_merge_with_statistics_equals_one_pass():
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="posterior statistics"):
         a.merge(b.ref, b.acc)
+
+
+@pytest.mark.parametrize("case", cases(10))
+def test_random_machines_match_the_float64_engine(sweeps, case):
+    """Random ELS problems (size, channels, patch size, padding, dictionary, noise, chunks, with or
+    without statistics) through the kernel against the float64 engine (itself held to brute force)."""
+    g, pick = picker(7000 + case)
+    H, C = pick([6, 7, 9, 10]), pick([1, 1, 3])
+    padding, wrap = pick([("zeros", True), ("circular", True), ("circular", False)])
+    k = pick([k for k in (1, 3, 5, 7) if k <= H])
+    n, B = pick([5, 17, 40]), pick([1, 3])
+    alpha_bar = float(torch.empty(1).uniform_(0.05, 0.995, generator=g))
+    train = torch.rand(n, C, H, H, generator=g, dtype=torch.float64) * 2 - 1
+    x = alpha_bar**0.5 * train[:B].roll(2, dims=-2) + (1 - alpha_bar) ** 0.5 * torch.randn(
+        B, C, H, H, generator=g, dtype=torch.float64)
+    kw = {"kind": "els", "padding": padding, "wrap_training_patches": wrap}
+    kernel = ScoreMachine(train.float(), kernel="numba", chunk_elements=pick([3000, 1 << 22]), **kw)
+    engine = ScoreMachine(train, kernel="torch", **kw)
+    tol = 3e-4 if alpha_bar < 0.95 else 3e-3  # float32 logits scaled by 1 / (1 - abar)
+    if pick([True, False]):
+        got, prov = kernel.denoise_provenance(x.float(), alpha_bar, patch_size=k, top=0)
+        want, ref = engine.denoise_provenance(x, alpha_bar, patch_size=k, top=0)
+        torch.testing.assert_close(prov.n_eff.double(), ref.n_eff, rtol=10 * tol, atol=0)
+        torch.testing.assert_close(prov.entropy.double(), ref.entropy, rtol=0, atol=10 * tol)
+    else:
+        got, want = kernel.denoise(x.float(), alpha_bar, patch_size=k), engine.denoise(x, alpha_bar, patch_size=k)
+    assert sum(sweeps) == n
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
