@@ -28,16 +28,16 @@ from patchmosaic.engine import (
 
 @pytest.fixture
 def sweeps(monkeypatch):
-    """16-image lane blocks, and a count of the kernel's sweeps (each a call of the compiled loop)."""
+    """16-image lane blocks, and the images of each of the kernel's sweeps (every group through the compiled loop)."""
     monkeypatch.setattr(ws, "LANES", 16)
     calls = []
-    sweep = ws._sweep
+    sweep = ws.WindowGroups._sweep
 
-    def counted(*args):
-        calls.append(args[9])  # images in the sweep
-        return sweep(*args)
+    def counted(self, images):
+        calls.append(images.shape[0])  # images in the sweep (every group's)
+        return sweep(self, images)
 
-    monkeypatch.setattr(ws, "_sweep", counted)
+    monkeypatch.setattr(ws.WindowGroups, "_sweep", counted)
     return calls
 
 

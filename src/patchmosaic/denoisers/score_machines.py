@@ -199,7 +199,7 @@ class ScoreMachine:
             ``"torch"`` through :class:`~patchmosaic.engine.SoftmaxMean`, and
             ``"auto"`` picks the fused kernel for float32 CUDA queries when
             Triton is installed (the ``gpu`` extra). Provenance always uses the engine.
-            ``"numba"`` (ELS, float32 CPU queries; an error otherwise) streams the dense group
+            ``"numba"`` (ELS, float32 CPU queries; an error otherwise) streams every group
             through the compiled window-sum kernel (:mod:`patchmosaic.kernels.window_sums`:
             logits from shared sliding window sums, not one product per pair) at every patch
             size, with posterior statistics too; top candidates use the engine. ``"auto"`` does the
@@ -854,7 +854,7 @@ class _PatchMachine(ScoreMachine):
 
     def uses_window_kernel(self, device: torch.device | str, dtype: torch.dtype, patch_size: int,
                            track: int | None = None) -> bool:
-        """Whether a call at ``patch_size`` on ``device`` in ``dtype`` streams its dense group through the
+        """Whether a call at ``patch_size`` on ``device`` in ``dtype`` streams its groups through the
         compiled window-sum kernel (``kernel``: 'numba' always, 'auto' on the CPU in float32 from
         ``WINDOW_KERNEL_MIN_K`` up; ELS only, and never with top candidates, ``track > 0``)."""
         if self.kind != "els" or self.kernel in ("torch", "triton") or track:
@@ -899,22 +899,21 @@ class _PatchMachine(ScoreMachine):
             width = D + 2 if self.prune_rank else max(rep, D + 2)
             per_image = max(per_image, q.shape[0] * rows.Q.shape[1] * cols.Q.shape[1] * width)
         shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
-        window = {}  # dense groups streamed by the compiled window-sum kernel
-        if shared and self.uses_window_kernel(x_t.device, x_t.dtype, k, track):
-            from patchmosaic.kernels.window_sums import DenseGroup  # compiles on first use (cached on disk)
+        window = None  # every group streamed by the compiled window-sum kernel instead
+        if self.uses_window_kernel(x_t.device, x_t.dtype, k, track):
+            from patchmosaic.kernels.window_sums import WindowGroups  # compiles on first use (cached on disk)
 
-            window = {i: DenseGroup(x_t, coeffs, plan[i][0], plan[i][1], r, pad) for i in shared}
-        compact = {i: [] for i in (shared if track is None else range(len(plan))) if i not in window}
+            window = WindowGroups(x_t, coeffs, [(rows, cols) for rows, cols, _ in plan], r, pad)
+        compact = {} if window else {i: [] for i in (shared if track is None else range(len(plan)))}
         for start, chunk in self._chunks(train, per_image, x_t):
+            if window is not None:
+                window.update(chunk)
+                continue
             img = train_ids[start : start + chunk.shape[0]].to(x_t.device)  # [n] global image ids
-            for group in window.values():
-                group.update(chunk)
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
             norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
             flat = flat_patches(chunk, r, pad)[:, None] if compact else None  # [n, 1, H, W]
             for i, (rows, cols, state) in enumerate(plan):
-                if i in window:
-                    continue
                 if track is None:
                     if i in compact and self._update_compacted(state, rows, cols, chunk, t_win, norms, flat, compact[i]):
                         continue
@@ -933,10 +932,10 @@ class _PatchMachine(ScoreMachine):
             if found:
                 rows, cols, state = plan[i]
                 self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
-        for i, group in window.items():
-            result = group.state()
-            plan[i][2].merge(result.ref, result.acc, *((result.sq, result.xl) if track is not None else ()))
-            plan[i][2].pairs += group.pairs
+        if window is not None:
+            for (_, _, state), result, pairs in zip(plan, window.states(), window.pairs):
+                state.merge(result.ref, result.acc, *((result.sq, result.xl) if track is not None else ()))
+                state.pairs += pairs
         self._reduce([state for _, _, state in plan])
         self._add_prune_stats(*(sum(getattr(s, f) for _, _, s in plan) for f in ("skipped", "pairs", "bounded")))
         out = self._scatter_means(x_t, plan)

@@ -1,12 +1,13 @@
-"""Compiled CPU kernel (Numba) for the dense group of an ELS machine: logits from shared window sums.
+"""Compiled CPU kernel (Numba) for the ELS machine: logits from shared window sums.
 
-The dense group of an ELS geometry asks for every query pixel ``p`` of one
-rectangle ``P`` against every training patch centred in one rectangle ``Q``
-of every training image (zero padding: the interior against the interior;
-circular padding: every pixel against every admissible centre). The engine
-(:class:`patchmosaic.engine.SoftmaxMean`) forms each logit with one product
-of ``D = C k^2`` multiply-adds. For a fixed displacement ``d = q - p`` the
-products of all pixels share their terms:
+Every block of an ELS geometry (:mod:`patchmosaic.geometry`) asks for every
+query pixel ``p`` of one rectangle ``P`` against every training patch centred
+in one rectangle ``Q`` of every training image (zero padding: the interior
+against the interior, and each row or column within r of an edge against the
+same row or column; circular padding: every pixel against every admissible
+centre). The engine (:class:`patchmosaic.engine.SoftmaxMean`) forms each logit
+with one product of ``D = C k^2`` multiply-adds. For a fixed displacement
+``d = q - p`` the products of all pixels share their terms:
 
     <x_p, t_{p + d}> = sum_{u in window(p)} X(u) T(u + d),
 
@@ -16,13 +17,13 @@ displacement it keeps the column sums of the k rows under the current query
 row (adding the row that enters and subtracting the row that leaves), then
 slides along the row the same way. Over all displacements of an
 ``n x n`` rectangle that costs ``(k + 2 n) / n`` row updates per pair and
-axis (about 11 multiply-adds per pair at k = 15 on 28 x 28 pixels and
-18 x 18 interiors, against ``D = 225`` for the product).
+axis (about 11 multiply-adds per pair at k = 15 on the 18 x 18 interior of
+a 32 x 32 image, against ``D = 225`` for the product).
 
 Lanes are training images: the chunk is laid out ``[n / L, C, H + 2r,
 W + 2r, L]`` with ``L = LANES`` images innermost, so every inner loop is a
-vector loop over images, and one lane block (~450 KB at k = 15) stays in a
-core's L2 cache while every sample and displacement sweeps it.
+vector loop over images; every sample and displacement sweeps one lane block
+(256 padded 46 x 46 grey images at k = 15: 2.2 MB) while it is in cache.
 
 Per query row the kernel keeps the state of
 :class:`patchmosaic.engine.SoftmaxMean` in base 2: a reference ``m`` (the
@@ -47,9 +48,12 @@ Accuracy (float32 only; float64 runs the engine):
   reference (every kind of group, with statistics) within the float32
   engine's tolerance.
 
-:class:`DenseGroup` streams a call's chunks and returns the group's partial state in the engine's units
-(``ref`` in nats, ``acc = [weighted values, normaliser]``, ``sq``, ``xl``),
-which :meth:`SoftmaxMean.merge` combines exactly.
+:class:`WindowGroups` streams a call's chunks through every group and returns
+each group's partial state in the engine's units (``ref`` in nats,
+``acc = [weighted values, normaliser]``, ``sq``, ``xl``), which
+:meth:`SoftmaxMean.merge` combines exactly. A block of one row (an edge row
+of zero padding) has one row displacement; a block of one pixel costs ``D``
+multiply-adds per pair, as the product does.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ import torch.nn.functional as F
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["LANES", "DenseGroup", "WindowState"]
+__all__ = ["LANES", "WindowGroups", "WindowState"]
 
 # Training images per lane block (the innermost, vectorised axis). Per (pixel, displacement) the kernel
 # pays a fixed cost (a block's reference check, four sums reduced across lanes), so wide blocks win: on
@@ -128,100 +132,103 @@ def _sweep(X, T, NRM, VAL, scale, bias, P, Q, r, n_images, M, S, ACC, SQ, XL):  
 
     X ``[B, C, H + 2r, W + 2r]`` padded queries; T ``[nb, C, H + 2r, W + 2r, L]``, NRM ``[nb, H, W, L]``
     (|patch|^2 at each centre) and VAL ``[nb, C, H, W, L]`` the chunk in lane blocks; scale, bias ``[B]``
-    in base 2; P, Q ``(row0, rows, col0, cols)`` of the query and centre rectangles; the state arrays
-    M, S, SQ, XL ``[B, P rows, P cols]`` and ACC ``[B, P rows, P cols, C]`` are updated in place.
+    in base 2; P, Q ``[G, 4]``: ``(row0, rows, col0, cols)`` of each block's query and centre rectangles
+    (every block of a group has the same numbers of query rows and columns); the state arrays M, S, SQ, XL
+    ``[G, B, P rows, P cols]`` and ACC ``[G, B, P rows, P cols, C]`` are updated in place.
     """
     B, C = X.shape[0], X.shape[1]
     L = T.shape[4]
     k = 2 * r + 1
-    pr0, npr, pc0, npc = P
-    qr0, nqr, qc0, nqc = Q
-    V = np.empty((npc + 2 * r, L), np.float32)  # column sums of the k rows under the current query row
+    V = np.empty((P[0, 3] + 2 * r, L), np.float32)  # column sums of the k rows under the current query row
     Hs = np.empty(L, np.float32)  # the window sum of the current pixel
     w = np.empty(L, np.float32)
     for blk in range(T.shape[0]):
         nl = min(L, n_images - blk * L)
         Tb, Nb, Vb = T[blk], NRM[blk], VAL[blk]
-        for b in range(B):
-            sc, bi = np.float32(scale[b]), np.float32(bias[b])
-            for di in range(qr0 - (pr0 + npr - 1), qr0 + nqr - pr0):
-                a0, a1 = max(pr0, qr0 - di), min(pr0 + npr, qr0 + nqr - di)  # query rows with a centre
-                for dj in range(qc0 - (pc0 + npc - 1), qc0 + nqc - pc0):
-                    c0, c1 = max(pc0, qc0 - dj), min(pc0 + npc, qc0 + nqc - dj)
-                    for v in range(c1 - c0 + 2 * r):  # padded column c0 + v; row a0's window is rows a0..a0+2r
-                        Vv = V[v]
-                        for lane in range(nl):
-                            Vv[lane] = 0
-                        for u in range(a0, a0 + k):
-                            for c in range(C):
-                                xv = X[b, c, u, c0 + v]
-                                tr = Tb[c, u + di, c0 + v + dj]
-                                for lane in range(nl):
-                                    Vv[lane] += xv * tr[lane]
-                    for i in range(a0, a1):
-                        if i > a0:  # row i + 2r enters the window, row i - 1 leaves it
-                            for v in range(c1 - c0 + 2 * r):
-                                Vv = V[v]
-                                for c in range(C):
-                                    xa, xs = X[b, c, i + 2 * r, c0 + v], X[b, c, i - 1, c0 + v]
-                                    ta = Tb[c, i + 2 * r + di, c0 + v + dj]
-                                    ts = Tb[c, i - 1 + di, c0 + v + dj]
-                                    for lane in range(nl):
-                                        Vv[lane] += xa * ta[lane] - xs * ts[lane]
-                        for lane in range(nl):
-                            Hs[lane] = 0
-                        for v in range(k):
+        for g in range(P.shape[0]):
+            pr0, npr, pc0, npc = P[g, 0], P[g, 1], P[g, 2], P[g, 3]
+            qr0, nqr, qc0, nqc = Q[g, 0], Q[g, 1], Q[g, 2], Q[g, 3]
+            for b in range(B):
+                sc, bi = np.float32(scale[b]), np.float32(bias[b])
+                for di in range(qr0 - (pr0 + npr - 1), qr0 + nqr - pr0):
+                    a0, a1 = max(pr0, qr0 - di), min(pr0 + npr, qr0 + nqr - di)  # query rows with a centre
+                    for dj in range(qc0 - (pc0 + npc - 1), qc0 + nqc - pc0):
+                        c0, c1 = max(pc0, qc0 - dj), min(pc0 + npc, qc0 + nqc - dj)
+                        for v in range(c1 - c0 + 2 * r):  # padded column c0 + v; row a0's window is rows a0..a0+2r
                             Vv = V[v]
                             for lane in range(nl):
-                                Hs[lane] += Vv[lane]
-                        for j in range(c0, c1):
-                            if j > c0:
-                                Va, Vs = V[j - c0 + 2 * r], V[j - c0 - 1]
-                                for lane in range(nl):
-                                    Hs[lane] += Va[lane] - Vs[lane]
-                            nr, v0 = Nb[i + di, j + dj], Vb[0, i + di, j + dj]
-                            pi, pj = i - pr0, j - pc0
-                            m = M[b, pi, pj]
-                            if m == -np.inf:  # the row's first lane block: its maximum is the reference
-                                m32 = _NEG
-                                for lane in range(nl):
-                                    x = sc * Hs[lane] + bi * nr[lane]
-                                    m32 = x if x > m32 else m32
-                                m = np.float64(m32)
-                                M[b, pi, pj] = m
-                            m32 = np.float32(m)
-                            s, a, sq, xl = _weigh(Hs, nr, v0, sc, bi, m32, w, nl)
-                            if not s <= _REDO:  # a logit far above the reference (or an overflow): rebase
-                                d = _NEG
-                                for lane in range(nl):
-                                    x = sc * Hs[lane] + bi * nr[lane] - m32
-                                    d = x if x > d else d
-                                f = 2.0 ** (-np.float64(d))
-                                s_old = S[b, pi, pj]
-                                S[b, pi, pj] = s_old * f
+                                Vv[lane] = 0
+                            for u in range(a0, a0 + k):
                                 for c in range(C):
-                                    ACC[b, pi, pj, c] *= f
-                                SQ[b, pi, pj] *= f * f
-                                XL[b, pi, pj] = f * (XL[b, pi, pj] - d * s_old)
-                                m += np.float64(d)
-                                M[b, pi, pj] = m
+                                    xv = X[b, c, u, c0 + v]
+                                    tr = Tb[c, u + di, c0 + v + dj]
+                                    for lane in range(nl):
+                                        Vv[lane] += xv * tr[lane]
+                        for i in range(a0, a1):
+                            if i > a0:  # row i + 2r enters the window, row i - 1 leaves it
+                                for v in range(c1 - c0 + 2 * r):
+                                    Vv = V[v]
+                                    for c in range(C):
+                                        xa, xs = X[b, c, i + 2 * r, c0 + v], X[b, c, i - 1, c0 + v]
+                                        ta = Tb[c, i + 2 * r + di, c0 + v + dj]
+                                        ts = Tb[c, i - 1 + di, c0 + v + dj]
+                                        for lane in range(nl):
+                                            Vv[lane] += xa * ta[lane] - xs * ts[lane]
+                            for lane in range(nl):
+                                Hs[lane] = 0
+                            for v in range(k):
+                                Vv = V[v]
+                                for lane in range(nl):
+                                    Hs[lane] += Vv[lane]
+                            for j in range(c0, c1):
+                                if j > c0:
+                                    Va, Vs = V[j - c0 + 2 * r], V[j - c0 - 1]
+                                    for lane in range(nl):
+                                        Hs[lane] += Va[lane] - Vs[lane]
+                                nr, v0 = Nb[i + di, j + dj], Vb[0, i + di, j + dj]
+                                pi, pj = i - pr0, j - pc0
+                                m = M[g, b, pi, pj]
+                                if m == -np.inf:  # the row's first lane block: its maximum is the reference
+                                    m32 = _NEG
+                                    for lane in range(nl):
+                                        x = sc * Hs[lane] + bi * nr[lane]
+                                        m32 = x if x > m32 else m32
+                                    m = np.float64(m32)
+                                    M[g, b, pi, pj] = m
                                 m32 = np.float32(m)
                                 s, a, sq, xl = _weigh(Hs, nr, v0, sc, bi, m32, w, nl)
-                            S[b, pi, pj] += np.float64(s)
-                            ACC[b, pi, pj, 0] += np.float64(a)
-                            SQ[b, pi, pj] += np.float64(sq)
-                            XL[b, pi, pj] += np.float64(xl)
-                            for c in range(1, C):
-                                vr = Vb[c, i + di, j + dj]
-                                ac = _F(0.0)
-                                for lane in range(nl):
-                                    ac += w[lane] * vr[lane]
-                                ACC[b, pi, pj, c] += np.float64(ac)
+                                if not s <= _REDO:  # a logit far above the reference (or an overflow): rebase
+                                    d = _NEG
+                                    for lane in range(nl):
+                                        x = sc * Hs[lane] + bi * nr[lane] - m32
+                                        d = x if x > d else d
+                                    f = 2.0 ** (-np.float64(d))
+                                    s_old = S[g, b, pi, pj]
+                                    S[g, b, pi, pj] = s_old * f
+                                    for c in range(C):
+                                        ACC[g, b, pi, pj, c] *= f
+                                    SQ[g, b, pi, pj] *= f * f
+                                    XL[g, b, pi, pj] = f * (XL[g, b, pi, pj] - d * s_old)
+                                    m += np.float64(d)
+                                    M[g, b, pi, pj] = m
+                                    m32 = np.float32(m)
+                                    s, a, sq, xl = _weigh(Hs, nr, v0, sc, bi, m32, w, nl)
+                                S[g, b, pi, pj] += np.float64(s)
+                                ACC[g, b, pi, pj, 0] += np.float64(a)
+                                SQ[g, b, pi, pj] += np.float64(sq)
+                                XL[g, b, pi, pj] += np.float64(xl)
+                                for c in range(1, C):
+                                    vr = Vb[c, i + di, j + dj]
+                                    ac = _F(0.0)
+                                    for lane in range(nl):
+                                        ac += w[lane] * vr[lane]
+                                    ACC[g, b, pi, pj, c] += np.float64(ac)
 
 
 class WindowState(NamedTuple):
-    """A group's partial state in the engine's units, rows ordered (sample, row, column): ``ref [1, R]``
-    (nats), ``acc [1, R, C + 1]`` (weighted values and normaliser on ``ref``), ``sq``, ``xl [1, R]``."""
+    """A group's partial state in the engine's units, rows ordered as the engine's (block, sample, row,
+    column): ``ref [G, R]`` (nats), ``acc [G, R, C + 1]`` (weighted values and normaliser on ``ref``),
+    ``sq`` and ``xl [G, R]``."""
 
     ref: torch.Tensor
     acc: torch.Tensor
@@ -239,37 +246,33 @@ def _lane_blocks(t: torch.Tensor, width: int) -> np.ndarray:
     return lanes.reshape(lanes.shape[:-1] + (nb, width)).movedim(-2, 0).contiguous().numpy()
 
 
-def _rectangle(pos: torch.Tensor, what: str) -> tuple[int, int]:
-    """``(first, count)`` of a single block of consecutive positions ``[1, n]``."""
-    if pos.shape[0] != 1 or not bool((pos[0] == torch.arange(int(pos[0, 0]), int(pos[0, 0]) + pos.shape[1])).all()):
-        raise ValueError(f"the window-sum kernel needs {what} as one block of consecutive positions")
-    return int(pos[0, 0]), pos.shape[1]
+def _runs(pos: torch.Tensor, what: str) -> np.ndarray:
+    """``[nb, 2]``: ``(first, count)`` of each block of ``pos [nb, n]``, whose positions must be consecutive."""
+    first = pos[:, :1]
+    if not bool((pos == first + torch.arange(pos.shape[1])).all()):
+        raise ValueError(f"the window-sum kernel needs {what} in blocks of consecutive positions")
+    return np.stack([first[:, 0].numpy(), np.full(pos.shape[0], pos.shape[1])], axis=1).astype(np.int64)
 
 
-class DenseGroup:
-    """The running state of one dense (single-block) group over every chunk of a call.
+class WindowGroups:
+    """The running states of ELS geometry groups over every chunk of a call, one compiled sweep per chunk.
 
     Args:
         x_t: ``[B, C, H, W]`` float32 CPU queries.
         coeffs: ``(scale [B], bias [B])``: ``logit = scale <x, key> + bias |key|^2`` (nats).
-        rows, cols: The group's :class:`patchmosaic.geometry.AxisBlocks` (one block each, consecutive
-            positions).
+        groups: ``(rows, cols)`` :class:`patchmosaic.geometry.AxisBlocks` per group; every block's
+            query and centre positions consecutive on each axis (true of every ELS geometry).
         radius: Patch radius r (k = 2r + 1).
         padding: ``"zeros"`` or ``"circular"``: how windows extend past the image.
     """
 
-    def __init__(self, x_t: torch.Tensor, coeffs: tuple[torch.Tensor, torch.Tensor], rows, cols,
+    def __init__(self, x_t: torch.Tensor, coeffs: tuple[torch.Tensor, torch.Tensor], groups: list,
                  radius: int, padding: str):
         if x_t.dtype != torch.float32 or x_t.device.type != "cpu":
             raise ValueError(f"the window-sum kernel runs float32 on the CPU, got {x_t.dtype} on {x_t.device}")
         from patchmosaic.engine import pad_images
 
         self.radius, self.padding = radius, padding
-        pr0, npr = _rectangle(rows.P, "query rows")
-        qr0, nqr = _rectangle(rows.Q, "centre rows")
-        pc0, npc = _rectangle(cols.P, "query columns")
-        qc0, nqc = _rectangle(cols.Q, "centre columns")
-        self.P, self.Q = (pr0, npr, pc0, npc), (qr0, nqr, qc0, nqc)
         B, C = x_t.shape[:2]
         log2e = 1.0 / math.log(2.0)
         scale, bias = coeffs
@@ -277,18 +280,27 @@ class DenseGroup:
         self.bias = (bias.double() * log2e).contiguous().numpy()
         self.X = pad_images(x_t, radius, padding).contiguous().numpy()
         self.lanes = LANES
-        shape = (B, npr, npc)
-        self.M = np.full(shape, -np.inf, np.float64)
-        self.S, self.SQ, self.XL = (np.zeros(shape, np.float64) for _ in range(3))
-        self.ACC = np.zeros(shape + (C,), np.float64)
-        self.pairs = 0  # (query row, candidate) pairs folded in
+        self.groups = []  # per group: P, Q [G, 4] and its state arrays
+        for rows, cols in groups:
+            pr, qr = _runs(rows.P, "query rows"), _runs(rows.Q, "centre rows")
+            pc, qc = _runs(cols.P, "query columns"), _runs(cols.Q, "centre columns")
+            nbr, nbc = pr.shape[0], pc.shape[0]
+            # blocks ordered (row block, column block), as the engine's group queries
+            P = np.concatenate([np.repeat(pr, nbc, axis=0), np.tile(pc, (nbr, 1))], axis=1)
+            Q = np.concatenate([np.repeat(qr, nbc, axis=0), np.tile(qc, (nbr, 1))], axis=1)
+            shape = (nbr * nbc, B, int(pr[0, 1]), int(pc[0, 1]))
+            state = (np.full(shape, -np.inf), np.zeros(shape), np.zeros(shape + (C,)), np.zeros(shape),
+                     np.zeros(shape))  # M, S, ACC, SQ, XL in float64
+            pairs = B * int((P[:, 1] * P[:, 3] * Q[:, 1] * Q[:, 3]).sum())  # per training image
+            self.groups.append((np.ascontiguousarray(P), np.ascontiguousarray(Q), state, pairs))
+        self.pairs = [0] * len(self.groups)  # (query row, candidate) pairs folded in, per group
         self._pending: torch.Tensor | None = None  # images waiting for a full lane block
 
     def update(self, chunk: torch.Tensor) -> None:
-        """Fold one chunk ``[n, C, H, W]`` of training images into the state.
+        """Fold one chunk ``[n, C, H, W]`` of training images into every group's state.
 
         Images are swept in whole lane blocks: up to ``lanes - 1`` of them wait for the next chunk
-        (or :meth:`state`), so chunks of any size fill the vector lanes.
+        (or :meth:`states`), so chunks of any size fill the vector lanes.
         """
         if self._pending is not None:
             chunk = torch.cat([self._pending, chunk])
@@ -300,23 +312,27 @@ class DenseGroup:
     def _sweep(self, images: torch.Tensor) -> None:
         from patchmosaic.engine import pad_images, patch_sq_norms
 
-        r = self.radius
-        padded = pad_images(images, r, self.padding)
-        norms = patch_sq_norms(images, r, self.padding)  # [n, H, W]
-        L = self.lanes
-        _sweep(self.X, _lane_blocks(padded, L), _lane_blocks(norms, L), _lane_blocks(images, L), self.scale, self.bias,
-               self.P, self.Q, r, images.shape[0], self.M, self.S, self.ACC, self.SQ, self.XL)
-        self.pairs += self.X.shape[0] * images.shape[0] * self.P[1] * self.P[3] * self.Q[1] * self.Q[3]
+        r, L = self.radius, self.lanes
+        T = _lane_blocks(pad_images(images, r, self.padding), L)
+        NRM = _lane_blocks(patch_sq_norms(images, r, self.padding), L)  # |patch|^2 at each centre
+        VAL = _lane_blocks(images, L)
+        for i, (P, Q, state, pairs) in enumerate(self.groups):
+            _sweep(self.X, T, NRM, VAL, self.scale, self.bias, P, Q, r, images.shape[0], *state)
+            self.pairs[i] += pairs * images.shape[0]
 
-    def state(self) -> WindowState:
-        """The partial state in the engine's units (rows with no candidate: ``ref = -inf``, ``acc = 0``),
-        after sweeping the images still waiting for a full lane block."""
+    def states(self) -> list[WindowState]:
+        """Each group's partial state in the engine's units (rows with no candidate: ``ref = -inf``,
+        ``acc = 0``), after sweeping the images still waiting for a full lane block."""
         if self._pending is not None:
             self._sweep(self._pending)
             self._pending = None
         ln2 = math.log(2.0)
-        S = torch.from_numpy(self.S).reshape(1, -1)
-        acc = torch.cat([torch.from_numpy(self.ACC).reshape(1, S.shape[1], -1), S[..., None]], dim=-1)
-        return WindowState(*(t.float() for t in (torch.from_numpy(self.M).reshape(1, -1) * ln2, acc,
-                           torch.from_numpy(self.SQ).reshape(1, -1), torch.from_numpy(self.XL).reshape(1, -1) * ln2)))
-
+        out = []
+        for _, _, (M, S, ACC, SQ, XL), _ in self.groups:
+            G = M.shape[0]
+            S_ = torch.from_numpy(S).reshape(G, -1)
+            acc = torch.cat([torch.from_numpy(ACC).reshape(G, S_.shape[1], -1), S_[..., None]], dim=-1)
+            out.append(WindowState(*(t.float() for t in (torch.from_numpy(M).reshape(G, -1) * ln2, acc,
+                                                          torch.from_numpy(SQ).reshape(G, -1),
+                                                          torch.from_numpy(XL).reshape(G, -1) * ln2))))
+        return out
