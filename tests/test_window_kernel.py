@@ -8,6 +8,8 @@ several chunks are all exercised; the references are the numpy float64 brute for
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +183,32 @@ def test_random_machines_match_the_float64_engine(sweeps, case):
         got, want = kernel.denoise(x.float(), alpha_bar, patch_size=k), engine.denoise(x, alpha_bar, patch_size=k)
     assert sum(sweeps) == n
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
+
+
+def test_sample_kernel_flag_and_compute_record(tmp_path):
+    """`sample --kernel numba|auto|torch` on ELS: the same samples up to float32 rounding, config.json names
+    the sizes that took the kernel, and the flag is a usage error where the kernel cannot run."""
+    from click.testing import CliRunner
+
+    from patchmosaic.cli import main
+    from patchmosaic.runs import load_samples
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, images=rng.integers(0, 256, (6, 8, 8), dtype=np.uint8))
+    args = ["sample", "--dataset", str(data), "--size", "native", "--patch-sizes", "3,7", "--steps", "2",
+            "--seeds", "0-1", "--workers", "1"]
+    for kernel in ("numba", "auto", "torch"):
+        result = CliRunner().invoke(main, [*args, "--kernel", kernel, "--out", str(tmp_path / kernel)])
+        assert result.exit_code == 0, result.output
+    samples = {kernel: load_samples(tmp_path / kernel)["images"] for kernel in ("numba", "auto", "torch")}
+    np.testing.assert_allclose(samples["numba"], samples["torch"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(samples["auto"], samples["torch"], rtol=0, atol=1e-4)
+    compute = {kernel: json.loads((tmp_path / kernel / "config.json").read_text())["compute"]
+               for kernel in ("numba", "auto", "torch")}
+    assert compute["numba"]["kernel"] == "numba" and compute["numba"]["window_kernel_sizes"] == [3, 7]
+    assert compute["auto"]["kernel"] == "numba" and compute["auto"]["window_kernel_sizes"] == [7]
+    assert compute["torch"]["kernel"] == "torch" and "window_kernel_sizes" not in compute["torch"]
+    for bad, words in ((["--machine", "ls"], "ELS machine"), (["--dtype", "float64"], "float32 on the CPU")):
+        result = CliRunner().invoke(main, [*args, *bad, "--kernel", "numba", "--out", str(tmp_path / "bad")])
+        assert result.exit_code != 0 and words in result.output, result.output
