@@ -224,7 +224,7 @@ DENOISER_NAMES = (*KINDS, *(name for name in DENOISERS if name not in KINDS))
     "LS/ELS without --provenance: 'triton' streams through the fused one-pass GPU kernel (float32 "
     "CUDA; pip install 'patchmosaic[gpu]'), 'torch' through the engine, 'auto' takes the kernel for "
     "float32 on CUDA when Triton is installed (README, 'Fused GPU kernel': 1.82x the engine on one H200). "
-    "ELS on the CPU (float32): 'numba' streams the dense group through the compiled window-sum kernel at "
+    "ELS on the CPU (float32): 'numba' streams every call through the compiled window-sum kernel at "
     "every patch size, with --provenance statistics too (top candidates stay on the engine); 'auto' "
     "does so from k = 7 up (README, 'Window-sum kernel')."))
 @click.option("--kernel-precision", type=click.Choice(KERNEL_PRECISIONS), default="tf32x3", show_default=True, help=(

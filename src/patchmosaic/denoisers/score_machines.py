@@ -84,11 +84,11 @@ FUSED_ROW_ALIGN = 16
 KERNEL_PRECISIONS = ("ieee", "tf32x3")  # patchmosaic.kernels.PRECISIONS (that module imports triton)
 PATCH_KINDS = ("ls", "els")
 
-# Smallest patch size whose dense ELS group "auto" streams through the compiled window-sum kernel on the
-# CPU (patchmosaic.kernels.window_sums): the kernel's cost per pair hardly depends on k, the product's
-# grows as k^2, and below k = 7 the engine's pruning wins at low noise. The demo's 20 calls, one thread,
-# with the kernel at every size (benchmarks/bench_demo_steps.py): 2.6-3.8x at k = 9-15, 1.9x at k = 7,
-# 0.9-1.2x at k = 5 and 0.43x at k = 3, sigma = 0.16 (README, "Window-sum kernel").
+# Smallest patch size whose ELS calls "auto" streams through the compiled window-sum kernel on the CPU
+# (patchmosaic.kernels.window_sums): its time follows the pairs, the engine's grows as k^2 per pair, and
+# below k = 7 the engine's pruning wins at low noise. One call on the demo's batch, one thread
+# (benchmarks/bench_window_kernel.py): 4.4-5.1x at k = 15, 1.65-2.2x at k = 7, 1.0-1.4x at k = 5 and
+# 0.33-0.46x at k = 3 (README, "Window-sum kernel").
 WINDOW_KERNEL_MIN_K = 7
 
 # Default bound on the elements of one chunk's logit block (and patch tensor):
@@ -784,7 +784,7 @@ class _PatchMachine(ScoreMachine):
         geometries = {k: self._geometry(k) for k in ks}  # every size checked before any work
         coeffs = ve_logit_coefficients(sigma_vector(sigma, x))
         # sizes the window-sum kernel takes are one call each: cheaper than the nested stream's products
-        # (bench_calibrate.py, MNIST zeros: 3.7 s for ten sizes against 5.6 s)
+        # (bench_calibrate.py, MNIST zeros, ten sizes: 3.5-3.6 s against 5.5-5.6 s)
         shared = [k for k in ks if k >= NESTED_FROM and not self.uses_window_kernel(x.device, x.dtype, k)] \
             if self.kind == "els" and self.world == 1 else []
         if len(shared) < 2:
