@@ -212,3 +212,22 @@ def test_sample_kernel_flag_and_compute_record(tmp_path):
     for bad, words in ((["--machine", "ls"], "ELS machine"), (["--dtype", "float64"], "float32 on the CPU")):
         result = CliRunner().invoke(main, [*args, *bad, "--kernel", "numba", "--out", str(tmp_path / "bad")])
         assert result.exit_code != 0 and words in result.output, result.output
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_conditioned_and_split_between_workers(sweeps, padding):
+    """Class conditioning (each sample against its class's images) and two workers through the kernel:
+    the float64 engine's result; each class's samples are split between the workers."""
+    g = torch.Generator().manual_seed(11)
+    train = torch.rand(30, 1, 9, 9, generator=g, dtype=torch.float64) * 2 - 1
+    labels = torch.arange(30) % 3
+    x = torch.randn(5, 1, 9, 9, generator=g, dtype=torch.float64)
+    label = torch.tensor([0, 2, 1, 1, 2])
+    kernel = ScoreMachine(train.float(), kind="els", padding=padding, labels=labels, kernel="numba", workers=2)
+    engine = ScoreMachine(train, kind="els", padding=padding, labels=labels, kernel="torch")
+    got, prov = kernel.denoise_provenance(x.float(), 0.6, patch_size=5, label=label, top=0)
+    want, ref = engine.denoise_provenance(x, 0.6, patch_size=5, label=label, top=0)
+    assert sweeps == [10] * 5  # per class, its samples split between the workers: 1 + 2 + 2 sweeps
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(prov.n_eff.double(), ref.n_eff, rtol=1e-4, atol=0)
+    torch.testing.assert_close(prov.entropy.double(), ref.entropy, rtol=0, atol=1e-4)
