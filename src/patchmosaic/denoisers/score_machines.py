@@ -886,6 +886,8 @@ class _PatchMachine(ScoreMachine):
         assert geometry is not None
         if track is None and self._fused(x_t):
             return self._denoise_fused(x_t, coeffs, train, geometry, groups), None
+        if self.uses_window_kernel(x_t.device, x_t.dtype, 2 * geometry.radius + 1, track):
+            return self._denoise_window(x_t, coeffs, train, geometry, track, groups)
         B, C, H, W = x_t.shape
         r, pad = geometry.radius, geometry.padding
         k = 2 * r + 1
@@ -904,16 +906,8 @@ class _PatchMachine(ScoreMachine):
             width = D + 2 if self.prune_rank else max(rep, D + 2)
             per_image = max(per_image, q.shape[0] * rows.Q.shape[1] * cols.Q.shape[1] * width)
         shared = [i for i, (rows, cols, _) in enumerate(plan) if rows.Q.shape[0] == cols.Q.shape[0] == 1]
-        window = None  # every group streamed by the compiled window-sum kernel instead
-        if self.uses_window_kernel(x_t.device, x_t.dtype, k, track):
-            from patchmosaic.kernels.window_sums import WindowGroups  # compiles on first use (cached on disk)
-
-            window = WindowGroups(x_t, coeffs, [(rows, cols) for rows, cols, _ in plan], r, pad)
-        compact = {} if window else {i: [] for i in (shared if track is None else range(len(plan)))}
+        compact = {i: [] for i in (shared if track is None else range(len(plan)))}  # constant patches set aside
         for start, chunk in self._chunks(train, per_image, x_t):
-            if window is not None:
-                window.update(chunk)
-                continue
             img = train_ids[start : start + chunk.shape[0]].to(x_t.device)  # [n] global image ids
             t_win = patch_windows(chunk, r, pad)  # [n, C, H, W, k, k] view
             norms = patch_sq_norms(chunk, r, pad)[:, None]  # [n, 1, H, W]
@@ -937,16 +931,50 @@ class _PatchMachine(ScoreMachine):
             if found:
                 rows, cols, state = plan[i]
                 self._update_flat(state, found, rows.Q.shape[0] * cols.Q.shape[0], C, D)
-        if window is not None:
-            for (_, _, state), result, pairs in zip(plan, window.states(), window.pairs):
-                state.merge(result.ref, result.acc, *((result.sq, result.xl) if track is not None else ()))
-                state.pairs += pairs
         self._reduce([state for _, _, state in plan])
         self._add_prune_stats(*(sum(getattr(s, f) for _, _, s in plan) for f in ("skipped", "pairs", "bounded")))
         out = self._scatter_means(x_t, plan)
         if track is None:
             return out, None
         return out, Provenance.from_patches(plan, B, H, W, track)
+
+    def _denoise_window(
+        self,
+        x_t: torch.Tensor,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        train: torch.Tensor,
+        geometry: Geometry,
+        track: int | None,
+        groups: list[tuple[AxisBlocks, AxisBlocks]] | None,
+    ) -> tuple[torch.Tensor, Provenance | None]:
+        """:meth:`_denoise` with every group streamed by the compiled window-sum kernel
+        (:class:`patchmosaic.kernels.window_sums.WindowGroups`), whose partial states merge exactly into
+        the engine's; no query matrix is formed (the kernel reads the padded queries)."""
+        from patchmosaic.kernels.window_sums import WindowGroups  # compiles on first use (cached on disk)
+
+        B, C, H, W = x_t.shape
+        r, pad = geometry.radius, geometry.padding
+        D = C * (2 * r + 1) ** 2
+        scale, bias = coeffs
+        plan = []  # (rows, cols, state) per group
+        per_image = (C + 1) * (H + 2 * r) * (W + 2 * r)  # chunks sized as the engine's (_denoise)
+        for rows, cols in geometry.groups() if groups is None else groups:
+            G, rep = rows.P.shape[0] * cols.P.shape[0], rows.P.shape[1] * cols.P.shape[1]
+            queries = augment_queries(x_t.new_empty(G, B * rep, 0), scale.repeat_interleave(rep),
+                                      bias.repeat_interleave(rep))  # [G, Bq, 2]: the state's shape only
+            plan.append((rows, cols, SoftmaxMean(queries, C, track=track)))
+            width = D + 2 if self.prune_rank else max(rep, D + 2)
+            per_image = max(per_image, G * rows.Q.shape[1] * cols.Q.shape[1] * width)
+        window = WindowGroups(x_t, coeffs, [(rows, cols) for rows, cols, _ in plan], r, pad)
+        for _, chunk in self._chunks(train, per_image, x_t):
+            window.update(chunk)
+        for (_, _, state), result, pairs in zip(plan, window.states(), window.pairs):
+            state.merge(result.ref, result.acc, *((result.sq, result.xl) if track is not None else ()))
+            state.pairs += pairs
+        self._reduce([state for _, _, state in plan])
+        self._add_prune_stats(0, sum(state.pairs for _, _, state in plan), 0)
+        out = self._scatter_means(x_t, plan)
+        return out, None if track is None else Provenance.from_patches(plan, B, H, W, track)
 
     def _denoise_fused(
         self,
