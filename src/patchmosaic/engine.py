@@ -490,6 +490,13 @@ def _weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.bmm(values.transpose(1, 2).contiguous(), weights.transpose(1, 2)).transpose(1, 2)
 
 
+def _moved_xl(xl: torch.Tensor, norm: torch.Tensor, d: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``sum w (l - ref)`` of a state whose reference moves up by ``d >= 0`` (its weights times ``f = e^-d``):
+    ``f (xl - d norm)``, and 0 where ``d = +inf`` (a row that has seen no candidate)."""
+    finite = torch.isfinite(d)
+    return torch.where(finite, f * (xl - torch.where(finite, d, 0.0) * norm), 0.0)
+
+
 class SoftmaxMean:
     """Online softmax-weighted mean of values, streamed over chunks of keys.
 
@@ -1061,9 +1068,7 @@ class SoftmaxMean:
         """Move rows ``sl`` to a reference larger by ``d >= 0`` (``+inf`` where the state was empty)."""
         f = torch.exp(-d)  # [G, rows]
         if self.track is not None:
-            finite = torch.isfinite(d)
-            S = self.acc[:, sl, -1]
-            self.xl[:, sl] = torch.where(finite, f * (self.xl[:, sl] - torch.where(finite, d, 0.0) * S), 0.0)
+            self.xl[:, sl] = _moved_xl(self.xl[:, sl], self.acc[:, sl, -1], d, f)
             self.sq[:, sl] *= f * f
             self.top_score[:, sl] -= d[..., None]
         self.acc[:, sl] *= f[..., None]
@@ -1099,13 +1104,11 @@ class SoftmaxMean:
             raise ValueError("merge(): posterior statistics (sq, xl) are needed exactly when the state tracks them")
         new_ref = torch.maximum(self.ref, ref)
         shift = torch.where(torch.isneginf(new_ref), 0.0, new_ref)  # rows empty on both sides stay empty, not NaN
-        f_self, f_other = torch.exp(self.ref - shift), torch.exp(ref - shift)
+        d_self, d_other = shift - self.ref, shift - ref  # each side's move up to the shift (+inf: empty)
+        f_self, f_other = torch.exp(-d_self), torch.exp(-d_other)
         if self.track is not None:
-            def moved(xl_side: torch.Tensor, ref_side: torch.Tensor, norm: torch.Tensor, f: torch.Tensor):
-                empty = torch.isneginf(ref_side)  # sum w (l - shift) = f (xl + (ref - shift) S); 0 when empty
-                return torch.where(empty, 0.0, f * (xl_side + torch.where(empty, 0.0, ref_side - shift) * norm))
-
-            self.xl = moved(self.xl, self.ref, self.acc[..., -1], f_self) + moved(xl, ref, acc[..., -1], f_other)
+            self.xl = (_moved_xl(self.xl, self.acc[..., -1], d_self, f_self)
+                       + _moved_xl(xl, acc[..., -1], d_other, f_other))
             self.sq = self.sq * f_self * f_self + sq * f_other * f_other
         self.acc = self.acc * f_self[..., None] + acc * f_other[..., None]
         self.ref = new_ref
