@@ -126,6 +126,16 @@ def _weigh(Hs, nr, v0, sc, bi, ref, w, nl):  # noqa: N803
     return s, a, sq, xl
 
 
+@numba.njit(fastmath=_FASTMATH, inline="always", cache=True)
+def _block_max(Hs, nr, sc, bi, ref, nl):  # noqa: N803
+    """The largest ``l - ref`` of one lane block (logits ``l = sc Hs + bi nr``, base 2)."""
+    top = _NEG
+    for lane in range(nl):
+        x = sc * Hs[lane] + bi * nr[lane] - ref
+        top = x if x > top else top
+    return top
+
+
 @numba.njit(fastmath=_FASTMATH, nogil=True, cache=True)
 def _sweep(X, T, NRM, VAL, scale, bias, P, Q, r, n_images, M, S, ACC, SQ, XL):  # noqa: N803 (math names)
     """Fold every lane block of one chunk into the running state (see the module docstring).
@@ -189,19 +199,12 @@ def _sweep(X, T, NRM, VAL, scale, bias, P, Q, r, n_images, M, S, ACC, SQ, XL):  
                                 pi, pj = i - pr0, j - pc0
                                 m = M[g, b, pi, pj]
                                 if m == -np.inf:  # the row's first lane block: its maximum is the reference
-                                    m32 = _NEG
-                                    for lane in range(nl):
-                                        x = sc * Hs[lane] + bi * nr[lane]
-                                        m32 = x if x > m32 else m32
-                                    m = np.float64(m32)
+                                    m = np.float64(_block_max(Hs, nr, sc, bi, _F(0.0), nl))
                                     M[g, b, pi, pj] = m
                                 m32 = np.float32(m)
                                 s, a, sq, xl = _weigh(Hs, nr, v0, sc, bi, m32, w, nl)
                                 if not s <= _REDO:  # a logit far above the reference (or an overflow): rebase
-                                    d = _NEG
-                                    for lane in range(nl):
-                                        x = sc * Hs[lane] + bi * nr[lane] - m32
-                                        d = x if x > d else d
+                                    d = _block_max(Hs, nr, sc, bi, m32, nl)
                                     f = 2.0 ** (-np.float64(d))
                                     s_old = S[g, b, pi, pj]
                                     S[g, b, pi, pj] = s_old * f
