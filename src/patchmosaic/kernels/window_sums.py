@@ -68,6 +68,8 @@ import torch.nn.functional as F
 from numba import types
 from numba.extending import intrinsic
 
+from patchmosaic.engine import pad_images, patch_sq_norms
+
 __all__ = ["LANES", "WindowGroups", "WindowState"]
 
 # Training images per lane block (the innermost, vectorised axis). Per (pixel, displacement) the kernel
@@ -273,8 +275,6 @@ class WindowGroups:
                  radius: int, padding: str):
         if x_t.dtype != torch.float32 or x_t.device.type != "cpu":
             raise ValueError(f"the window-sum kernel runs float32 on the CPU, got {x_t.dtype} on {x_t.device}")
-        from patchmosaic.engine import pad_images
-
         self.radius, self.padding = radius, padding
         B, C = x_t.shape[:2]
         log2e = 1.0 / math.log(2.0)
@@ -313,8 +313,6 @@ class WindowGroups:
             self._sweep(chunk[:full])
 
     def _sweep(self, images: torch.Tensor) -> None:
-        from patchmosaic.engine import pad_images, patch_sq_norms
-
         r, L = self.radius, self.lanes
         T = _lane_blocks(pad_images(images, r, self.padding), L)
         NRM = _lane_blocks(patch_sq_norms(images, r, self.padding), L)  # |patch|^2 at each centre
