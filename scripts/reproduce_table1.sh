@@ -40,6 +40,11 @@
 #   TRAIN_ABLATIONS="n10k:--n-train=10000" ABLATION_SCHEDULE=model EVAL_SEEDS=1000-1039 MODELS=mnist-resnet-zeros \
 #     bash scripts/reproduce_table1.sh
 #
+# Machine-step ablations (MACHINE_ABLATIONS, default none): each entry N samples ELS with N DDIM steps, the model's
+# own k(sigma) read at each step's sigma, under OUT/ablation-machineN/els-NAME, and evaluates it against the
+# network in the paper's protocol (network 150 steps): how much of the gap is the machine's own 20-step solve.
+#   MACHINE_ABLATIONS=150 MODELS=fashion-resnet-zeros-cond bash scripts/reproduce_table1.sh
+#
 # Costs on this 2-core CPU, one thread (measured 2026-11-30): ELS sampling at N = 1000 about
 # 15 s per seed (MNIST, unconditional) and 5 s per seed (Fashion-MNIST, conditional); a
 # 4,000-step ResNet training run about 40 min, a UNet's about 60 min (channels-last, both cores busy);
@@ -59,6 +64,7 @@ ABLATION_STEPS=${ABLATION_STEPS:-"50 500"}   # the network's own DDIM steps, bes
 [[ $ABLATION_STEPS == none ]] && ABLATION_STEPS=""   # "none": 150 and 20 only (empty means the default)
 CAL_ABLATIONS=${CAL_ABLATIONS:-}   # "TAG:FLAGS ...": calibration variants (see above)
 TRAIN_ABLATIONS=${TRAIN_ABLATIONS:-}   # "TAG:FLAGS ...": training variants (see above)
+MACHINE_ABLATIONS=${MACHINE_ABLATIONS:-}   # "N ...": ELS sampled with N steps on the model's k(sigma) (see above)
 ABLATION_SCHEDULE=${ABLATION_SCHEDULE:-}   # the training variants' k(sigma) instead of calibrating them ("model": the model's)
 MACHINE_STEPS=${MACHINE_STEPS:-20}   # the ablations' ELS sampling steps, whatever their schedule's length
 COMPARE_DENOISERS=${COMPARE_DENOISERS:-els,ls,ideal,wiener,data-locality,pspc,nearest}  # "none": no compare stage
@@ -219,6 +225,10 @@ for name in $MODELS; do
     fi
     ablation_evaluate "$variant" "$vels" "$vschedule"
   done
+  for n in $MACHINE_ABLATIONS; do
+    tag=machine$n abl=$OUT/ablation-machine$n
+    MACHINE_STEPS=$n ablation_evaluate "$model" "$abl/els-$name" "$schedule"
+  done
 done
 stage "table"
 "$PY" scripts/table1.py "$OUT" --out "$OUT/table1.md"
@@ -227,5 +237,10 @@ for entry in $CAL_ABLATIONS $TRAIN_ABLATIONS; do
   abl=$OUT/ablation-${entry%%:*}
   # the ablation's own schedules: no committed ones (--pretrained points at the ablation folder)
   "$PY" scripts/table1.py "$abl" --pretrained "$abl" --out "$abl/table1.md"
+  cat "$abl/table1.md"
+done
+for n in $MACHINE_ABLATIONS; do
+  abl=$OUT/ablation-machine$n   # the models' own schedules
+  "$PY" scripts/table1.py "$abl" --out "$abl/table1.md"
   cat "$abl/table1.md"
 done

@@ -338,3 +338,23 @@ def test_reproduce_script_training_ablation_schedule(tmp_path):
         assert calls[2].startswith(f"evaluate --model {abl}/train-mnist-resnet-zeros --machine els --patch-sizes "
                                    f"{sizes} --steps 20")
         assert f"--reuse {abl}/els-mnist-resnet-zeros " in calls[2]
+
+
+def test_reproduce_script_machine_step_ablations(tmp_path):
+    """MACHINE_ABLATIONS samples ELS with each step count on the model's own k(sigma) under ablation-machineN/,
+    evaluates it against the network's 150 steps with the same machine steps, renders its table with the
+    committed schedules, and a second run starts no stage."""
+    env, log, out = fake_cli_env(tmp_path, COMPARE_DENOISERS="none", MACHINE_ABLATIONS="150 50")
+    schedule = "pretrained/mnist-resnet-zeros/schedule.json"
+    calls = [c for c in run_reproduce(env, log) if "ablation-machine" in c]
+    for n, (sample, evaluate, table) in zip((150, 50), (calls[:2] + calls[4:5], calls[2:4] + calls[5:6])):
+        abl = out / f"ablation-machine{n}"
+        assert sample == (f"sample --machine els --like pretrained:mnist-resnet-zeros --patch-sizes {schedule} "
+                          f"--steps {n} --seeds 1000-1001 --threads 1 --out {abl}/els-mnist-resnet-zeros")
+        assert evaluate.startswith(f"evaluate --model pretrained:mnist-resnet-zeros --machine els --patch-sizes "
+                                   f"{schedule} --steps {n} --seeds 1000-1001 --network-steps 150 --reuse "
+                                   f"{abl}/els-mnist-resnet-zeros ")
+        assert evaluate.endswith(f"--out {abl}/evaluate-150-mnist-resnet-zeros --overwrite")
+        assert table == f"scripts/table1.py {abl} --out {abl}/table1.md"
+    assert len(calls) == 6, calls
+    assert [c for c in run_reproduce(env, log) if not c.endswith(".md")] == []
