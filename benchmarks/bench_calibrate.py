@@ -15,7 +15,9 @@ script times, interleaved round by round on the same noisy batch:
 for MNIST (zeros and circular padding, unconditional) and Fashion-MNIST (zeros,
 class-conditional: every query sees its class's images), queries = held-out
 images noised at sigma, and reports the ratios ``separate / shared``,
-``shared / largest`` and ``shared / chosen`` (calibration's cost in machine calls).
+``shared / largest`` and ``shared / chosen`` (calibration's cost in machine calls), and
+``pairs all / largest``: the (pixel, candidate) pairs of all candidate sizes over those of the largest, from
+the geometry (what each size's softmax must visit; no sharing of products removes them).
 
     PYTHONPATH=src python benchmarks/bench_calibrate.py --threads 1
     PYTHONPATH=src python benchmarks/bench_calibrate.py --n-train 1000 --queries 10 --sigmas 1 --json out.json
@@ -32,6 +34,7 @@ import torch
 
 from patchmosaic import PatchSchedule, ScoreMachine
 from patchmosaic.data import load_dataset
+from patchmosaic.geometry import make_geometry
 
 CASES = {  # name: (dataset, padding, conditional, committed schedule)
     "mnist-zeros": ("mnist", "zeros", False, "mnist-resnet-zeros"),
@@ -87,20 +90,30 @@ def main() -> None:
                 "separate_over_shared": round(best["separate"] / best["shared"], 2),
                 "shared_over_largest": round(best["shared"] / best["largest"], 2),
                 "shared_over_chosen": round(best["shared"] / best["chosen"], 2),
+                "pairs_all_over_largest": round(sum(pairs(machine, k) for k in cands) / pairs(machine, max(cands)), 1),
                 "max_abs_difference": worst,
             }
             results.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| case | sigma | separate | shared | speedup | shared / one call at 21 | shared / one call at chosen k |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| case | sigma | separate | shared | speedup | shared / one call at 21 | shared / one call at chosen k "
+          "| pairs, all sizes / 21 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r["seconds"]
         print(f"| {r['case']} | {r['sigma']:g} | {s['separate']:.1f} s | {s['shared']:.1f} s | "
               f"{r['separate_over_shared']:.2f}x | {r['shared_over_largest']:.1f} | "
-              f"{r['shared_over_chosen']:.1f} (k = {r['chosen_k']}) |")
+              f"{r['shared_over_chosen']:.1f} (k = {r['chosen_k']}) | {r['pairs_all_over_largest']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+def pairs(machine: ScoreMachine, k: int) -> int:
+    """(query pixel, candidate centre) pairs of one ELS call at size k, per query and training image."""
+    _, H, W = machine.image_shape
+    geo = make_geometry("els", machine.padding, H, W, k, wrap=machine.wrap_training_patches)
+    per_axis = [sum(blk.P.shape[1] * blk.Q.shape[1] * blk.P.shape[0] for blk in axis) for axis in (geo.rows, geo.cols)]
+    return per_axis[0] * per_axis[1]
 
 
 if __name__ == "__main__":
