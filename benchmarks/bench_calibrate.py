@@ -34,7 +34,6 @@ import torch
 
 from patchmosaic import PatchSchedule, ScoreMachine
 from patchmosaic.data import load_dataset
-from patchmosaic.geometry import make_geometry
 
 CASES = {  # name: (dataset, padding, conditional, committed schedule)
     "mnist-zeros": ("mnist", "zeros", False, "mnist-resnet-zeros"),
@@ -110,8 +109,7 @@ def main() -> None:
 
 def pairs(machine: ScoreMachine, k: int) -> int:
     """(query pixel, candidate centre) pairs of one ELS call at size k, per query and training image."""
-    _, H, W = machine.image_shape
-    geo = make_geometry("els", machine.padding, H, W, k, wrap=machine.wrap_training_patches)
+    geo = machine._geometry(k)  # the geometry the machine's own call at size k uses
     per_axis = [sum(blk.P.shape[1] * blk.Q.shape[1] * blk.P.shape[0] for blk in axis) for axis in (geo.rows, geo.cols)]
     return per_axis[0] * per_axis[1]
 

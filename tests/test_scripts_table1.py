@@ -347,7 +347,9 @@ def test_reproduce_script_machine_step_ablations(tmp_path):
     env, log, out = fake_cli_env(tmp_path, COMPARE_DENOISERS="none", MACHINE_ABLATIONS="150 50")
     schedule = "pretrained/mnist-resnet-zeros/schedule.json"
     calls = [c for c in run_reproduce(env, log) if "ablation-machine" in c]
-    for n, (sample, evaluate, table) in zip((150, 50), (calls[:2] + calls[4:5], calls[2:4] + calls[5:6])):
+    stages, tables = calls[:4], calls[4:]  # each N's sample and evaluate, then each N's table
+    for i, n in enumerate((150, 50)):
+        (sample, evaluate), table = stages[2 * i : 2 * i + 2], tables[i]
         abl = out / f"ablation-machine{n}"
         assert sample == (f"sample --machine els --like pretrained:mnist-resnet-zeros --patch-sizes {schedule} "
                           f"--steps {n} --seeds 1000-1001 --threads 1 --out {abl}/els-mnist-resnet-zeros")
